@@ -1,0 +1,33 @@
+"""p2pz-directions: edit directions for zero-shot image editing with Stable Diffusion.
+
+>>> from p2pz_directions import directions
+>>> d = directions.load("cat->dog")      # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+from .concept import Concept, Direction, EncoderInfo  # noqa: E402
+
+_LAZY = {
+    "directions": "p2pz_directions.directions",
+    "editors": "p2pz_directions.editors",
+    "hub": "p2pz_directions.hub",
+    "search": "p2pz_directions.search",
+    "store": "p2pz_directions.store",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return importlib.import_module(_LAZY[name])
+    if name == "build":
+        return importlib.import_module("p2pz_directions.builder").build
+    raise AttributeError(f"module 'p2pz_directions' has no attribute {name!r}")
+
+
+__all__ = ["Concept", "Direction", "EncoderInfo", "__version__", "build", *_LAZY]

@@ -1,0 +1,251 @@
+"""Concepts and directions: the two objects users hold.
+
+A `Concept` is the mean sequence embedding ``[77, D]`` of many captions about one thing, for one
+text encoder. A `Direction` is made of concepts of the same encoder: ``delta = target - source``,
+shaped ``[1, 77, D]`` like the ``construct_direction`` of diffusers' pix2pix-zero pipeline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from .errors import EncoderMismatchError, FormatError
+
+
+@dataclass(frozen=True)
+class EncoderInfo:
+    """Which text encoder made an embedding. ``id`` is the key that must match."""
+
+    id: str
+    hidden_size: int
+    family: str = "unknown"
+    revision: str | None = None
+    max_length: int = 77
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "revision": self.revision,
+            "hidden_size": self.hidden_size,
+            "family": self.family,
+            "max_length": self.max_length,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EncoderInfo:
+        return cls(
+            id=str(d["id"]),
+            hidden_size=int(d["hidden_size"]),
+            family=str(d.get("family", "unknown")),
+            revision=d.get("revision"),
+            max_length=int(d.get("max_length", 77)),
+        )
+
+    def check_compatible(self, other: EncoderInfo, what: str = "these embeddings") -> None:
+        """Raise `EncoderMismatchError` unless ``other`` is the same encoder."""
+        if self.id != other.id or self.hidden_size != other.hidden_size or self.max_length != other.max_length:
+            raise EncoderMismatchError(
+                f"{what} come from different text encoders: {self.id} (D={self.hidden_size}) and "
+                f"{other.id} (D={other.hidden_size}). Use concepts built for one encoder, or rebuild one "
+                f"side with `p2pz reencode NAME --model ...`."
+            )
+
+
+@dataclass
+class Concept:
+    """The mean sequence embedding of a concept's captions, for one text encoder.
+
+    ``embedding`` is ``[max_length, D]`` in its stored dtype (float16 or float32).
+    """
+
+    name: str
+    embedding: torch.Tensor
+    encoder: EncoderInfo
+    captions: list[str] | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+    version: int | None = None
+    created: str | None = None
+    pack: str | None = None
+    content_hash: str | None = None
+
+    def __post_init__(self) -> None:
+        emb = self.embedding
+        if not isinstance(emb, torch.Tensor):
+            raise FormatError(f"concept {self.name!r}: embedding must be a torch.Tensor, not {type(emb).__name__}")
+        if emb.dim() == 3 and emb.shape[0] == 1:
+            emb = emb[0]
+        expected = (self.encoder.max_length, self.encoder.hidden_size)
+        if tuple(emb.shape) != expected:
+            raise FormatError(
+                f"concept {self.name!r}: embedding has shape {list(emb.shape)}, expected {list(expected)} "
+                f"for encoder {self.encoder.id}"
+            )
+        if emb.dtype not in (torch.float16, torch.float32, torch.bfloat16):
+            raise FormatError(f"concept {self.name!r}: dtype {emb.dtype} is not float16/bfloat16/float32")
+        if not torch.isfinite(emb).all():
+            raise FormatError(f"concept {self.name!r}: embedding holds NaN or infinite values")
+        self.embedding = emb.detach().cpu().contiguous()
+
+    @property
+    def dtype(self) -> str:
+        return str(self.embedding.dtype).removeprefix("torch.")
+
+    @property
+    def hidden_size(self) -> int:
+        return self.encoder.hidden_size
+
+    @property
+    def ref(self) -> str:
+        """``pack:name@version`` (the parts that are known)."""
+        out = self.name if self.version is None else f"{self.name}@{self.version}"
+        return f"{self.pack}:{out}" if self.pack else out
+
+    def as_embeds(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``[1, 77, D]``, as diffusers' pipelines take ``source_embeds`` / ``target_embeds``."""
+        return self.embedding.to(dtype).unsqueeze(0)
+
+    def __repr__(self) -> str:
+        return (
+            f"Concept({self.ref!r}, encoder={self.encoder.id!r}, shape={list(self.embedding.shape)}, "
+            f"dtype={self.dtype}, captions={len(self.captions) if self.captions else 0})"
+        )
+
+    def with_(self, **changes: Any) -> Concept:
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class _Term:
+    weight: float
+    source: Concept
+    target: Concept
+
+
+class Direction:
+    """An edit direction: a weighted sum of (target - source) concept differences, one encoder.
+
+    >>> d = directions.load("cat->dog")          # doctest: +SKIP
+    >>> d.delta.shape                              # doctest: +SKIP
+    torch.Size([1, 77, 768])
+    >>> (d.reversed() + d).delta.abs().max()       # doctest: +SKIP
+    tensor(0.)
+    """
+
+    def __init__(self, source: Concept, target: Concept, *, weight: float = 1.0, name: str | None = None):
+        source.encoder.check_compatible(target.encoder, f"concepts {source.name!r} and {target.name!r}")
+        self._terms: tuple[_Term, ...] = (_Term(float(weight), source, target),)
+        self._name = name
+
+    @classmethod
+    def _from_terms(cls, terms: tuple[_Term, ...], name: str) -> Direction:
+        obj = cls.__new__(cls)
+        obj._terms = terms
+        obj._name = name
+        return obj
+
+    # -- identity -------------------------------------------------------------------------------
+    @property
+    def source(self) -> Concept:
+        """The source concept of the first term (the one the edited prompt starts from)."""
+        return self._terms[0].source
+
+    @property
+    def target(self) -> Concept:
+        return self._terms[0].target
+
+    @property
+    def encoder(self) -> EncoderInfo:
+        return self._terms[0].source.encoder
+
+    @property
+    def is_simple(self) -> bool:
+        """One term with weight 1: ``source_embeds`` / ``target_embeds`` are the stored concepts."""
+        return len(self._terms) == 1 and self._terms[0].weight == 1.0
+
+    @property
+    def name(self) -> str:
+        if self._name:
+            return self._name
+        return " + ".join(_term_name(t) for t in self._terms)
+
+    def __repr__(self) -> str:
+        return f"Direction({self.name!r}, encoder={self.encoder.id!r}, D={self.encoder.hidden_size})"
+
+    # -- tensors --------------------------------------------------------------------------------
+    @property
+    def delta(self) -> torch.Tensor:
+        """``[1, 77, D]`` float32: ``sum_i w_i * (target_i - source_i)``."""
+        out = None
+        for t in self._terms:
+            d = t.target.embedding.float() - t.source.embedding.float()
+            if t.weight != 1.0:
+                d = d * t.weight
+            out = d if out is None else out + d
+        return out.unsqueeze(0)
+
+    @property
+    def source_embeds(self) -> torch.Tensor:
+        """``[1, 77, D]`` float32, as `StableDiffusionPix2PixZeroPipeline(source_embeds=...)` takes it."""
+        return self.source.as_embeds()
+
+    @property
+    def target_embeds(self) -> torch.Tensor:
+        """``[1, 77, D]`` float32 with ``target_embeds.mean(0) - source_embeds.mean(0) == delta``.
+
+        For a plain ``a->b`` it is concept ``b`` itself (so the difference is exact); for scaled
+        or summed directions it is ``source_embeds + delta``.
+        """
+        if self.is_simple:
+            return self.target.as_embeds()
+        return self.source_embeds + self.delta
+
+    # -- algebra --------------------------------------------------------------------------------
+    def reversed(self) -> Direction:
+        terms = tuple(_Term(t.weight, t.target, t.source) for t in self._terms)
+        return Direction._from_terms(terms, " + ".join(_term_name(t) for t in terms))
+
+    def __neg__(self) -> Direction:
+        return self * -1.0
+
+    def __mul__(self, k: float) -> Direction:
+        if isinstance(k, bool) or not isinstance(k, (int, float)):
+            return NotImplemented
+        terms = tuple(_Term(t.weight * float(k), t.source, t.target) for t in self._terms)
+        return Direction._from_terms(terms, " + ".join(_term_name(t) for t in terms))
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, k: float) -> Direction:
+        return self * (1.0 / k)
+
+    def __add__(self, other: Direction) -> Direction:
+        if not isinstance(other, Direction):
+            return NotImplemented
+        self.encoder.check_compatible(other.encoder, f"directions {self.name!r} and {other.name!r}")
+        terms = self._terms + other._terms
+        return Direction._from_terms(terms, " + ".join(_term_name(t) for t in terms))
+
+    def __sub__(self, other: Direction) -> Direction:
+        if not isinstance(other, Direction):
+            return NotImplemented
+        return self + (-other)
+
+    def check_model(self, encoder: EncoderInfo, model: str = "the model") -> None:
+        """Refuse (EncoderMismatchError) before any model work if ``encoder`` is not ours."""
+        if self.encoder.id != encoder.id or self.encoder.hidden_size != encoder.hidden_size:
+            raise EncoderMismatchError(
+                f"direction {self.name!r} was built for text encoder {self.encoder.id} "
+                f"(D={self.encoder.hidden_size}), but {model} uses {encoder.id} (D={encoder.hidden_size}). "
+                f"Load it for this model with directions.load(name, model=...), or build it for this encoder "
+                f"with `p2pz reencode`."
+            )
+
+
+def _term_name(t: _Term) -> str:
+    base = f"{t.source.ref}->{t.target.ref}"
+    if t.weight == 1.0:
+        return base
+    return f"{t.weight:g}*({base})"
