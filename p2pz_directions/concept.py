@@ -46,7 +46,11 @@ class EncoderInfo:
 
     def check_compatible(self, other: EncoderInfo, what: str = "these embeddings") -> None:
         """Raise `EncoderMismatchError` unless ``other`` is the same encoder."""
-        if self.id != other.id or self.hidden_size != other.hidden_size or self.max_length != other.max_length:
+        if (
+            self.id != other.id
+            or self.hidden_size != other.hidden_size
+            or self.max_length != other.max_length
+        ):
             raise EncoderMismatchError(
                 f"{what} come from different text encoders: {self.id} (D={self.hidden_size}) and "
                 f"{other.id} (D={other.hidden_size}). Use concepts built for one encoder, or rebuild one "
@@ -74,7 +78,9 @@ class Concept:
     def __post_init__(self) -> None:
         emb = self.embedding
         if not isinstance(emb, torch.Tensor):
-            raise FormatError(f"concept {self.name!r}: embedding must be a torch.Tensor, not {type(emb).__name__}")
+            raise FormatError(
+                f"concept {self.name!r}: embedding must be a torch.Tensor, not {type(emb).__name__}"
+            )
         if emb.dim() == 3 and emb.shape[0] == 1:
             emb = emb[0]
         expected = (self.encoder.max_length, self.encoder.hidden_size)
@@ -245,7 +251,11 @@ class Direction:
 
 
 def _term_name(t: _Term) -> str:
-    base = f"{t.source.ref}->{t.target.ref}"
+    src, tgt = t.source, t.target
+    if src.pack and src.pack == tgt.pack:
+        base = f"{src.pack}:{src.with_(pack=None).ref}->{tgt.with_(pack=None).ref}"
+    else:
+        base = f"{src.ref}->{tgt.ref}"
     if t.weight == 1.0:
         return base
     return f"{t.weight:g}*({base})"

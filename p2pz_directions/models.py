@@ -90,7 +90,9 @@ def encoder_from_folder(folder: str | os.PathLike, *, label: str | None = None) 
     return EncoderInfo(f"local/{label or fam}-{_fingerprint(te)}", hidden, fam, max_length=max_len)
 
 
-def encoder_for(model: str | os.PathLike | None = None, encoder: str | os.PathLike | None = None) -> EncoderInfo:
+def encoder_for(
+    model: str | os.PathLike | None = None, encoder: str | os.PathLike | None = None
+) -> EncoderInfo:
     """The text encoder for a diffusers model id/path (``model=``) or an encoder id/path (``encoder=``)."""
     if model is None and encoder is None:
         raise ValueError("give model= (a diffusers model id or path) or encoder= (a text encoder id or path)")

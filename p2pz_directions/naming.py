@@ -83,7 +83,9 @@ def normalize_concept(name: str) -> str:
         raise InvalidNameError(f"a concept name must be a string, not {type(name).__name__}")
     norm = _WS.sub(" ", unicodedata.normalize("NFC", name)).strip().lower()
     if not norm:
-        raise InvalidNameError("a concept name is empty: write something on both sides of '->', e.g. 'cat->dog'")
+        raise InvalidNameError(
+            "a concept name is empty: write something on both sides of '->', e.g. 'cat->dog'"
+        )
     if len(norm) > MAX_NAME_LENGTH:
         raise InvalidNameError(f"concept name is {len(norm)} characters long; the limit is {MAX_NAME_LENGTH}")
     for ch in norm:
@@ -109,7 +111,9 @@ def _parse_version(text: str, where: str) -> int | None:
     if text == "latest":
         return None
     if not text.isdigit() or int(text) < 1 or len(text) > 9:
-        raise InvalidNameError(f"version {text!r} in {where!r} is not a positive integer (write e.g. '@2' or '@latest')")
+        raise InvalidNameError(
+            f"version {text!r} in {where!r} is not a positive integer (write e.g. '@2' or '@latest')"
+        )
     return int(text)
 
 

@@ -1,0 +1,290 @@
+"""The on-disk form of one concept version (see docs/format.md).
+
+A version is a folder holding two files:
+
+- ``embedding.safetensors``: one tensor named ``embedding``, shape ``[max_length, D]``;
+- ``concept.json``: the metadata, with ``tensor_sha256`` (sha256 of the tensor file's bytes),
+  ``content_hash`` (sha256 over the canonical JSON of the content fields *and* the tensor hash:
+  the content-addressed identity, equal for equal content) and ``manifest_sha256`` (sha256 over
+  the canonical JSON of every other field, so any edit of the metadata is caught).
+
+Readers validate the JSON against the schema below and check all three hashes before any tensor
+is used; nothing here ever unpickles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save
+
+from . import __version__
+from .concept import Concept, EncoderInfo
+from .errors import FormatError, IntegrityError
+
+FORMAT_NAME = "p2pz-concept"
+FORMAT_VERSION = 1
+TENSOR_FILE = "embedding.safetensors"
+META_FILE = "concept.json"
+TENSOR_KEY = "embedding"
+MAX_CAPTIONS = 100_000
+MAX_HIDDEN = 8192
+MAX_SEQ = 1024
+MAX_META_BYTES = 64 * 1024 * 1024
+
+#: fields that define a concept's content (its identity); the rest is record-keeping
+CONTENT_FIELDS = (
+    "format",
+    "format_version",
+    "name",
+    "encoder",
+    "dtype",
+    "shape",
+    "captions",
+    "tensor_sha256",
+)
+
+
+def canonical_json(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode(
+        "utf-8"
+    )
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def tensor_bytes(concept: Concept) -> bytes:
+    """The safetensors bytes of a concept's embedding (deterministic for equal tensors)."""
+    return save({TENSOR_KEY: concept.embedding.contiguous()}, metadata={"format": "pt"})
+
+
+def build_manifest(concept: Concept, tensor_sha256: str) -> dict[str, Any]:
+    """The ``concept.json`` content for ``concept`` (hashes included)."""
+    meta: dict[str, Any] = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "name": concept.name,
+        "encoder": concept.encoder.to_dict(),
+        "dtype": concept.dtype,
+        "shape": list(concept.embedding.shape),
+        "captions": list(concept.captions) if concept.captions is not None else None,
+        "num_captions": len(concept.captions) if concept.captions is not None else None,
+        "provenance": {"package_version": __version__, **(concept.provenance or {})},
+        "version": concept.version,
+        "created": concept.created,
+        "tensor_file": TENSOR_FILE,
+        "tensor_sha256": tensor_sha256,
+    }
+    meta["content_hash"] = content_hash(meta)
+    meta["manifest_sha256"] = manifest_hash(meta)
+    return meta
+
+
+def content_hash(meta: dict[str, Any]) -> str:
+    return sha256_bytes(canonical_json({k: meta.get(k) for k in CONTENT_FIELDS}))
+
+
+def manifest_hash(meta: dict[str, Any]) -> str:
+    return sha256_bytes(canonical_json({k: v for k, v in meta.items() if k != "manifest_sha256"}))
+
+
+def concept_content_hash(concept: Concept) -> str:
+    """The content-addressed id a concept would get if stored (no file is written)."""
+    return build_manifest(concept, sha256_bytes(tensor_bytes(concept)))["content_hash"]
+
+
+def _fsync_write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_concept_dir(concept: Concept, folder: str | os.PathLike) -> dict[str, Any]:
+    """Write the two files of ``concept`` into ``folder`` (which should be a fresh temp folder)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    data = tensor_bytes(concept)
+    meta = build_manifest(concept, sha256_bytes(data))
+    _fsync_write(folder / TENSOR_FILE, data)
+    _fsync_write(folder / META_FILE, json.dumps(meta, ensure_ascii=False, indent=1).encode("utf-8"))
+    return meta
+
+
+def _require(cond: bool, path: Path, what: str) -> None:
+    if not cond:
+        raise FormatError(f"{path}: {what}")
+
+
+def validate_manifest(meta: Any, path: Path) -> dict[str, Any]:
+    """Check the schema of a parsed ``concept.json``; raise FormatError naming the file and field."""
+    _require(isinstance(meta, dict), path, "not a JSON object")
+    _require(
+        meta.get("format") == FORMAT_NAME,
+        path,
+        f"'format' is {meta.get('format')!r}, expected {FORMAT_NAME!r}",
+    )
+    fv = meta.get("format_version")
+    _require(isinstance(fv, int), path, "'format_version' missing")
+    if fv > FORMAT_VERSION:
+        raise FormatError(
+            f"{path}: format version {fv} is newer than this p2pz-directions understands ({FORMAT_VERSION}); "
+            "upgrade with `pip install -U p2pz-directions`"
+        )
+    _require(isinstance(meta.get("name"), str) and meta["name"], path, "'name' must be a non-empty string")
+    enc = meta.get("encoder")
+    _require(
+        isinstance(enc, dict) and isinstance(enc.get("id"), str),
+        path,
+        "'encoder' must be an object with an 'id'",
+    )
+    _require(
+        isinstance(enc.get("hidden_size"), int) and 0 < enc["hidden_size"] <= MAX_HIDDEN,
+        path,
+        f"'encoder.hidden_size' must be an integer in 1..{MAX_HIDDEN}",
+    )
+    _require(
+        isinstance(enc.get("max_length", 77), int) and 0 < enc.get("max_length", 77) <= MAX_SEQ,
+        path,
+        f"'encoder.max_length' must be in 1..{MAX_SEQ}",
+    )
+    _require(
+        meta.get("dtype") in ("float16", "float32", "bfloat16"),
+        path,
+        f"unsupported dtype {meta.get('dtype')!r}",
+    )
+    shape = meta.get("shape")
+    _require(
+        shape == [enc.get("max_length", 77), enc["hidden_size"]],
+        path,
+        f"'shape' {shape} does not match the encoder ([{enc.get('max_length', 77)}, {enc['hidden_size']}])",
+    )
+    caps = meta.get("captions")
+    _require(
+        caps is None
+        or (isinstance(caps, list) and len(caps) <= MAX_CAPTIONS and all(isinstance(c, str) for c in caps)),
+        path,
+        f"'captions' must be null or a list of at most {MAX_CAPTIONS} strings",
+    )
+    _require(isinstance(meta.get("provenance", {}), dict), path, "'provenance' must be an object")
+    ver = meta.get("version")
+    _require(ver is None or (isinstance(ver, int) and ver >= 1), path, "'version' must be a positive integer")
+    for key in ("tensor_sha256", "content_hash", "manifest_sha256"):
+        v = meta.get(key)
+        _require(
+            isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v),
+            path,
+            f"'{key}' must be a sha256 hex digest",
+        )
+    _require(
+        meta.get("tensor_file", TENSOR_FILE) == TENSOR_FILE, path, f"'tensor_file' must be {TENSOR_FILE!r}"
+    )
+    return meta
+
+
+def _corrupt(path: Path, what: str, hint: str) -> IntegrityError:
+    return IntegrityError(f"{path} is corrupted: {what}. {hint}")
+
+
+def read_manifest(folder: str | os.PathLike, hint: str = "") -> dict[str, Any]:
+    """Read and validate ``concept.json`` (schema and its own hashes), without touching the tensor."""
+    folder = Path(folder)
+    path = folder / META_FILE
+    hint = hint or "Run `p2pz verify` to list damaged files, then re-import or re-pull that pack."
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise _corrupt(path, "the file is missing", hint) from None
+    if len(raw) > MAX_META_BYTES:
+        raise _corrupt(path, f"{len(raw)} bytes, over the {MAX_META_BYTES}-byte bound", hint)
+    try:
+        meta = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise _corrupt(
+            path, f"not valid JSON ({e.__class__.__name__}: {e}); it may be truncated", hint
+        ) from None
+    try:
+        validate_manifest(meta, path)
+    except FormatError as e:
+        raise _corrupt(path, str(e).removeprefix(f"{path}: "), hint) from None
+    if manifest_hash(meta) != meta["manifest_sha256"]:
+        raise _corrupt(path, "its metadata does not match its manifest_sha256", hint)
+    if content_hash(meta) != meta["content_hash"]:
+        raise _corrupt(path, "its content fields do not match its content_hash", hint)
+    return meta
+
+
+def read_concept_dir(folder: str | os.PathLike, *, pack: str | None = None, hint: str = "") -> Concept:
+    """Read one concept version, checking every hash; raise IntegrityError naming the bad file."""
+    folder = Path(folder)
+    hint = hint or "Run `p2pz verify` to list damaged files, then re-import or re-pull that pack."
+    meta = read_manifest(folder, hint)
+    tpath = folder / TENSOR_FILE
+    try:
+        data = tpath.read_bytes()
+    except FileNotFoundError:
+        raise _corrupt(tpath, "the file is missing", hint) from None
+    if sha256_bytes(data) != meta["tensor_sha256"]:
+        raise _corrupt(
+            tpath,
+            f"sha256 {sha256_bytes(data)[:12]}... does not match the recorded "
+            f"{meta['tensor_sha256'][:12]}... (truncated or modified)",
+            hint,
+        )
+    tensor = load_tensor_bytes(data, tpath)
+    shape = list(tensor.shape)
+    if shape != meta["shape"] or str(tensor.dtype).removeprefix("torch.") != meta["dtype"]:
+        raise _corrupt(
+            tpath, f"tensor is {shape} {tensor.dtype}, metadata says {meta['shape']} {meta['dtype']}", hint
+        )
+    return Concept(
+        name=meta["name"],
+        embedding=tensor,
+        encoder=EncoderInfo.from_dict(meta["encoder"]),
+        captions=meta.get("captions"),
+        provenance=dict(meta.get("provenance") or {}),
+        version=meta.get("version"),
+        created=meta.get("created"),
+        pack=pack,
+        content_hash=meta["content_hash"],
+    )
+
+
+def load_tensor_bytes(data: bytes, path: Path) -> torch.Tensor:
+    """Parse safetensors bytes holding exactly one tensor named ``embedding``."""
+    from safetensors.torch import load
+
+    if len(data) < 8:
+        raise FormatError(f"{path}: {len(data)} bytes is too short to be a safetensors file")
+    try:
+        tensors = load(data)
+    except Exception as e:  # noqa: BLE001 - safetensors raises several kinds
+        raise FormatError(f"{path}: not a valid safetensors file ({e})") from None
+    if set(tensors) != {TENSOR_KEY}:
+        raise FormatError(
+            f"{path}: expected exactly one tensor named {TENSOR_KEY!r}, found {sorted(tensors)}"
+        )
+    return tensors[TENSOR_KEY]
+
+
+def peek_tensor_header(path: str | os.PathLike) -> dict[str, Any]:
+    """Shape and dtype of the tensor in a safetensors file, reading only its header."""
+    with safe_open(str(path), framework="pt") as f:
+        sl = f.get_slice(TENSOR_KEY)
+        return {"shape": list(sl.get_shape()), "dtype": str(sl.get_dtype())}

@@ -1,0 +1,232 @@
+"""Import the pix2pix-zero authors' ``.pt`` concept embeddings (and any like them).
+
+Each file holds one tensor ``[1, 77, D]`` or ``[77, D]`` (float16 or float32), the mean text
+embedding of a concept's captions. Files are read only with ``torch.load(weights_only=True)``:
+a pickle that tries to build anything but plain tensors is refused, and nothing is written unless
+every file is valid. URLs are downloaded to a temp file with a progress bar and a size bound.
+
+>>> from p2pz_directions.legacy import import_pt
+>>> import_pt(["embeddings_sd_1.4/"], pack="pix2pix-zero",
+...           encoder="openai/clip-vit-large-patch14")          # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+
+from . import naming
+from .concept import Concept, EncoderInfo
+from .errors import FormatError, P2PZError, UnsafeFileError
+from .format import sha256_file
+from .models import encoder_for
+from .store import LocalStore, default_store
+
+MAX_DOWNLOAD_BYTES = int(os.environ.get("P2PZ_MAX_DOWNLOAD_BYTES", str(64 * 1024 * 1024)))
+
+#: where the diffusers pix2pix-zero docs point for the authors' SD 1.4 concepts
+AUTHORS_SD14_URLS = {
+    name: f"https://github.com/pix2pixzero/pix2pix-zero/raw/main/assets/embeddings_sd_1.4/{name}.pt"
+    for name in ("cat", "dog", "horse", "zebra")
+}
+
+
+class DownloadError(P2PZError, OSError):
+    """A legacy file could not be downloaded."""
+
+
+@dataclass
+class Source:
+    """One legacy file: where it came from and where its bytes are now."""
+
+    origin: str
+    path: Path
+    name: str
+
+
+def _offline() -> bool:
+    return any(
+        os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+        for v in ("HF_HUB_OFFLINE", "P2PZ_OFFLINE")
+    )
+
+
+def is_url(s: str) -> bool:
+    return urlparse(str(s)).scheme in ("http", "https")
+
+
+def download(url: str, dest: Path, max_bytes: int = MAX_DOWNLOAD_BYTES, progress: bool = True) -> Path:
+    """Stream ``url`` into ``dest`` (a temp file), refusing more than ``max_bytes``."""
+    if _offline():
+        raise DownloadError(
+            f"cannot download {url}: offline mode (HF_HUB_OFFLINE/P2PZ_OFFLINE) is on. Import from a local copy "
+            f"instead, e.g. `p2pz import-pt path/to/embeddings_sd_1.4/`"
+        )
+    import requests
+    from tqdm.auto import tqdm
+
+    try:
+        with requests.get(url, stream=True, timeout=30, allow_redirects=True) as r:
+            if r.status_code != 200:
+                raise DownloadError(f"downloading {url} failed: HTTP {r.status_code}. Check the URL.")
+            size = int(r.headers.get("content-length") or 0)
+            if size > max_bytes:
+                raise DownloadError(
+                    f"{url} is {size} bytes, over the {max_bytes}-byte bound (P2PZ_MAX_DOWNLOAD_BYTES)"
+                )
+            got = 0
+            with (
+                open(dest, "wb") as f,
+                tqdm(
+                    total=size or None,
+                    unit="B",
+                    unit_scale=True,
+                    desc=Path(urlparse(url).path).name,
+                    disable=not progress,
+                ) as bar,
+            ):
+                for chunk in r.iter_content(1 << 16):
+                    got += len(chunk)
+                    if got > max_bytes:
+                        raise DownloadError(
+                            f"{url} sent over {max_bytes} bytes; refused (P2PZ_MAX_DOWNLOAD_BYTES)"
+                        )
+                    f.write(chunk)
+                    bar.update(len(chunk))
+            if size and got != size:
+                raise DownloadError(f"{url}: got {got} of {size} bytes; the download was cut. Try again.")
+    except requests.RequestException as e:
+        raise DownloadError(
+            f"downloading {url} failed: {e.__class__.__name__}: {e}. Check your connection."
+        ) from None
+    return dest
+
+
+def load_pt(path: str | os.PathLike) -> torch.Tensor:
+    """Read a legacy tensor file safely (``weights_only=True``); return ``[77, D]``."""
+    path = Path(path)
+    try:
+        obj = torch.load(str(path), weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as e:
+        raise UnsafeFileError(
+            f"{path} was refused: it is a pickle that asks to run or build more than tensors "
+            f"({str(e).splitlines()[0][:200]}). Nothing was imported. Only load embeddings from people you trust; "
+            f"ask for a safetensors file."
+        ) from None
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file
+        raise FormatError(
+            f"{path} is not a readable torch file ({e.__class__.__name__}: {str(e)[:200]})"
+        ) from None
+    if isinstance(obj, dict) and len(obj) == 1:
+        obj = next(iter(obj.values()))
+    if not isinstance(obj, torch.Tensor):
+        raise FormatError(f"{path} holds a {type(obj).__name__}, not a tensor of shape [1, 77, D] or [77, D]")
+    if obj.dim() == 3 and obj.shape[0] == 1:
+        obj = obj[0]
+    if obj.dim() != 2:
+        raise FormatError(f"{path}: tensor shape {list(obj.shape)}; expected [1, 77, D] or [77, D]")
+    if obj.dtype not in (torch.float16, torch.float32, torch.bfloat16):
+        raise FormatError(f"{path}: dtype {obj.dtype}; expected float16 or float32")
+    return obj.contiguous()
+
+
+def collect_sources(items: Sequence[str | os.PathLike], workdir: Path, progress: bool = True) -> list[Source]:
+    """Expand folders (their ``*.pt``), files and URLs into local files, downloading URLs."""
+    out: list[Source] = []
+    for item in items:
+        s = str(item)
+        if is_url(s):
+            stem = Path(urlparse(s).path).stem
+            dest = workdir / f"{len(out)}-{Path(urlparse(s).path).name or 'download'}"
+            out.append(Source(s, download(s, dest, progress=progress), stem))
+            continue
+        p = Path(s).expanduser()
+        if p.is_dir():
+            files = sorted(p.glob("*.pt")) + sorted(p.glob("*.pth"))
+            if not files:
+                raise FormatError(f"{p} holds no .pt files")
+            out.extend(Source(str(f.resolve()), f, f.stem) for f in files)
+        elif p.is_file():
+            out.append(Source(str(p.resolve()), p, p.stem))
+        else:
+            raise FormatError(f"{s} is neither a file, a folder nor an http(s) URL")
+    return out
+
+
+def _resolve_encoder(encoder: str | EncoderInfo | None, model: str | None, hidden: int) -> EncoderInfo:
+    if isinstance(encoder, EncoderInfo):
+        info = encoder
+    elif encoder is None and model is None:
+        raise ValueError(
+            "say which text encoder made these embeddings: encoder='openai/clip-vit-large-patch14' (SD 1.x) "
+            "or model='CompVis/stable-diffusion-v1-4'"
+        )
+    else:
+        info = encoder_for(model=model, encoder=encoder)
+    if info.hidden_size == 0:  # an encoder id we do not know: take D from the files
+        info = EncoderInfo(info.id, hidden, "unknown")
+    return info
+
+
+def import_pt(
+    items: Sequence[str | os.PathLike],
+    *,
+    pack: str = "local",
+    encoder: str | EncoderInfo | None = None,
+    model: str | None = None,
+    names: Sequence[str] | None = None,
+    store: LocalStore | None = None,
+    progress: bool = True,
+    on_source: Callable[[Source], None] | None = None,
+) -> list[Concept]:
+    """Import legacy ``.pt`` concept embeddings as concepts of ``pack``; all or nothing.
+
+    ``names`` overrides the concept names (default: each file's stem).
+    """
+    store = store or default_store()
+    naming.parse_pack(pack)
+    with tempfile.TemporaryDirectory(prefix="p2pz-import-") as tmp:
+        sources = collect_sources(items, Path(tmp), progress=progress)
+        if names is not None and len(names) != len(sources):
+            raise ValueError(f"{len(names)} names given for {len(sources)} files")
+        tensors = []
+        for src in sources:
+            tensors.append(load_pt(src.path))
+            if on_source:
+                on_source(src)
+        hidden = {t.shape[1] for t in tensors}
+        if len(hidden) != 1:
+            raise FormatError(
+                f"the files have different hidden sizes {sorted(hidden)}; import them separately"
+            )
+        info = _resolve_encoder(encoder, model, hidden.pop())
+        concepts = []
+        for i, (src, t) in enumerate(zip(sources, tensors, strict=True)):
+            name = naming.normalize_concept(names[i] if names else src.name)
+            if t.shape[0] != info.max_length or t.shape[1] != info.hidden_size:
+                raise FormatError(
+                    f"{src.origin}: tensor is {list(t.shape)}, but encoder {info.id} makes "
+                    f"[{info.max_length}, {info.hidden_size}]. Check --encoder."
+                )
+            concepts.append(
+                Concept(
+                    name=name,
+                    embedding=t,
+                    encoder=info,
+                    captions=None,
+                    provenance={
+                        "method": "legacy-import",
+                        "source": src.origin,
+                        "source_sha256": sha256_file(src.path),
+                        "source_format": "torch.save (read with weights_only=True)",
+                    },
+                )
+            )
+        return store.publish_many(concepts, pack=pack)
