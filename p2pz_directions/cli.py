@@ -330,17 +330,23 @@ for _mod in _OPTIONAL:
     _m.register(app)
 
 
+# typer may vendor its own click: catch its exception classes and plain click's alike
+_EXIT = (typer.Exit, click.exceptions.Exit)
+_ABORT = (typer.Abort, click.exceptions.Abort)
+_USAGE = (next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"), click.ClickException)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``p2pz`` console script."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        app(args=argv, prog_name="p2pz", standalone_mode=False)
-    except click.exceptions.Exit as e:
-        return int(e.exit_code or 0)
-    except click.exceptions.Abort:
+        rv = app(args=argv, prog_name="p2pz", standalone_mode=False)
+    except _EXIT as e:
+        return int(getattr(e, "exit_code", 0) or 0)
+    except _ABORT:
         err.print("aborted")
         return 1
-    except click.ClickException as e:
+    except _USAGE as e:
         e.show()
         return 2
     except (P2PZError, ValueError, LookupError, OSError) as e:
@@ -350,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err.print("interrupted")
         return 130
-    return 0
+    return rv if isinstance(rv, int) else 0
 
 
 if __name__ == "__main__":

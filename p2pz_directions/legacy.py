@@ -115,10 +115,16 @@ def load_pt(path: str | os.PathLike) -> torch.Tensor:
     try:
         obj = torch.load(str(path), weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as e:
+        reason = _unpickler_reason(str(e))
+        if "GLOBAL" in reason:
+            why = f"it is a pickle that asks to run or build arbitrary objects ({reason})"
+        else:
+            why = (
+                f"torch.load(weights_only=True) cannot read it as plain tensors ({reason}); it may be damaged"
+            )
         raise UnsafeFileError(
-            f"{path} was refused: it is a pickle that asks to run or build more than tensors "
-            f"({str(e).splitlines()[0][:200]}). Nothing was imported. Only load embeddings from people you trust; "
-            f"ask for a safetensors file."
+            f"{path} was refused: {why}. Nothing was imported. Only load embeddings from people you trust, "
+            f"and prefer safetensors files."
         ) from None
     except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file
         raise FormatError(
@@ -135,6 +141,15 @@ def load_pt(path: str | os.PathLike) -> torch.Tensor:
     if obj.dtype not in (torch.float16, torch.float32, torch.bfloat16):
         raise FormatError(f"{path}: dtype {obj.dtype}; expected float16 or float32")
     return obj.contiguous()
+
+
+def _unpickler_reason(text: str) -> str:
+    """The one informative line of torch's weights-only refusal."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for ln in lines:
+        if ln.startswith(("Trying to load unsupported GLOBAL", "Unsupported operand", "Unsupported global")):
+            return ln[:200]
+    return (lines[-1] if lines else "unreadable")[:200]
 
 
 def collect_sources(items: Sequence[str | os.PathLike], workdir: Path, progress: bool = True) -> list[Source]:

@@ -1,0 +1,99 @@
+"""The core `p2pz` commands: list, show, import-pt, export, verify; exit codes and --json."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from p2pz_directions.cli import main
+
+CLIP_L = "openai/clip-vit-large-patch14"
+
+
+def run(capsys, *args):
+    code = main(list(args))
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+@pytest.fixture
+def imported(capsys, authors_embeddings):
+    code, out, _ = run(
+        capsys, "import-pt", str(authors_embeddings), "--pack", "pix2pix-zero", "--encoder", CLIP_L
+    )
+    assert code == 0 and "imported pix2pix-zero:cat@1" in out
+    return authors_embeddings
+
+
+def test_list_show_json(capsys, imported):
+    code, out, _ = run(capsys, "list", "--json")
+    rows = json.loads(out)
+    assert code == 0 and sorted(r["name"] for r in rows) == ["cat", "dog", "horse", "zebra"]
+    assert {r["encoder"] for r in rows} == {CLIP_L}
+    code, out, _ = run(capsys, "list", "cat*", "--directions", "--json")
+    assert json.loads(out) == ["cat->dog", "cat->horse", "cat->zebra"]
+    code, out, _ = run(capsys, "show", "Cat -> Dog", "--json")
+    info = json.loads(out)
+    cat = torch.load(imported / "cat.pt", weights_only=True, map_location="cpu")
+    dog = torch.load(imported / "dog.pt", weights_only=True, map_location="cpu")
+    assert info["delta_norm"] == pytest.approx(float((dog - cat).norm()), rel=1e-5)
+    assert info["source"]["name"] == "cat" and info["target"]["version"] == 1
+    code, out, _ = run(capsys, "show", "cat->dog")
+    assert code == 0 and "delta [1, 77, 768]" in out and "legacy-import" in out
+    code, out, _ = run(capsys, "list")
+    assert code == 0 and "12 directions available" in out
+
+
+def test_export_round_trips_for_the_diffusers_snippet(capsys, imported, tmp_path):
+    code, out, _ = run(capsys, "export", "cat->dog", "--to", str(tmp_path / "pt"), "--format", "pt")
+    assert code == 0
+    # the docs snippet: source_embeds = torch.load("cat.pt")
+    src = torch.load(tmp_path / "pt" / "cat.pt", weights_only=True)
+    assert src.shape == (1, 77, 768) and torch.equal(
+        src, torch.load(imported / "cat.pt", weights_only=True, map_location="cpu")
+    )
+    code, _, _ = run(capsys, "export", "horse", "--to", str(tmp_path / "st"), "--format", "safetensors")
+    from safetensors.torch import load_file
+
+    horse = load_file(str(tmp_path / "st" / "horse.safetensors"))["embedding"]
+    assert code == 0 and horse.dtype == torch.float16 and horse.shape == (1, 77, 768)
+    code, _, err = run(capsys, "export", "cat->dog", "--to", str(tmp_path), "--format", "pickle")
+    assert code == 2 and err.startswith("error: --format 'pickle'")
+
+
+def test_verify_exit_codes(capsys, imported, p2pz_home):
+    code, out, _ = run(capsys, "verify", "--json")
+    assert code == 0 and json.loads(out) == {"checked": 4, "problems": []}
+    blob = next(p2pz_home.rglob("dog/1/embedding.safetensors"))
+    blob.write_bytes(blob.read_bytes()[:-10])
+    code, out, err = run(capsys, "verify")
+    assert code == 1 and "1 damaged" in out and "dog/1" in err
+    code, _, err = run(capsys, "show", "cat->dog")
+    assert code == 2 and err.startswith("error: ") and "p2pz verify" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["show", "cat->cat"], "same concept"),
+        (["show", "cat->"], "empty"),
+        (["show", "cat->dgo"], "Did you mean: dog"),
+        (["show", "cat->dog", "--model", "no/such-model"], "unknown model"),
+        (["import-pt"], "nothing to import"),
+        (["import-pt", "/no/such/dir", "--encoder", CLIP_L], "neither a file"),
+    ],
+)
+def test_bad_input_one_line_error(capsys, imported, args, needle):
+    code, _, err = run(capsys, *args)
+    assert code == 2 and err.startswith("error: ") and needle in err and err.count("\n") == 1
+
+
+def test_console_script_runs():
+    r = subprocess.run(
+        [sys.executable, "-m", "p2pz_directions.cli", "--version"], capture_output=True, text=True
+    )
+    assert r.returncode == 0 and "p2pz-directions" in r.stdout

@@ -1,0 +1,213 @@
+"""The local registry: immutability, atomic and locked writes, hash checks on every read."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+
+import pytest
+import torch
+
+from p2pz_directions import directions
+from p2pz_directions.concept import Concept, EncoderInfo
+from p2pz_directions.errors import FormatError, ImmutableVersionError, IntegrityError, NotFoundError
+from p2pz_directions.format import META_FILE, TENSOR_FILE
+from p2pz_directions.store import LocalStore
+
+ENC = EncoderInfo("test/enc-a", 16, "test")
+ENC_B = EncoderInfo("test/enc-b", 16, "test")
+
+
+def concept(name: str, seed: int, enc: EncoderInfo = ENC, dtype=torch.float32, captions=None) -> Concept:
+    g = torch.Generator().manual_seed(seed)
+    return Concept(name, torch.randn(77, enc.hidden_size, generator=g).to(dtype), enc, captions=captions)
+
+
+def test_publish_load_round_trip(p2pz_home):
+    store = LocalStore()
+    assert store.root == p2pz_home
+    c = concept("cat", 0, captions=["a cat", "a cat on a mat"], dtype=torch.float16)
+    stored = store.publish(c, pack="mine")
+    assert (stored.version, stored.pack) == (1, "mine") and stored.created
+    (entry,) = store.entries(name="cat")
+    back = store.load(entry)
+    assert torch.equal(back.embedding, c.embedding) and back.embedding.dtype == torch.float16
+    assert back.captions == c.captions and back.content_hash == entry.content_hash
+    assert back.provenance["package_version"]
+
+
+def test_same_content_is_a_noop_other_content_gets_next_version():
+    store = LocalStore()
+    a = store.publish(concept("cat", 0))
+    again = store.publish(concept("cat", 0))
+    assert again.version == a.version == 1
+    assert len(store.entries(name="cat")) == 1
+    b = store.publish(concept("cat", 1))
+    assert b.version == 2
+    assert store.publish(concept("cat", 1), version=2).version == 2  # same content, same version: no-op
+
+
+def test_immutable_version_conflict_is_refused_and_nothing_changes():
+    store = LocalStore()
+    store.publish(concept("cat", 0))
+    before = sorted(p.read_bytes() for p in store.root.rglob("*") if p.is_file() and p.name != ".lock")
+    with pytest.raises(ImmutableVersionError, match="already exists with other content"):
+        store.publish(concept("cat", 99), version=1)
+    after = sorted(p.read_bytes() for p in store.root.rglob("*") if p.is_file() and p.name != ".lock")
+    assert before == after
+
+
+def test_publish_many_is_all_or_nothing():
+    store = LocalStore()
+    store.publish(concept("dog", 0))
+    with pytest.raises(ImmutableVersionError):
+        store.publish_many([concept("cat", 1), concept("dog", 5)], versions=[None, 1])
+    assert store.entries(name="cat") == []
+
+
+def _concept_files(store: LocalStore, name: str):
+    (entry,) = store.entries(name=name)
+    return entry, entry.path / TENSOR_FILE, entry.path / META_FILE
+
+
+def test_corrupted_tensor_blob_is_caught_on_load():
+    store = LocalStore()
+    store.publish(concept("cat", 0))
+    store.publish(concept("dog", 1))
+    entry, tensor, _ = _concept_files(store, "cat")
+    data = bytearray(tensor.read_bytes())
+    data[-5] ^= 0xFF  # flip bits inside the tensor data, same length
+    tensor.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError) as info:
+        directions.load("cat->dog")
+    msg = str(info.value)
+    assert str(tensor) in msg and "p2pz verify" in msg
+    n, problems = store.verify()
+    assert n == 2 and [p.path for p in problems] == [entry.path]
+
+
+def test_truncated_tensor_blob_is_caught():
+    store = LocalStore()
+    store.publish(concept("cat", 0))
+    entry, tensor, _ = _concept_files(store, "cat")
+    tensor.write_bytes(tensor.read_bytes()[:100])
+    with pytest.raises(IntegrityError, match="truncated or modified"):
+        store.load(entry)
+
+
+def test_truncated_or_edited_metadata_is_caught():
+    store = LocalStore()
+    store.publish(concept("cat", 0, captions=["a cat"]))
+    entry, _, meta = _concept_files(store, "cat")
+    raw = meta.read_bytes()
+    meta.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(IntegrityError, match="not valid JSON.*truncated"):
+        store.entries(name="cat")
+    d = json.loads(raw)
+    d["captions"] = ["a dog"]  # tampered content, hashes left alone
+    meta.write_text(json.dumps(d))
+    with pytest.raises(IntegrityError, match=str(meta)):
+        store.load(entry)
+    # listings skip the damaged version with a warning instead of failing
+    with pytest.warns(UserWarning, match="corrupted"):
+        assert store.entries(skip_damaged=True) == []
+
+
+def test_crash_mid_write_leaves_no_visible_version(monkeypatch):
+    store = LocalStore()
+    import p2pz_directions.store as store_mod
+
+    def boom(src, dst):
+        raise KeyboardInterrupt("simulated crash before the rename")
+
+    monkeypatch.setattr(store_mod.os, "rename", boom)
+    with pytest.raises(KeyboardInterrupt):
+        store.publish(concept("cat", 0))
+    monkeypatch.undo()
+    assert store.entries() == []
+    assert any((store.root / "tmp").iterdir())  # the half-written folder is only in tmp/
+    # the next writer cleans it up, and the version is written whole
+    store.publish(concept("dog", 0))
+    assert not any((store.root / "tmp").iterdir())
+    assert [e.name for e in store.entries()] == ["dog"]
+
+
+def _publish_worker(root: str, seed: int, n: int, q) -> None:
+    try:
+        store = LocalStore(root)
+        got = [store.publish(concept("cat", seed * 1000 + i)).version for i in range(n)]
+        q.put(("ok", got))
+    except Exception as e:  # pragma: no cover - reported to the parent
+        q.put(("err", repr(e)))
+
+
+def test_two_processes_publishing_at_once_both_succeed(tmp_path):
+    root = str(tmp_path / "shared-store")
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_publish_worker, args=(root, s, 5, q)) for s in (1, 2)]
+    for p in procs:
+        p.start()
+    results = [q.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(60)
+    assert all(kind == "ok" for kind, _ in results), results
+    versions = sorted(v for _, got in results for v in got)
+    assert versions == list(range(1, 11))  # no version lost or written twice
+    store = LocalStore(root)
+    assert len(store.entries(name="cat")) == 10
+    assert store.verify()[1] == []
+
+
+def test_lock_timeout_gives_clear_error(tmp_path):
+    from filelock import FileLock
+
+    from p2pz_directions.errors import StoreLockedError
+
+    store = LocalStore(tmp_path / "s")
+    store.root.mkdir(parents=True)
+    other = FileLock(str(store.root / ".lock"))
+    ctx = mp.get_context("spawn")
+    with other:
+        q = ctx.Queue()
+        p = ctx.Process(target=_locked_try, args=(str(store.root), q))
+        p.start()
+        kind, msg = q.get(timeout=60)
+        p.join(30)
+    assert kind == "StoreLockedError" and "remove" in msg and ".lock" in msg
+    assert StoreLockedError
+
+
+def _locked_try(root, q):
+    from p2pz_directions.errors import StoreLockedError
+
+    try:
+        with LocalStore(root).lock(timeout=0.2):
+            q.put(("locked", ""))
+    except StoreLockedError as e:
+        q.put(("StoreLockedError", str(e)))
+
+
+def test_concept_validation():
+    with pytest.raises(FormatError, match=r"shape \[76, 16\]"):
+        Concept("cat", torch.zeros(76, 16), ENC)
+    with pytest.raises(FormatError, match="NaN"):
+        Concept("cat", torch.full((77, 16), float("nan")), ENC)
+    with pytest.raises(FormatError, match="dtype"):
+        Concept("cat", torch.zeros(77, 16, dtype=torch.int64), ENC)
+
+
+def test_unknown_pack_lists_installed():
+    store = LocalStore()
+    store.publish(concept("cat", 0), pack="alpha")
+    with pytest.raises(NotFoundError, match="installed: alpha"):
+        store.entries(pack="beta")
+
+
+def test_env_home_is_honoured(tmp_path, monkeypatch):
+    monkeypatch.setenv("P2PZ_HOME", str(tmp_path / "elsewhere"))
+    from p2pz_directions.store import default_store
+
+    assert default_store().root == tmp_path / "elsewhere"
+    assert os.fspath(LocalStore().root) == os.fspath(tmp_path / "elsewhere")
