@@ -24,7 +24,9 @@ as negative), and the plugin hook makes it discoverable as ``diffedit``.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -412,3 +414,551 @@ def _step_kwargs(scheduler: Any, eta: float, generator: torch.Generator | None) 
     if "generator" in params:
         out["generator"] = generator
     return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# user masks
+# ---------------------------------------------------------------------------------------------------
+def _mask_array(mask: Any) -> tuple[Any, list[str]]:
+    """A user mask as a float32 numpy ``[H, W]`` in 0..1, and notes on what was converted."""
+    import numpy as np
+    from PIL import Image
+
+    from p2pz_directions.images import ImageError
+
+    notes: list[str] = []
+    if isinstance(mask, (str, os.PathLike)):
+        path = Path(mask)
+        if not path.is_file():
+            raise ImageError(f"mask file not found: {path}")
+        try:
+            with Image.open(path) as im:
+                im.load()
+                mask = im.copy()
+        except (OSError, ValueError) as e:
+            raise ImageError(
+                f"{path} is not a mask image Pillow can read ({e}); give a PNG with white = edit"
+            ) from None
+    if isinstance(mask, Image.Image):
+        if mask.mode not in ("L", "1", "I", "I;16", "F"):
+            notes.append(f"mask converted from mode {mask.mode} to one channel (luminance)")
+            mask = mask.convert("L")
+        arr = np.asarray(mask, dtype=np.float32)
+        top = {"L": 255.0, "1": 1.0, "I;16": 65535.0}.get(mask.mode, 255.0 if arr.max() > 1 else 1.0)
+        return arr / top, notes
+    if isinstance(mask, torch.Tensor):
+        mask = mask.detach().cpu().float().numpy()
+    if not isinstance(mask, np.ndarray):
+        raise ImageError(
+            f"cannot use a {type(mask).__name__} as a mask; give a path, PIL image, array or tensor"
+        )
+    arr = mask
+    while arr.ndim > 2 and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.ndim == 3:
+        chan_first = arr.shape[0] in (3, 4) and arr.shape[-1] not in (3, 4)
+        arr = np.moveaxis(arr, 0, -1) if chan_first else arr
+        if arr.shape[-1] == 1:
+            arr = arr[..., 0]
+        elif arr.shape[-1] in (3, 4):
+            notes.append(f"mask converted from {arr.shape[-1]} channels to one (luminance)")
+            arr = arr[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    if arr.ndim != 2:
+        raise ImageError(f"a mask must be [H, W] (or [1, H, W], [H, W, 3]); got shape {list(mask.shape)}")
+    if mask.dtype == np.uint8:
+        return arr.astype(np.float32) / 255.0, notes
+    arr = arr.astype(np.float32)
+    if arr.size and (arr.min() < 0 or arr.max() > 1):
+        raise ImageError(
+            f"mask values must lie in 0..1 (white = edit), or be 8-bit 0..255; got {arr.min():g}..{arr.max():g}"
+        )
+    return arr, notes
+
+
+def prepare_mask(
+    mask: Any, image_size: tuple[int, int], latent_size: tuple[int, int]
+) -> tuple[torch.Tensor, list[str]]:
+    """A user mask as DiffEdit uses it: ``[1, 1, h, w]`` float 0/1 at latent resolution, and notes.
+
+    Accepts a path, PIL image (any mode; not single-channel -> luminance, with a note), numpy array
+    or tensor. White (>= 0.5) marks what is repainted. A mask the size of the image (``image_size``
+    ``(W, H)``) or of the latents (``latent_size`` ``(w, h)``) is used as is (the first averaged down
+    to the latent grid); any other size is resized to the image first, with a note.
+    """
+    import numpy as np
+    from PIL import Image
+
+    arr, notes = _mask_array(mask)
+    h, w = arr.shape
+    if (w, h) != tuple(latent_size):
+        im = Image.fromarray(arr.astype(np.float32), mode="F")
+        if (w, h) != tuple(image_size):
+            notes.append(f"mask resized {w}x{h} -> {image_size[0]}x{image_size[1]} (the image size)")
+            im = im.resize(tuple(image_size), resample=Image.Resampling.BILINEAR)
+        im = im.resize(tuple(latent_size), resample=Image.Resampling.BOX)
+        arr = np.asarray(im, dtype=np.float32)
+    out = torch.from_numpy((arr >= 0.5).astype(np.float32))[None, None]
+    return out, notes
+
+
+def mask_to_image(mask: torch.Tensor, size: tuple[int, int]):
+    """A latent-resolution 0/1 mask as an 8-bit PIL image of ``size`` ``(W, H)``: white = edited.
+
+    The form inpainting pipelines take as ``mask_image``.
+    """
+    import numpy as np
+    from PIL import Image
+
+    m = mask.detach().float().cpu().reshape(mask.shape[-2:]).numpy()
+    im = Image.fromarray((m >= 0.5).astype(np.uint8) * 255, mode="L")
+    return im.resize(tuple(size), resample=Image.Resampling.NEAREST)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the editor
+# ---------------------------------------------------------------------------------------------------
+from p2pz_directions.editors import Editor, EditorError, EditorOptionError, EditResult  # noqa: E402
+from p2pz_directions.hookspecs import hookimpl  # noqa: E402
+
+
+class OptionValueError(EditorOptionError, ValueError):
+    """An option has a value the editor cannot use (a strength outside (0, 1], a count below 1...)."""
+
+
+def _strength(value: float, name: str) -> float:
+    try:
+        return check_strength(value, name)
+    except ValueError as e:
+        raise OptionValueError(str(e)) from None
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise OptionValueError(f"{name} must be a positive whole number, not {value!r}")
+    return value
+
+
+def _steps_run(num_inference_steps: int, strength: float, name: str) -> int:
+    n = min(int(num_inference_steps * strength), num_inference_steps)
+    if n < 1:
+        raise OptionValueError(
+            f"{name}={strength} with num_inference_steps={num_inference_steps} runs no step at all "
+            f"(int({num_inference_steps} * {strength}) = 0); raise one of them"
+        )
+    return n
+
+
+class TextConditioning:
+    """Encodes prompts for an editor, and checks embeddings users pass, with the model's text encoder.
+
+    As diffusers' ``encode_prompt``: ``clip_skip`` applies to positive prompts only; the empty
+    prompt ``""`` is the unconditional embedding (computed once).
+    """
+
+    def __init__(self, editor: Editor, clip_skip: int | None = None):
+        self.editor = editor
+        self.clip_skip = clip_skip
+
+    def encode(self, text: str, *, positive: bool = True) -> torch.Tensor:
+        from p2pz_plugins._common import encode_prompt
+
+        ed = self.editor
+        comps = ed.load_components(("tokenizer", "text_encoder"))
+        skip = self.clip_skip if positive else None
+        cache = ed.__dict__.setdefault("_p2pz_text_cache", {})
+        key = (text, skip, ed.dtype, str(ed.device))
+        if key not in cache:
+            cache[key] = encode_prompt(
+                comps["tokenizer"], comps["text_encoder"], text, ed.device, clip_skip=skip, dtype=ed.dtype
+            )
+        return cache[key]
+
+    def embeds(self, value: torch.Tensor, name: str, dim: int) -> torch.Tensor:
+        ed = self.editor
+        if not isinstance(value, torch.Tensor):
+            raise EditorOptionError(f"{name} must be a torch.Tensor [1, 77, D], not {type(value).__name__}")
+        if value.dim() == 2:
+            value = value.unsqueeze(0)
+        if value.dim() != 3 or value.shape[0] != 1 or value.shape[-1] != dim:
+            raise OptionValueError(
+                f"{name} has shape {list(value.shape)}; this model's UNet takes [1, L, {dim}] text embeddings"
+            )
+        return value.to(device=ed.device, dtype=ed.dtype)
+
+    def pick(
+        self,
+        text: str | None,
+        embeds: torch.Tensor | None,
+        default: torch.Tensor | Callable[[], torch.Tensor],
+        name: str,
+        dim: int,
+        *,
+        positive: bool = True,
+    ) -> torch.Tensor:
+        """``embeds`` if given, else the encoding of ``text`` if given, else ``default``."""
+        if text is not None and embeds is not None:
+            raise EditorOptionError(f"pass {name} or {name}_embeds, not both")
+        if embeds is not None:
+            return self.embeds(embeds, f"{name}_embeds", dim)
+        if text is not None:
+            if not isinstance(text, str):
+                raise EditorOptionError(f"{name} must be a string, not {type(text).__name__}")
+            return self.encode(text, positive=positive)
+        return default() if callable(default) else default
+
+
+def _check_finite(latents: torch.Tensor, editor: str, what: str) -> None:
+    if not torch.isfinite(latents).all():
+        raise EditorError(
+            f"{editor}: the {what} latents hold NaN or infinite values. Lower guidance_scale, or run in "
+            f"float32 / bfloat16 (--dtype float32) if float16 overflowed"
+        )
+
+
+def _output(images: Any, n: int) -> Any:
+    """One image (not a batch of one) when one was asked for."""
+    if n == 1 and (isinstance(images, list) or hasattr(images, "shape")) and len(images) == 1:
+        return images[0]
+    return images
+
+
+class DiffEditEditor(Editor):
+    """DiffEdit with a direction's concepts in place of prompts.
+
+    Default recipe (the diffusers docs' one, concepts for prompts): the mask from the source vs the
+    target concept, DDIM inversion conditioned on the source, denoising with the target and the
+    source as negative prompt, the inverted latents kept outside the mask.
+
+    >>> ed = editors.get("diffedit", model="stabilityai/stable-diffusion-2-1")      # doctest: +SKIP
+    >>> res = ed.edit(photo, "bowl of fruits->bowl of pears", seed=0)               # doctest: +SKIP
+    >>> res.image, res.mask               # mask: white = edited, usable by inpainting pipelines
+    """
+
+    name = "diffedit"
+    description = "DiffEdit: mask from source vs target noise, partial DDIM inversion, masked denoising"
+    phases = ("mask", "invert", "edit")
+    memory_advice = (
+        "lower num_maps_per_mask (the mask runs up to 4 x num_maps_per_mask images in one UNet batch), "
+        "use --dtype float16, or a smaller image"
+    )
+
+    def run(
+        self,
+        image: Any,
+        direction: Any,
+        *,
+        # conditioning (default: the direction's concepts)
+        source_prompt: str | None = None,
+        target_prompt: str | None = None,
+        prompt: str | None = None,
+        negative_prompt: str | None = None,
+        source_negative_prompt: str | None = None,
+        target_negative_prompt: str | None = None,
+        inversion_negative_prompt: str | None = None,
+        source_prompt_embeds: torch.Tensor | None = None,
+        target_prompt_embeds: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        source_negative_prompt_embeds: torch.Tensor | None = None,
+        target_negative_prompt_embeds: torch.Tensor | None = None,
+        inversion_negative_prompt_embeds: torch.Tensor | None = None,
+        # mask
+        mask: Any = None,
+        mask_image: Any = None,
+        num_maps_per_mask: int = 10,
+        mask_encode_strength: float = 0.5,
+        mask_thresholding_ratio: float = 3.0,
+        mask_guidance_scale: float | None = None,
+        mask_only: bool = False,
+        # inversion
+        inpaint_strength: float = 0.8,
+        inversion_guidance_scale: float | None = None,
+        num_reg_steps: int = 0,
+        lambda_auto_corr: float = 20.0,
+        lambda_kl: float = 20.0,
+        num_auto_corr_rolls: int = 5,
+        image_latents: torch.Tensor | None = None,
+        decode_latents: bool = False,
+        inversion_callback: StepCallback | None = None,
+        # edit
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        eta: float = 0.0,
+        num_images_per_prompt: int = 1,
+        latents: torch.Tensor | None = None,
+        seed: int | None = 0,
+        generator: torch.Generator | None = None,
+        output_type: str = "pil",
+        callback: StepCallback | None = None,
+        callback_steps: int = 1,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        clip_skip: int | None = None,
+    ) -> EditResult:
+        """Mask, invert, edit. Options (diffusers' names where diffusers has them):
+
+        - conditioning: ``source_prompt`` / ``target_prompt`` (text instead of the concepts, everywhere
+          the concept is used), ``prompt`` (inversion; default the source), ``negative_prompt`` (edit;
+          default the source), ``inversion_negative_prompt`` (default ``""``),
+          ``source_negative_prompt`` / ``target_negative_prompt`` (mask; default ``""``); each has an
+          ``*_embeds`` twin taking a ``[1, 77, D]`` tensor.
+        - mask: ``mask`` (alias ``mask_image``: a path, image, array or tensor, white = edit; replaces
+          the generated mask), ``num_maps_per_mask``, ``mask_encode_strength``,
+          ``mask_thresholding_ratio``, ``mask_guidance_scale`` (default ``guidance_scale``),
+          ``mask_only`` (stop after the mask: ``image`` is then the mask).
+        - inversion: ``inpaint_strength`` (in (0, 1]), ``inversion_guidance_scale`` (default
+          ``guidance_scale``), ``num_reg_steps``, ``lambda_auto_corr``, ``lambda_kl``,
+          ``num_auto_corr_rolls``, ``image_latents`` (inverted latents from an earlier run: skips
+          inversion), ``decode_latents`` (decode every inverted latent into ``extra``),
+          ``inversion_callback``.
+        - edit: ``num_inference_steps``, ``guidance_scale``, ``eta``, ``num_images_per_prompt``,
+          ``latents`` (start here instead of the most-noised inverted latent), ``seed`` /
+          ``generator``, ``output_type``, ``callback`` / ``callback_steps``,
+          ``cross_attention_kwargs``, ``clip_skip``.
+
+        The generator is used in diffusers' order (mask, then inversion, then edit), so one seeded
+        generator gives the same result as ``generate_mask``, ``invert`` and ``__call__`` of
+        ``StableDiffusionDiffEditPipeline`` called one after the other with it.
+        """
+        from p2pz_plugins._common import ddim_schedulers, image_processor, make_generator, randn
+        from p2pz_plugins._common import decode_latents as vae_decode
+
+        if image is None:
+            raise EditorOptionError(
+                "diffedit edits an existing image: pass one (p2pz edit IMAGE ...). For an image generated "
+                "from a prompt, use the pix2pix-zero editor"
+            )
+        if mask is not None and mask_image is not None:
+            raise EditorOptionError("pass mask or mask_image (the same option), not both")
+        user_mask = mask if mask is not None else mask_image
+        num_inference_steps = _positive_int(num_inference_steps, "num_inference_steps")
+        inpaint_strength = _strength(inpaint_strength, "inpaint_strength")
+        num_images_per_prompt = _positive_int(num_images_per_prompt, "num_images_per_prompt")
+        callback_steps = _positive_int(callback_steps, "callback_steps")
+        n_edit = _steps_run(num_inference_steps, inpaint_strength, "inpaint_strength")
+        if user_mask is None:
+            mask_encode_strength = _strength(mask_encode_strength, "mask_encode_strength")
+            _steps_run(num_inference_steps, mask_encode_strength, "mask_encode_strength")
+            num_maps_per_mask = _positive_int(num_maps_per_mask, "num_maps_per_mask")
+            if not mask_thresholding_ratio or mask_thresholding_ratio <= 0:
+                raise OptionValueError(
+                    f"mask_thresholding_ratio must be positive, not {mask_thresholding_ratio!r}"
+                )
+        if num_reg_steps < 0 or num_auto_corr_rolls < 0:
+            raise OptionValueError("num_reg_steps and num_auto_corr_rolls must be 0 or more")
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise OptionValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', not {output_type!r}")
+        g_mask = guidance_scale if mask_guidance_scale is None else mask_guidance_scale
+        g_inv = guidance_scale if inversion_guidance_scale is None else inversion_guidance_scale
+
+        comps = self.load_components(("unet", "vae", "scheduler"))
+        unet, vae = comps["unet"], comps["vae"]
+        dim = int(unet.config.cross_attention_dim)
+        dev, dt = self.device, self.dtype
+        text = TextConditioning(self, clip_skip)
+
+        def concept(e: torch.Tensor) -> torch.Tensor:
+            return e.to(device=dev, dtype=dt)
+
+        def uncond() -> torch.Tensor:
+            return text.encode("", positive=False)
+
+        source = text.pick(
+            source_prompt,
+            source_prompt_embeds,
+            lambda: concept(direction.source_embeds),
+            "source_prompt",
+            dim,
+        )
+        target = text.pick(
+            target_prompt,
+            target_prompt_embeds,
+            lambda: concept(direction.target_embeds),
+            "target_prompt",
+            dim,
+        )
+        gen = generator if generator is not None else make_generator(seed)
+        proc = image_processor(vae)
+        notes: list[str] = []
+        extra: dict[str, Any] = {}
+
+        # -- encode the image once; every draw below samples the same latent distribution ---------------
+        x = proc.preprocess(image).to(device=dev, dtype=vae.dtype)
+        with torch.no_grad():
+            dist = vae.encode(x).latent_dist
+        sf = vae.config.scaling_factor
+        lat_shape = tuple(dist.mean.shape[1:])
+
+        def draw(n: int) -> torch.Tensor:
+            eps = randn((n, *lat_shape), gen, dev, dist.mean.dtype)
+            return sf * (dist.mean + dist.std * eps)
+
+        # -- 1. mask ------------------------------------------------------------------------------------
+        latent_size = (lat_shape[2], lat_shape[1])
+        if user_mask is not None:
+            mask_t, mask_notes = prepare_mask(user_mask, image.size, latent_size)
+            notes.extend(mask_notes)
+            mask_t = mask_t.to(device=dev, dtype=dt)
+            extra["mask_source"] = "user"
+        else:
+            self.progress("mask", 0, 1)
+            src_neg = text.pick(
+                source_negative_prompt,
+                source_negative_prompt_embeds,
+                uncond,
+                "source_negative_prompt",
+                dim,
+                positive=False,
+            )
+            tgt_neg = text.pick(
+                target_negative_prompt,
+                target_negative_prompt_embeds,
+                uncond,
+                "target_negative_prompt",
+                dim,
+                positive=False,
+            )
+            lat_n = draw(num_maps_per_mask)
+            noise = randn(tuple(lat_n.shape), gen, dev, lat_n.dtype)
+            mask_scheduler, _ = ddim_schedulers(comps["scheduler"])
+            mask_t, gmap = diffedit_mask(
+                unet,
+                mask_scheduler,
+                lat_n,
+                noise,
+                source,
+                target,
+                source_negative=src_neg,
+                target_negative=tgt_neg,
+                num_inference_steps=num_inference_steps,
+                mask_encode_strength=mask_encode_strength,
+                mask_thresholding_ratio=mask_thresholding_ratio,
+                guidance_scale=g_mask,
+                cross_attention_kwargs=cross_attention_kwargs,
+                return_map=True,
+            )
+            mask_t = mask_t[:, None]
+            extra["mask_source"] = "generated"
+            extra["mask_map"] = gmap.float().cpu()
+            self.progress("mask", 1, 1)
+        extra["latent_mask"] = mask_t.float().cpu()
+        extra["notes"] = notes
+        mask_pil = mask_to_image(mask_t, image.size)
+        if mask_only:
+            return EditResult(image=mask_pil, original=image, mask=mask_pil, extra=extra)
+
+        # -- 2. inversion -------------------------------------------------------------------------------
+        if image_latents is None:
+            inv_cond = text.pick(prompt, prompt_embeds, source, "prompt", dim)
+            inv_embeds = inv_cond
+            if g_inv > 1.0:
+                inv_neg = text.pick(
+                    inversion_negative_prompt,
+                    inversion_negative_prompt_embeds,
+                    uncond,
+                    "inversion_negative_prompt",
+                    dim,
+                    positive=False,
+                )
+                inv_embeds = torch.cat([inv_neg, inv_cond])
+            _, inverse_scheduler = ddim_schedulers(comps["scheduler"])
+
+            def on_invert(i: int, t: Any, lat: torch.Tensor) -> None:
+                self.progress("invert", i + 1, n_edit)
+                if inversion_callback is not None and i % callback_steps == 0:
+                    inversion_callback(i, t, lat)
+
+            self.progress("invert", 0, n_edit)
+            image_latents = ddim_invert(
+                unet,
+                inverse_scheduler,
+                draw(1),
+                inv_embeds,
+                num_inference_steps=num_inference_steps,
+                inpaint_strength=inpaint_strength,
+                guidance_scale=g_inv,
+                generator=gen,
+                num_reg_steps=num_reg_steps,
+                lambda_auto_corr=lambda_auto_corr,
+                lambda_kl=lambda_kl,
+                num_auto_corr_rolls=num_auto_corr_rolls,
+                cross_attention_kwargs=cross_attention_kwargs,
+                callback=on_invert,
+            )
+            _check_finite(image_latents, self.name, "inverted")
+            if decode_latents:
+                extra["inversion_images"] = vae_decode(vae, image_latents.flatten(0, 1), output_type)
+        else:
+            if not isinstance(image_latents, torch.Tensor):
+                raise EditorOptionError(
+                    "image_latents must be a tensor [1, T, C, h, w] from an earlier inversion"
+                )
+            image_latents = image_latents.to(device=dev, dtype=dt)
+            if image_latents.dim() == 4:
+                image_latents = image_latents.unsqueeze(0)
+            want = (1, n_edit, *lat_shape)
+            if tuple(image_latents.shape) != want:
+                raise OptionValueError(
+                    f"image_latents has shape {list(image_latents.shape)}, but this image with "
+                    f"num_inference_steps={num_inference_steps} and inpaint_strength={inpaint_strength} needs "
+                    f"{list(want)}: invert with the same settings"
+                )
+
+        # -- 3. edit ------------------------------------------------------------------------------------
+        edit_embeds = target
+        if guidance_scale > 1.0:
+            edit_neg = text.pick(negative_prompt, negative_prompt_embeds, source, "negative_prompt", dim)
+            edit_embeds = torch.cat([edit_neg, target])
+        k = num_images_per_prompt
+        if k > 1:
+            edit_embeds = edit_embeds.repeat_interleave(k, dim=0)
+            lat_in = image_latents.repeat_interleave(k, dim=0)
+            mask_in = mask_t.repeat_interleave(k, dim=0)
+            if latents is not None and latents.shape[0] == 1:
+                latents = latents.repeat_interleave(k, dim=0)
+        else:
+            lat_in, mask_in = image_latents, mask_t
+
+        def on_edit(i: int, t: Any, lat: torch.Tensor) -> None:
+            self.progress("edit", i + 1, n_edit)
+            if callback is not None and i % callback_steps == 0:
+                callback(i, t, lat)
+
+        edit_scheduler, _ = ddim_schedulers(comps["scheduler"])
+        self.progress("edit", 0, n_edit)
+        out = diffedit_denoise(
+            unet,
+            edit_scheduler,
+            lat_in,
+            mask_in,
+            edit_embeds,
+            num_inference_steps=num_inference_steps,
+            inpaint_strength=inpaint_strength,
+            guidance_scale=guidance_scale,
+            eta=eta,
+            generator=gen,
+            latents=None if latents is None else latents.to(device=dev, dtype=dt),
+            cross_attention_kwargs=cross_attention_kwargs,
+            callback=on_edit,
+        )
+        _check_finite(out, self.name, "edited")
+        edited = vae_decode(vae, out, output_type)
+        original = image if output_type == "pil" else _output(proc.postprocess(x, output_type=output_type), 1)
+        return EditResult(
+            image=_output(edited, k),
+            original=original if output_type != "latent" else dist.mean * sf,
+            inverted_latents=image_latents,
+            mask=mask_pil,
+            extra=extra,
+        )
+
+    def generate_mask(self, image: Any, direction: Any, **options: Any):
+        """Only the mask, as an 8-bit PIL image the size of the (prepared) image: white = edit.
+
+        >>> ed.generate_mask(photo, "bowl of fruits->bowl of pears").save("mask.png")   # doctest: +SKIP
+        """
+        return self.edit(image, direction, mask_only=True, **options).mask
+
+
+@hookimpl
+def p2pz_register_editors() -> list[type[Editor]]:
+    return [DiffEditEditor]
