@@ -272,7 +272,9 @@ class Editor:
             for n in missing:
                 obj = self._components[n]
                 if isinstance(obj, torch.nn.Module):
-                    obj.to(device=self.device, dtype=self.dtype)
+                    p = next(obj.parameters(), None)
+                    if p is not None and (p.device != self.device or p.dtype != self.dtype):
+                        obj.to(device=self.device, dtype=self.dtype)
                     obj.eval()
                     obj.requires_grad_(False)
         return {n: self._components[n] for n in names}

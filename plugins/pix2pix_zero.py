@@ -1,0 +1,771 @@
+"""pix2pix-zero (Parmar et al., SIGGRAPH 2023, arXiv 2302.03027) on diffusers' building blocks.
+
+An edit of a real image in four phases, each a small function below with the loop in one place:
+
+1. **caption** - BLIP names the photo (`BlipCaptioner`, ``Salesforce/blip-image-captioning-base``),
+   unless ``prompt=`` is given.
+2. **invert** - `ddim_invert`: deterministic DDIM inversion of the image latents under the
+   caption, each noise prediction pulled toward i.i.d. Gaussian noise by `regularize_noise_pred`
+   (gradient steps on `auto_corr_loss` and `kl_divergence`; ``lambda_auto_corr``, ``lambda_kl``,
+   ``num_reg_steps``, ``num_auto_corr_rolls``).
+3. **reference** - `sample_reference`: DDIM sampling from the inverted noise with the caption,
+   recording every cross-attention map (`AttentionMaps`, installed as the UNet's attention
+   processors by `attention_maps`). Decoded, it is the reconstruction.
+4. **edit** - `sample_guided_edit`: DDIM sampling from the same noise with the direction added to
+   the caption's embedding; at each step the latent is first moved by one gradient step
+   (``cross_attention_guidance_amount``) toward cross-attention maps equal to the reference ones,
+   which keeps the structure of the photo.
+
+A synthetic image is the same from Gaussian noise drawn with ``seed`` and a ``prompt``.
+
+It reproduces diffusers' ``StableDiffusionPix2PixZeroPipeline`` (``invert`` then ``__call__``) to
+within 1e-4 per pixel on tiny models (tests/test_pix2pix_zero.py), with these differences, all on
+purpose: the reference maps stay on the GPU and are indexed by step (no ``.item()`` sync, no
+copy to the CPU), the guidance gradient is taken with respect to the latents only (diffusers also
+computes unused gradients for the cross-attention weights), self-attention uses PyTorch's fused
+``scaled_dot_product_attention``, the inverted latents are not decoded, and the direction is
+added to every conditional row (diffusers adds it to row 1 only, so it edits nothing without
+classifier-free guidance or with several images per prompt).
+
+>>> from p2pz_directions import editors
+>>> ed = editors.get("pix2pix-zero", model="CompVis/stable-diffusion-v1-4")   # doctest: +SKIP
+>>> res = ed.edit("cat.png", "cat->dog", seed=0)                              # doctest: +SKIP
+>>> res.image.save("dog.png"); res.caption                                     # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from p2pz_directions.concept import Direction
+from p2pz_directions.editors import Editor, EditorError, EditorOptionError, EditResult
+from p2pz_directions.hookspecs import hookimpl
+
+from ._common import (
+    cfg,
+    ddim_schedulers,
+    decode_latents,
+    encode_image,
+    encode_prompt,
+    epsilon_from_output,
+    make_generator,
+    randn,
+    vae_scale_factor,
+)
+
+__all__ = [
+    "AttentionMaps",
+    "BlipCaptioner",
+    "Pix2PixZeroEditor",
+    "attention_maps",
+    "auto_corr_loss",
+    "ddim_invert",
+    "draw_roll_shifts",
+    "kl_divergence",
+    "regularize_noise_pred",
+    "sample_guided_edit",
+    "sample_reference",
+]
+
+StepCallback = Callable[[int, Any, torch.Tensor], None]
+DEFAULT_CAPTIONER = "Salesforce/blip-image-captioning-base"
+NAN_ADVICE = (
+    "lower the cross-attention guidance (--xa-guidance / cross_attention_guidance_amount, default 0.1); "
+    "Stable Diffusion 2.x (v-prediction) models need 0.01 or less"
+)
+
+
+# ---------------------------------------------------------------------------------------------------
+# inversion regularizers (pure functions)
+# ---------------------------------------------------------------------------------------------------
+def _pyramid_sizes(h: int, w: int) -> list[tuple[int, int]]:
+    """Sizes the auto-correlation loss visits: halve (avg-pool 2) while the height is over 8."""
+    sizes = [(h, w)]
+    while sizes[-1][0] > 8:
+        h, w = sizes[-1][0] // 2, sizes[-1][1] // 2
+        sizes.append((h, w))
+    return sizes
+
+
+def _randint(high: int, generator: torch.Generator | None) -> int:
+    if generator is not None and generator.device.type != "cpu":
+        return int(torch.randint(high, (1,), generator=generator, device=generator.device).item())
+    return int(torch.randint(high, (1,), generator=generator).item())
+
+
+def draw_roll_shifts(
+    shape: tuple[int, ...], generator: torch.Generator | None, rolls: int = 1
+) -> torch.Tensor:
+    """Random roll amounts for ``rolls`` evaluations of `auto_corr_loss` on latents of ``shape``.
+
+    Drawn in the order of the reference implementation (per roll, per image, per channel, per
+    pyramid level, ``randint(height // 2)``), so a seeded generator gives the same shifts.
+    Returns ``[rolls, levels, B * C]`` int64.
+    """
+    b, c, h, w = shape
+    sizes = _pyramid_sizes(h, w)
+    out = torch.empty(rolls, len(sizes), b * c, dtype=torch.int64)
+    for r in range(rolls):
+        for n in range(b * c):
+            for lvl, (lh, _) in enumerate(sizes):
+                out[r, lvl, n] = _randint(lh // 2, generator)
+    return out
+
+
+def _roll_rows(x: torch.Tensor, shifts: torch.Tensor, dim: int) -> torch.Tensor:
+    """``torch.roll(x[n], shifts[n], dim)`` for every ``n`` of ``x`` ([N, 1, H, W]) at once."""
+    size = x.shape[dim]
+    idx = (torch.arange(size, device=x.device)[None, :] - shifts[:, None]) % size  # [N, size]
+    if dim == 2:
+        idx = idx[:, None, :, None].expand_as(x)
+    else:
+        idx = idx[:, None, None, :].expand_as(x)
+    return x.gather(dim, idx)
+
+
+def auto_corr_loss(eps: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    """Auto-correlation of noise: ``sum over channels and pyramid levels of mean(e * roll(e, s))^2``.
+
+    ``eps`` is ``[B, C, H, W]``; ``shifts`` ``[levels, B * C]`` (one row of `draw_roll_shifts`).
+    Zero for white noise in expectation; the inversion pushes its noise predictions toward it.
+    """
+    b, c, h, w = eps.shape
+    x = eps.reshape(b * c, 1, h, w)
+    shifts = shifts.to(x.device)
+    total = x.new_zeros(())
+    for lvl in range(shifts.shape[0]):
+        s = shifts[lvl]
+        total = total + ((x * _roll_rows(x, s, 2)).mean(dim=(1, 2, 3)) ** 2).sum()
+        total = total + ((x * _roll_rows(x, s, 3)).mean(dim=(1, 2, 3)) ** 2).sum()
+        if x.shape[2] <= 8:
+            break
+        x = F.avg_pool2d(x, kernel_size=2)
+    return total
+
+
+def kl_divergence(eps: torch.Tensor) -> torch.Tensor:
+    """KL of ``N(mean, var)`` (the noise's moments) from ``N(0, 1)``, up to a factor: ``var + mean^2 - 1 - log var``."""
+    mean, var = eps.mean(), eps.var()
+    return var + mean**2 - 1 - torch.log(var + 1e-7)
+
+
+def regularize_noise_pred(
+    noise_pred: torch.Tensor,
+    sample: torch.Tensor,
+    alpha_prod_t: torch.Tensor | float,
+    prediction_type: str,
+    *,
+    lambda_auto_corr: float = 20.0,
+    lambda_kl: float = 20.0,
+    num_reg_steps: int = 5,
+    num_auto_corr_rolls: int = 5,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Gradient steps that make a noise prediction look more like i.i.d. standard normal noise.
+
+    The losses are taken on the epsilon the output stands for (`epsilon_from_output`), so the
+    same code serves epsilon and v-prediction models.
+    """
+    sample = sample.detach()
+    shifts = None
+    if lambda_auto_corr > 0 and num_reg_steps > 0:
+        shifts = draw_roll_shifts(tuple(noise_pred.shape), generator, num_reg_steps * num_auto_corr_rolls)
+        shifts = shifts.to(noise_pred.device, non_blocking=True)
+    k = 0
+    for _ in range(num_reg_steps):
+        if lambda_auto_corr > 0:
+            for _ in range(num_auto_corr_rolls):
+                var = noise_pred.detach().clone().requires_grad_(True)
+                with torch.enable_grad():
+                    loss = auto_corr_loss(
+                        epsilon_from_output(var, sample, alpha_prod_t, prediction_type), shifts[k]
+                    )
+                    (grad,) = torch.autograd.grad(loss, var)
+                k += 1
+                noise_pred = noise_pred - lambda_auto_corr * (grad / num_auto_corr_rolls)
+        if lambda_kl > 0:
+            var = noise_pred.detach().clone().requires_grad_(True)
+            with torch.enable_grad():
+                loss = kl_divergence(epsilon_from_output(var, sample, alpha_prod_t, prediction_type))
+                (grad,) = torch.autograd.grad(loss, var)
+            noise_pred = noise_pred - lambda_kl * grad
+        noise_pred = noise_pred.detach()
+    return noise_pred
+
+
+# ---------------------------------------------------------------------------------------------------
+# cross-attention maps: one state object, installed as the UNet's attention processors
+# ---------------------------------------------------------------------------------------------------
+class AttentionMaps:
+    """Records cross-attention probabilities, or measures how far they are from recorded ones.
+
+    ``mode``: ``"off"`` (plain attention), ``"record"`` (append every cross-attention map of a
+    forward pass to ``maps``), ``"guide"`` (add ``sum((p - ref) ** 2) / rows`` for each layer to
+    ``loss``, with ``ref`` taken from ``reference`` in call order).
+    """
+
+    def __init__(self, store_device: torch.device | str | None = None, exact: bool = False) -> None:
+        self.mode = "off"
+        self.exact = exact  # explicit softmax attention in every layer (diffusers' numerics)
+        self.store_device = torch.device(store_device) if store_device is not None else None
+        self.maps: list[torch.Tensor] = []
+        self.reference: list[torch.Tensor] = []
+        self.loss: torch.Tensor | float = 0.0
+        self._next = 0
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[list[torch.Tensor]]:
+        self.mode, self.maps = "record", []
+        try:
+            yield self.maps
+        finally:
+            self.mode = "off"
+
+    @contextlib.contextmanager
+    def guiding(self, reference: list[torch.Tensor]) -> Iterator[AttentionMaps]:
+        self.mode, self.reference, self.loss, self._next = "guide", reference, 0.0, 0
+        try:
+            yield self
+        finally:
+            self.mode, self.reference = "off", []
+
+    def __call__(self, probs: torch.Tensor) -> None:
+        if self.mode == "record":
+            p = probs.detach()
+            self.maps.append(p if self.store_device is None else p.to(self.store_device, non_blocking=True))
+        elif self.mode == "guide":
+            ref = self.reference[self._next].to(probs.device, non_blocking=True)
+            self._next += 1
+            self.loss = self.loss + ((probs - ref) ** 2).sum((1, 2)).mean(0)
+
+
+class _Processor:
+    """Attention processor: explicit softmax probabilities for cross-attention while maps are
+    recorded or guided, PyTorch's fused attention otherwise."""
+
+    def __init__(self, maps: AttentionMaps, cross: bool) -> None:
+        self.maps = maps
+        self.cross = cross
+
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        temb=None,
+        **kwargs,
+    ):
+        residual = hidden_states
+        batch, seq, _ = hidden_states.shape
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        if self.maps.exact or (self.cross and self.maps.mode != "off"):
+            mask = attn.prepare_attention_mask(attention_mask, seq, batch)
+            q, k, v = (
+                attn.head_to_batch_dim(query),
+                attn.head_to_batch_dim(key),
+                attn.head_to_batch_dim(value),
+            )
+            probs = attn.get_attention_scores(q, k, mask)
+            if self.cross:
+                self.maps(probs)
+            hidden_states = attn.batch_to_head_dim(torch.bmm(probs, v))
+        else:
+            mask = None
+            if attention_mask is not None:
+                mask = attn.prepare_attention_mask(attention_mask, key.shape[1], batch)
+                mask = mask.view(batch, attn.heads, -1, mask.shape[-1])
+            head_dim = query.shape[-1] // attn.heads
+            q = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+            k = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+            v = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+            hidden_states = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale)
+            hidden_states = (
+                hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(q.dtype)
+            )
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+@contextlib.contextmanager
+def attention_maps(
+    unet: Any, store_device: torch.device | str | None = None, *, exact: bool = False
+) -> Iterator[AttentionMaps]:
+    """Install `AttentionMaps` processors on ``unet`` for the duration; the old ones come back after.
+
+    ``exact=True`` computes every attention layer with an explicit softmax, as diffusers' pipeline
+    does (slower; used on the CPU, where it makes results equal to the reference to ~1e-6).
+
+    >>> with attention_maps(unet) as maps:           # doctest: +SKIP
+    ...     with maps.recording() as recorded:
+    ...         unet(x, t, encoder_hidden_states=emb)
+    """
+    old = unet.attn_processors
+    maps = AttentionMaps(store_device, exact)
+    unet.set_attn_processor({name: _Processor(maps, cross="attn2" in name) for name in old})
+    try:
+        yield maps
+    finally:
+        unet.set_attn_processor(old)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the three samplers
+# ---------------------------------------------------------------------------------------------------
+def _unet_eps(
+    unet: Any, x: torch.Tensor, t: Any, embeds: torch.Tensor, guidance_scale: float
+) -> torch.Tensor:
+    do_cfg = guidance_scale > 1.0
+    model_in = torch.cat([x] * 2) if do_cfg else x
+    out = unet(model_in, t, encoder_hidden_states=embeds).sample
+    return cfg(out, guidance_scale) if do_cfg else out
+
+
+def ddim_invert(
+    unet: Any,
+    latents: torch.Tensor,
+    embeds: torch.Tensor,
+    scheduler: Any,
+    *,
+    guidance_scale: float = 1.0,
+    regularize: dict[str, Any] | None = None,
+    generator: torch.Generator | None = None,
+    callback: StepCallback | None = None,
+    callback_steps: int = 1,
+    progress: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """DDIM inversion: image latents -> noise latents, along ``scheduler`` (a `DDIMInverseScheduler`
+    whose timesteps are set). ``embeds`` is ``[uncond; cond]`` when ``guidance_scale > 1``, else
+    ``cond``. ``regularize`` holds the keyword arguments of `regularize_noise_pred` (None: none).
+    """
+    pred_type = scheduler.config.prediction_type
+    timesteps = scheduler.timesteps
+    for i, t in enumerate(timesteps):
+        model_in = scheduler.scale_model_input(latents, t)
+        noise_pred = _unet_eps(unet, model_in, t, embeds, guidance_scale)
+        if regularize:
+            noise_pred = regularize_noise_pred(
+                noise_pred,
+                model_in,
+                scheduler.alphas_cumprod[t],
+                pred_type,
+                generator=generator,
+                **regularize,
+            )
+        latents = scheduler.step(noise_pred, t, latents).prev_sample
+        if callback is not None and i % callback_steps == 0:
+            callback(i, t, latents)
+        if progress is not None:
+            progress(i + 1, len(timesteps))
+    return latents
+
+
+def sample_reference(
+    unet: Any,
+    maps: AttentionMaps,
+    latents: torch.Tensor,
+    embeds: torch.Tensor,
+    scheduler: Any,
+    *,
+    guidance_scale: float = 7.5,
+    step_kwargs: dict[str, Any] | None = None,
+    callback: StepCallback | None = None,
+    callback_steps: int = 1,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
+    """DDIM sampling that records the cross-attention maps of every step.
+
+    Returns the final latents (the reconstruction) and ``maps_per_step[i][layer]``.
+    """
+    recorded: list[list[torch.Tensor]] = []
+    timesteps = scheduler.timesteps
+    for i, t in enumerate(timesteps):
+        with maps.recording() as step_maps:
+            noise_pred = _unet_eps(unet, scheduler.scale_model_input(latents, t), t, embeds, guidance_scale)
+        recorded.append(step_maps)
+        latents = scheduler.step(noise_pred, t, latents, **(step_kwargs or {})).prev_sample
+        if callback is not None and i % callback_steps == 0:
+            callback(i, t, latents)
+        if progress is not None:
+            progress(i + 1, len(timesteps))
+    return latents, recorded
+
+
+def sample_guided_edit(
+    unet: Any,
+    maps: AttentionMaps,
+    latents: torch.Tensor,
+    embeds_edit: torch.Tensor,
+    scheduler: Any,
+    reference_maps: list[list[torch.Tensor]],
+    *,
+    cross_attention_guidance_amount: float = 0.1,
+    guidance_scale: float = 7.5,
+    step_kwargs: dict[str, Any] | None = None,
+    callback: StepCallback | None = None,
+    callback_steps: int = 1,
+    progress: Callable[[int, int], None] | None = None,
+    check_every: int = 10,
+) -> torch.Tensor:
+    """DDIM sampling with the edited embedding, each step preceded by one gradient step on the
+    latents toward the reference cross-attention maps (the structure of the original)."""
+    do_cfg = guidance_scale > 1.0
+    timesteps = scheduler.timesteps
+    for i, t in enumerate(timesteps):
+        x_in = scheduler.scale_model_input(torch.cat([latents] * 2) if do_cfg else latents, t)
+        x_in = x_in.detach().clone().requires_grad_(True)
+        with torch.enable_grad(), maps.guiding(reference_maps[i]):
+            unet(x_in, t, encoder_hidden_states=embeds_edit).sample
+            (grad,) = torch.autograd.grad(maps.loss, x_in)
+        x_in = x_in.detach().add(grad, alpha=-cross_attention_guidance_amount)
+        reference_maps[i] = []  # free this step's maps
+        noise_pred = unet(x_in, t, encoder_hidden_states=embeds_edit).sample
+        latents = x_in.chunk(2)[0] if do_cfg else x_in
+        if do_cfg:
+            noise_pred = cfg(noise_pred, guidance_scale)
+        latents = scheduler.step(noise_pred, t, latents, **(step_kwargs or {})).prev_sample
+        if callback is not None and i % callback_steps == 0:
+            callback(i, t, latents)
+        if progress is not None:
+            progress(i + 1, len(timesteps))
+        if check_every and (i + 1) % check_every == 0:
+            _check_finite(latents, "edit")
+    return latents
+
+
+def _check_finite(latents: torch.Tensor, phase: str) -> None:
+    if not torch.isfinite(latents).all():
+        raise EditorError(f"the latents became NaN or infinite during the {phase} phase; {NAN_ADVICE}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# BLIP captioner (an image-captioner plugin)
+# ---------------------------------------------------------------------------------------------------
+class BlipCaptioner:
+    """Captions photos with BLIP, as diffusers' pix2pix-zero pipeline does (prompt "a photography of").
+
+    >>> BlipCaptioner().caption([Image.open("cat.png")])      # doctest: +SKIP
+    ['a photography of a cat sitting on a couch']
+    """
+
+    name = "blip"
+
+    def __init__(
+        self,
+        model: str = DEFAULT_CAPTIONER,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        text: str = "a photography of",
+        max_new_tokens: int = 128,
+        processor: Any = None,
+        generator_model: Any = None,
+    ) -> None:
+        self.model_id = model
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
+        self.text = text
+        self.max_new_tokens = max_new_tokens
+        self._processor = processor
+        self._model = generator_model
+
+    def _load(self) -> None:
+        if self._model is not None and self._processor is not None:
+            return
+        from transformers import BlipForConditionalGeneration, BlipProcessor
+
+        try:
+            self._processor = self._processor or BlipProcessor.from_pretrained(self.model_id)
+            self._model = self._model or BlipForConditionalGeneration.from_pretrained(
+                self.model_id, torch_dtype=self.dtype
+            )
+        except OSError as e:
+            raise EditorError(
+                f"cannot load the BLIP captioner {self.model_id}: {e}. Pass prompt='a photo of a cat' (a caption "
+                f"of your image) to skip captioning, or make the model available offline first."
+            ) from None
+        self._model.to(self.device).eval()
+
+    @torch.no_grad()
+    def caption(self, images: list[Any]) -> list[str]:
+        self._load()
+        model = self._model
+        inputs = self._processor(images, [self.text] * len(images), return_tensors="pt").to(
+            device=model.device, dtype=model.dtype
+        )
+        out = model.generate(**inputs, max_new_tokens=self.max_new_tokens)
+        return [s.strip() for s in self._processor.batch_decode(out, skip_special_tokens=True)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# the editor
+# ---------------------------------------------------------------------------------------------------
+class Pix2PixZeroEditor(Editor):
+    """pix2pix-zero: edit a real photo (caption, invert, reference, edit) or a generated image.
+
+    >>> ed = editors.get("pix2pix-zero", model="CompVis/stable-diffusion-v1-4", device="cuda")  # doctest: +SKIP
+    >>> ed.edit("cat.png", "cat->dog", seed=0).image.save("dog.png")                          # doctest: +SKIP
+    >>> ed.edit(None, "cat->dog", prompt="a painting of a cat", seed=0).image                   # doctest: +SKIP
+    """
+
+    name = "pix2pix-zero"
+    description = (
+        "pix2pix-zero: direction in CLIP space + cross-attention guidance (real or generated images)"
+    )
+    phases = ("caption", "invert", "reference", "edit")
+    memory_advice = (
+        "use dtype float16 (--dtype float16), keep the reference attention maps on the CPU "
+        "(attention_maps_device='cpu'), edit a smaller image, or use fewer --steps (the maps kept grow with the steps)"
+    )
+
+    def __init__(
+        self,
+        model: Any = None,
+        *,
+        captioner: Any = None,
+        caption_model: str = DEFAULT_CAPTIONER,
+        **kw: Any,
+    ) -> None:
+        super().__init__(model, **kw)
+        self._captioner = captioner
+        self.caption_model = caption_model
+
+    # -- parts ----------------------------------------------------------------------------------
+    @property
+    def captioner(self) -> Any:
+        """The image captioner (BLIP unless another was given), created on first use."""
+        if self._captioner is None:
+            self._captioner = BlipCaptioner(self.caption_model, device=self.device, dtype=self.dtype)
+        elif isinstance(self._captioner, str):
+            from p2pz_directions import plugins
+
+            found = plugins.image_captioners()
+            if self._captioner not in found:
+                raise EditorOptionError(
+                    f"unknown image captioner {self._captioner!r}; installed: {', '.join(found) or '(none)'}"
+                )
+            self._captioner = found[self._captioner](device=self.device, dtype=self.dtype)
+        return self._captioner
+
+    def encode_text(self, prompts: str | list[str], clip_skip: int | None = None) -> torch.Tensor:
+        """``[N, 77, D]`` embeddings of ``prompts`` with the model's text encoder."""
+        c = self.load_components()
+        return encode_prompt(c["tokenizer"], c["text_encoder"], prompts, self.device, clip_skip=clip_skip)
+
+    # -- the edit -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def run(
+        self,
+        image: Any,
+        direction: Direction,
+        *,
+        prompt: str | None = None,
+        negative_prompt: str | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        cross_attention_guidance_amount: float = 0.1,
+        inversion_guidance_scale: float = 1.0,
+        lambda_auto_corr: float = 20.0,
+        lambda_kl: float = 20.0,
+        num_reg_steps: int = 5,
+        num_auto_corr_rolls: int = 5,
+        eta: float = 0.0,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_images_per_prompt: int = 1,
+        clip_skip: int | None = None,
+        output_type: str = "pil",
+        callback: StepCallback | None = None,
+        callback_steps: int = 1,
+        attention_maps_device: str | torch.device | None = None,
+        attention: str = "auto",
+        return_reconstruction: bool = True,
+    ) -> EditResult:
+        """Edit ``image`` (a photo) or, with ``image=None``, an image generated from ``prompt``.
+
+        Options follow diffusers' pix2pix-zero pipeline: ``guidance_scale`` (classifier-free
+        guidance of the reference and the edit), ``cross_attention_guidance_amount`` (step size of
+        the structure-keeping gradient; SD 2.x needs 0.01 or less), ``inversion_guidance_scale``
+        (1: none, as diffusers' ``invert``), the inversion regularizers, ``eta``, ``generator``
+        (or ``seed``), ``output_type`` ("pil", "np", "pt", "latent"), and ``callback(step, t,
+        latents)`` every ``callback_steps`` steps of each phase. ``negative_prompt`` defaults to
+        the caption for a photo (as the authors and diffusers' docs do) and to "" otherwise.
+        ``latents`` skips the inversion (real mode) or the noise draw (synthetic mode).
+        ``attention``: "exact" computes every attention layer as diffusers does (bit-equal on the
+        CPU), "fused" uses PyTorch's fused attention outside the recorded cross-attention, "auto"
+        (default) is exact on the CPU and fused on a GPU. ``attention_maps_device="cpu"`` keeps the
+        reference maps in host memory (lower GPU memory, slower).
+        """
+        real = image is not None
+        if num_inference_steps < 1:
+            raise EditorOptionError(f"num_inference_steps must be at least 1, not {num_inference_steps}")
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise EditorOptionError(f"output_type must be one of pil, np, pt, latent; not {output_type!r}")
+        if not real and prompt is None and prompt_embeds is None:
+            raise EditorOptionError(
+                "without an image, pix2pix-zero generates one from a prompt: pass prompt='a photo of a cat' "
+                "(and a seed), or give an image to edit"
+            )
+        if generator is None and seed is not None:
+            generator = make_generator(seed)
+        comps = self.load_components()
+        unet, vae = comps["unet"], comps["vae"]
+        scheduler, inverse = ddim_schedulers(comps["scheduler"])
+        device, bsz = self.device, int(num_images_per_prompt)
+        if attention not in ("auto", "exact", "fused"):
+            raise EditorOptionError(f"attention must be 'auto', 'exact' or 'fused', not {attention!r}")
+        exact = attention == "exact" or (attention == "auto" and device.type == "cpu")
+
+        # 1. caption
+        caption = prompt
+        if real and prompt is None and prompt_embeds is None:
+            self.progress("caption", 0, 1)
+            caption = self.captioner.caption([image])[0]
+            self.progress("caption", 1, 1)
+        if negative_prompt is None:
+            negative_prompt = caption if real and caption is not None else ""
+
+        # text embeddings: [uncond; cond] for classifier-free guidance
+        if prompt_embeds is None:
+            cond = self.encode_text(caption, clip_skip)
+        else:
+            cond = prompt_embeds.to(device=device, dtype=unet.dtype)
+        do_cfg = guidance_scale > 1.0
+        if do_cfg and negative_prompt_embeds is None:
+            uncond = self.encode_text(negative_prompt, None)
+        elif do_cfg:
+            uncond = negative_prompt_embeds.to(device=device, dtype=cond.dtype)
+
+        # 2. invert (or start from noise)
+        if latents is not None:
+            x_T = latents.to(device=device, dtype=unet.dtype)
+        elif real:
+            x0 = encode_image(vae, image, generator)
+            inverse.set_timesteps(num_inference_steps, device="cpu")
+            inv_embeds = cond
+            if inversion_guidance_scale > 1.0:
+                inv_embeds = torch.cat([self.encode_text("", None), cond])
+            regularize = None
+            if num_reg_steps > 0 and (lambda_auto_corr > 0 or lambda_kl > 0):
+                regularize = dict(
+                    lambda_auto_corr=lambda_auto_corr,
+                    lambda_kl=lambda_kl,
+                    num_reg_steps=num_reg_steps,
+                    num_auto_corr_rolls=num_auto_corr_rolls,
+                )
+            with attention_maps(unet, exact=exact):
+                x_T = ddim_invert(
+                    unet,
+                    x0,
+                    inv_embeds,
+                    inverse,
+                    guidance_scale=inversion_guidance_scale,
+                    regularize=regularize,
+                    generator=generator,
+                    callback=callback,
+                    callback_steps=callback_steps,
+                    progress=lambda i, n: self.progress("invert", i, n),
+                )
+            _check_finite(x_T, "inversion")
+        else:
+            sf = vae_scale_factor(vae)
+            height = height or unet.config.sample_size * sf
+            width = width or unet.config.sample_size * sf
+            shape = (bsz, unet.config.in_channels, height // sf, width // sf)
+            x_T = randn(shape, generator, device, unet.dtype)
+        inverted = x_T.detach().clone()
+        if x_T.shape[0] != bsz:
+            x_T = x_T.repeat(bsz // x_T.shape[0] or 1, 1, 1, 1)
+        scheduler.set_timesteps(num_inference_steps, device="cpu")
+        x_T = x_T * scheduler.init_noise_sigma
+
+        cond_b = cond.repeat_interleave(bsz, 0) if cond.shape[0] != bsz else cond
+        embeds = cond_b
+        if do_cfg:
+            uncond_b = uncond.repeat_interleave(bsz, 0) if uncond.shape[0] != bsz else uncond
+            embeds = torch.cat([uncond_b, cond_b])
+        edit_embeds = embeds.clone()
+        edit_embeds[-bsz:] += direction.delta.to(device=device, dtype=torch.float32)
+        step_kwargs = {"eta": eta, "generator": generator}
+
+        # 3. reference, 4. guided edit
+        with attention_maps(unet, attention_maps_device, exact=exact) as maps:
+            x_rec, ref = sample_reference(
+                unet,
+                maps,
+                x_T,
+                embeds,
+                scheduler,
+                guidance_scale=guidance_scale,
+                step_kwargs=step_kwargs,
+                callback=callback,
+                callback_steps=callback_steps,
+                progress=lambda i, n: self.progress("reference", i, n),
+            )
+            _check_finite(x_rec, "reference")
+            scheduler.set_timesteps(num_inference_steps, device="cpu")
+            with torch.enable_grad():
+                x_edit = sample_guided_edit(
+                    unet,
+                    maps,
+                    x_T,
+                    edit_embeds,
+                    scheduler,
+                    ref,
+                    cross_attention_guidance_amount=cross_attention_guidance_amount,
+                    guidance_scale=guidance_scale,
+                    step_kwargs=step_kwargs,
+                    callback=callback,
+                    callback_steps=callback_steps,
+                    progress=lambda i, n: self.progress("edit", i, n),
+                )
+        _check_finite(x_edit, "edit")
+
+        out = decode_latents(vae, x_edit, output_type)
+        rec = decode_latents(vae, x_rec, output_type) if (return_reconstruction or not real) else None
+        single = bsz == 1 and output_type == "pil"
+        return EditResult(
+            image=out[0] if single else out,
+            original=image if real else (rec[0] if single else rec),
+            caption=caption,
+            inverted_latents=inverted,
+            reconstruction=(rec[0] if single else rec) if (real and rec is not None) else None,
+            extra={
+                "negative_prompt": negative_prompt,
+                "num_inference_steps": num_inference_steps,
+                "guidance_scale": guidance_scale,
+                "cross_attention_guidance_amount": cross_attention_guidance_amount,
+                "seed": seed,
+                "mode": "real" if real else "synthetic",
+            },
+        )
+
+
+@hookimpl
+def p2pz_register_editors() -> list[Any]:
+    return [Pix2PixZeroEditor]
+
+
+@hookimpl
+def p2pz_register_image_captioners() -> list[Any]:
+    return [BlipCaptioner]
