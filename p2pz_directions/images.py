@@ -123,11 +123,10 @@ def load_image(src: Any) -> Image.Image:
 def _looks_like_text(head: bytes) -> bool:
     if not head:
         return True
-    try:
-        head.decode("utf-8")
-    except UnicodeDecodeError:
+    text = head.decode("utf-8", errors="ignore")  # a character cut at the end is dropped
+    if len(text.encode("utf-8")) < len(head) - 3:
         return False
-    return True
+    return all(c.isprintable() or c in "\t\r\n" for c in text)
 
 
 def fit_to_multiple(

@@ -430,7 +430,7 @@ def sample_guided_edit(
         x_in = scheduler.scale_model_input(torch.cat([latents] * 2) if do_cfg else latents, t)
         x_in = x_in.detach().clone().requires_grad_(True)
         with torch.enable_grad(), maps.guiding(reference_maps[i]):
-            unet(x_in, t, encoder_hidden_states=embeds_edit).sample
+            unet(x_in, t, encoder_hidden_states=embeds_edit)  # the loss is gathered by `maps`
             (grad,) = torch.autograd.grad(maps.loss, x_in)
         x_in = x_in.detach().add(grad, alpha=-cross_attention_guidance_amount)
         reference_maps[i] = []  # free this step's maps
