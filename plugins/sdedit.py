@@ -316,9 +316,12 @@ class SDEditEditor(Editor):
         # -- schedule, image latents, noise (diffusers' order of random draws) ---------------------------
         sched_src = comps["scheduler"]
         scheduler = type(sched_src).from_config(sched_src.config)
-        ts, n_run = img2img_timesteps(
-            scheduler, num_inference_steps, strength, timesteps=timesteps, sigmas=sigmas, device=dev
-        )
+        try:
+            ts, n_run = img2img_timesteps(
+                scheduler, num_inference_steps, strength, timesteps=timesteps, sigmas=sigmas, device=dev
+            )
+        except ValueError as e:
+            raise OptionValueError(str(e)) from None
         if len(ts) == 0:
             raise OptionValueError(f"strength={strength} leaves no step of the schedule to run; raise it")
         proc = image_processor(vae)
