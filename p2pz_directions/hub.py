@@ -948,7 +948,12 @@ def _install(
             trash = work / "old"
             if dest.is_dir():
                 os.rename(dest, trash)
-            os.rename(staging.pack_dir(pack), dest)
+            try:
+                os.rename(staging.pack_dir(pack), dest)
+            except OSError:
+                if trash.is_dir():
+                    os.rename(trash, dest)  # put the installed pack back
+                raise
         added = [f"{n}@{v}" for (enc, n, v) in sorted(staged) if (enc, n, v) not in old]
         removed = [f"{n}@{v}" for (enc, n, v) in sorted(old) if (enc, n, v) not in staged]
         return added, removed

@@ -10,7 +10,7 @@ file and the row (rows count from 1)::
     >>> pack_schema.concept_dir("openai/clip-vit-large-patch14", "cat", 2)
     'concepts/openai--clip-vit-large-patch14/cat/2'
     >>> pack_schema.concept_dir("openai/clip-vit-large-patch14", "cat wearing a hat", 1)
-    'concepts/openai--clip-vit-large-patch14/cat_wearing_a_hat-8d3d0c31/1'
+    'concepts/openai--clip-vit-large-patch14/cat_wearing_a_hat-9784a91c/1'
 
 The JSON schemas live in ``registry/schema/`` (package ``p2pz_registry``) and are applied by the
 small validator below (the subset of JSON Schema they use: type, enum, const, required,
