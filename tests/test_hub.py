@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import warnings
+from pathlib import Path
 
 import hub_server
 import pyarrow as pa
@@ -480,3 +481,15 @@ def test_index_write_read_round_trip_and_pinned_known_packs(tmp_path):
                 }
             )
         )
+
+
+def test_token_from_the_login_file(fake_hub, stores):
+    from huggingface_hub import constants
+
+    mine, other = stores
+    Path(constants.HF_TOKEN_PATH).parent.mkdir(parents=True, exist_ok=True)
+    Path(constants.HF_TOKEN_PATH).write_text(fake_hub.token)  # what `hf auth login` writes
+    res = hub.push("mine", "alice/from-file", store=mine, private=True)
+    assert res.created_repo and fake_hub.repo("alice/from-file").private
+    assert quiet_pull("alice/from-file", store=other).concepts == 3
+    assert all(r["auth"] for r in fake_hub.requests if "/alice/from-file" in r["path"])
