@@ -1,0 +1,132 @@
+"""``p2pz mask``: DiffEdit's mask for a direction, written as an image (white = what the edit changes).
+
+The mask is the one ``p2pz edit --editor diffedit`` computes (same options, same seed), saved at
+the image's size as an 8-bit PNG, so any inpainting pipeline can take it as ``mask_image``, and
+``p2pz edit --editor diffedit --mask mask.png`` can reuse or hand-correct it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``mask`` to the ``p2pz`` app."""
+    from .cli_edit import DEFAULT_MODEL
+
+    @app.command("mask")
+    def mask_cmd(
+        image: Annotated[Path, typer.Argument(help="The image to mask (any format/mode).")],
+        direction: Annotated[
+            str,
+            typer.Option("--direction", "-d", help="Direction name, e.g. 'bowl of fruits->bowl of pears'."),
+        ] = ...,
+        output: Annotated[
+            Path | None,
+            typer.Option("--output", "-o", help="Where to write the mask (PNG; default IMAGE-mask.png)."),
+        ] = None,
+        model: Annotated[
+            str, typer.Option("--model", "-m", help="Diffusers model id or folder.")
+        ] = DEFAULT_MODEL,
+        steps: Annotated[int, typer.Option("--steps", help="Schedule length the strength refers to.")] = 50,
+        num_maps: Annotated[
+            int, typer.Option("--num-maps", help="Noise draws averaged into the mask (num_maps_per_mask).")
+        ] = 10,
+        mask_strength: Annotated[
+            float,
+            typer.Option(
+                "--mask-strength", help="Noise level of the draws, in (0, 1] (mask_encode_strength)."
+            ),
+        ] = 0.5,
+        threshold: Annotated[
+            float,
+            typer.Option(
+                "--threshold", help="Clamp at this many times the mean difference (mask_thresholding_ratio)."
+            ),
+        ] = 3.0,
+        guidance_scale: Annotated[
+            float, typer.Option("--guidance-scale", help="Classifier-free guidance of the two predictions.")
+        ] = 7.5,
+        source_prompt: Annotated[
+            str | None, typer.Option("--source-prompt", help="Text instead of the source concept.")
+        ] = None,
+        target_prompt: Annotated[
+            str | None, typer.Option("--target-prompt", help="Text instead of the target concept.")
+        ] = None,
+        seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
+        device: Annotated[
+            str | None, typer.Option("--device", help="cuda, cpu, cuda:1 ... (default: best).")
+        ] = None,
+        dtype: Annotated[
+            str | None, typer.Option("--dtype", help="float16 | bfloat16 | float32 (default: fp16 on GPU).")
+        ] = None,
+        opt: Annotated[
+            list[str] | None,
+            typer.Option("--opt", help="Any other DiffEdit mask option, KEY=VALUE. Repeatable."),
+        ] = None,
+        as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
+        quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    ) -> None:
+        """Compute DiffEdit's mask of IMAGE for a direction and write it as a PNG (white = edit)."""
+        import numpy as np
+
+        from . import editors
+        from .cli_edit import PhaseProgress, _parse_opt, _save
+
+        options: dict[str, Any] = {
+            "seed": seed,
+            "num_inference_steps": steps,
+            "num_maps_per_mask": num_maps,
+            "mask_encode_strength": mask_strength,
+            "mask_thresholding_ratio": threshold,
+            "guidance_scale": guidance_scale,
+        }
+        if source_prompt is not None:
+            options["source_prompt"] = source_prompt
+        if target_prompt is not None:
+            options["target_prompt"] = target_prompt
+        options.update(_parse_opt(opt))
+        options["mask_only"] = True
+        if output is None:
+            output = image.with_name(f"{image.stem}-mask.png")
+
+        ed = editors.get("diffedit", model=model, device=device, dtype=dtype)
+        d = ed.resolve_direction(direction)  # name and encoder first: nothing loads for a wrong one
+        with PhaseProgress(("mask",), enabled=not quiet and not as_json) as cb:
+            res = ed.edit(str(image), d, progress=cb, **options)
+        _save(res.mask, output)
+        coverage = float((np.asarray(res.mask) >= 128).mean())
+        summary = {
+            "direction": d.name,
+            "model": model,
+            "mask": str(output),
+            "size": list(res.mask.size),
+            "coverage": round(coverage, 4),
+            "seconds": round(float(res.extra.get("seconds", 0.0)), 3),
+            "notes": res.extra.get("notes", []),
+        }
+        if as_json:
+            sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+            return
+        for note in summary["notes"]:
+            err.print(f"note: {note}", markup=False)
+        out.print(
+            f"wrote mask: {output} ({res.mask.size[0]}x{res.mask.size[1]}, {coverage:.1%} to edit)",
+            markup=False,
+        )
+        if coverage in (0.0, 1.0):
+            err.print(
+                "note: the mask is all "
+                + ("black: nothing would change" if coverage == 0.0 else "white: everything would change")
+                + "; try another --threshold or --mask-strength",
+                markup=False,
+            )
