@@ -222,6 +222,7 @@ class SDEditEditor(Editor):
         callback_on_step_end_tensor_inputs: list[str] | tuple[str, ...] = ("latents",),
         callback: Callable[[int, Any, torch.Tensor], None] | None = None,
         callback_steps: int = 1,
+        cuda_graphs: bool = False,
     ) -> EditResult:
         """Noise to ``strength``, denoise with the edited prompt. Options (diffusers' img2img names):
 
@@ -235,7 +236,9 @@ class SDEditEditor(Editor):
           scheduler takes them), ``guidance_scale``, ``num_images_per_prompt``, ``eta``, ``seed`` /
           ``generator``, ``output_type``, ``cross_attention_kwargs``, ``clip_skip``;
         - ``callback_on_step_end(editor, step, t, {"latents": ...})`` (may return new latents), or
-          the older ``callback(step, t, latents)`` every ``callback_steps`` steps.
+          the older ``callback(step, t, latents)`` every ``callback_steps`` steps;
+        - ``cuda_graphs=True``: replay the UNet from CUDA graphs (see
+          `p2pz_plugins.diffedit.CudaGraphUNet`), captured on the first edit, reused after.
 
         With the same prompt embeddings and generator the result equals
         ``StableDiffusionImg2ImgPipeline``'s.
@@ -250,6 +253,7 @@ class SDEditEditor(Editor):
             _positive_int,
             _steps_run,
             _strength,
+            unet_runner,
         )
 
         if image is None:
@@ -362,7 +366,7 @@ class SDEditEditor(Editor):
 
         self.progress("edit", 0, n_run)
         latents = sdedit_sample(
-            unet,
+            unet_runner(self, unet, cuda_graphs),
             scheduler,
             init,
             noise,

@@ -361,3 +361,36 @@ def test_user_mask_conversions(sd1, tmp_path):
     assert any("converted" in n for n in res.extra["notes"])
     assert any("resized 20x12" in n for n in res.extra["notes"])
     assert res.mask.size == (32, 32)
+
+
+# --- CUDA graphs -------------------------------------------------------------------------------------
+def test_cuda_graphs_option_is_eager_on_cpu(sd1):
+    from p2pz_plugins.diffedit import CudaGraphUNet, unet_runner
+
+    path, ed, d = sd1
+    kw = dict(mask=np.ones((16, 16), np.float32), seed=0, num_inference_steps=STEPS, output_type="np")
+    a = ed.edit(_image(32), d, **kw)
+    b = ed.edit(_image(32), d, cuda_graphs=True, **kw)
+    assert np.array_equal(a.image, b.image)
+    unet = ed.load_components(("unet",))["unet"]
+    assert unet_runner(ed, unet, True) is unet, "no CUDA device: the UNet itself"
+    runner = CudaGraphUNet(unet)
+    x, e = torch.randn(1, 4, 16, 16), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        assert torch.equal(runner(x, 10, encoder_hidden_states=e)[0], unet(x, 10, encoder_hidden_states=e)[0])
+    assert runner.graphs == {} and runner.config is unet.config
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graphs_match_eager_on_gpu(tiny_sd1):
+    ed = editors.get("diffedit", model=str(tiny_sd1), device="cuda", dtype=torch.float32)
+    d = _direction(tiny_sd1)
+    kw = dict(seed=0, num_maps_per_mask=MAPS, num_inference_steps=STEPS, output_type="np")
+    eager = ed.edit(_image(64), d, **kw)
+    graphed = ed.edit(_image(64), d, cuda_graphs=True, **kw)
+    again = ed.edit(_image(64), d, cuda_graphs=True, **kw)  # replays the graphs captured above
+    runner = ed.__dict__["_p2pz_graphed"]
+    assert runner.failed is None and len(runner.graphs) >= 1
+    assert np.abs(graphed.image - eager.image).max() < 1e-4
+    assert np.array_equal(graphed.image, again.image)
