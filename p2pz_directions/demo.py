@@ -43,8 +43,9 @@ __all__ = [
 ]
 
 PLUMBING_NOTE = (
-    "These pictures come from a tiny model with RANDOM weights: they are noise by design and only show "
-    "that the model loading, the direction registry, the plugins and the samplers work together. "
+    "These pictures are a plumbing check, not a result: they come from a tiny model with RANDOM weights, "
+    "so they are noise by design. They only show that model loading, the direction registry, the plugins "
+    "and the samplers work together. "
     "For real edits run e.g. `p2pz edit photo.png --direction cat->dog --model CompVis/stable-diffusion-v1-4`."
 )
 

@@ -300,7 +300,7 @@ class Editor:
                 kw["variant"] = self.variant
         try:
             return cls.from_pretrained(self.model, **kw)
-        except OSError as e:
+        except (OSError, ValueError) as e:
             raise EditorError(
                 f"cannot load {name} of {self.model}: {e}. Check the model id or folder; offline, the model "
                 f"must already be in the Hugging Face cache (HF_HUB_OFFLINE=1 is set: {bool(os.environ.get('HF_HUB_OFFLINE'))})"

@@ -494,7 +494,7 @@ class BlipCaptioner:
             self._model = self._model or BlipForConditionalGeneration.from_pretrained(
                 self.model_id, torch_dtype=self.dtype
             )
-        except OSError as e:
+        except (OSError, ValueError) as e:
             raise EditorError(
                 f"cannot load the BLIP captioner {self.model_id}: {e}. Pass prompt='a photo of a cat' (a caption "
                 f"of your image) to skip captioning, or make the model available offline first."

@@ -1,0 +1,321 @@
+"""pix2pix-zero equals diffusers' StableDiffusionPix2PixZeroPipeline on tiny models (CPU, fp32).
+
+Ground truth: no real weights exist here, so the reference is diffusers' own (deprecated)
+pipeline run with the same inputs, settings and generator: ``invert`` then ``__call__`` for a
+real image, ``__call__`` alone for a synthetic one. Directions are random concept embeddings for
+the tiny model's text encoder, published to the registry and used by name.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from p2pz_directions import editors
+from p2pz_directions.concept import Concept, Direction
+from p2pz_directions.editors import EditorError, EditorOptionError
+from p2pz_directions.models import encoder_for
+from p2pz_directions.store import LocalStore
+
+TOL = 1e-4
+STEPS = 2
+SIZE = 32  # pixels; the tiny VAE downsamples by 2 -> 16x16 latents
+
+
+def publish_pair(folder, names=("cat", "dog"), seed=0) -> Direction:
+    enc = encoder_for(model=str(folder))
+    g = torch.Generator().manual_seed(seed)
+    store = LocalStore()
+    cs = [store.publish(Concept(n, torch.randn(77, enc.hidden_size, generator=g), enc)) for n in names]
+    return Direction(cs[0], cs[1])
+
+
+def test_image(seed: int = 0, size: int = SIZE) -> Image.Image:
+    rng = np.random.RandomState(seed)
+    return Image.fromarray((rng.rand(size, size, 3) * 255).astype(np.uint8))
+
+
+test_image.__test__ = False  # a helper, not a test
+
+
+def _reference_pipeline(folder, **extra):
+    from diffusers import DDIMInverseScheduler, DDIMScheduler, StableDiffusionPix2PixZeroPipeline
+
+    kw = dict(caption_generator=None, caption_processor=None, inverse_scheduler=None)
+    kw.update(extra)
+    pipe = StableDiffusionPix2PixZeroPipeline.from_pretrained(
+        str(folder), safety_checker=None, feature_extractor=None, requires_safety_checker=False, **kw
+    )
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.inverse_scheduler = DDIMInverseScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def ref_pipes(tiny_sd1, tiny_sd2):
+    return {
+        "sd1": (tiny_sd1, _reference_pipeline(tiny_sd1)),
+        "sd2": (tiny_sd2, _reference_pipeline(tiny_sd2)),
+    }
+
+
+@pytest.fixture(scope="session")
+def our_editors(tiny_sd1, tiny_sd2):
+    return {
+        "sd1": editors.get("pix2pix-zero", model=str(tiny_sd1), device="cpu", dtype=torch.float32),
+        "sd2": editors.get("pix2pix-zero", model=str(tiny_sd2), device="cpu", dtype=torch.float32),
+    }
+
+
+REG = dict(lambda_auto_corr=20.0, lambda_kl=20.0, num_reg_steps=2, num_auto_corr_rolls=2)
+NO_REG = dict(lambda_auto_corr=0.0, lambda_kl=0.0, num_reg_steps=0, num_auto_corr_rolls=5)
+CASES = [
+    ("sd1", "real", REG, 0.0),
+    ("sd1", "real", NO_REG, 0.5),
+    ("sd1", "synthetic", None, 0.5),
+    ("sd2", "real", REG, 0.5),
+    ("sd2", "synthetic", None, 0.0),
+]
+
+
+@pytest.mark.parametrize(
+    "config,mode,reg,eta",
+    CASES,
+    ids=[f"{c}-{m}-{'reg' if r is REG else 'noreg'}-eta{e}" for c, m, r, e in CASES],
+)
+def test_equal_to_diffusers(config, mode, reg, eta, ref_pipes, our_editors):
+    folder, pipe = ref_pipes[config]
+    ed = our_editors[config]
+    d = publish_pair(folder)
+    prompt = "a photo of a cat"
+    xa = 0.1 if config == "sd1" else 0.01
+    common = dict(num_inference_steps=STEPS, cross_attention_guidance_amount=xa, output_type="np", eta=eta)
+
+    g = torch.Generator().manual_seed(0)
+    if mode == "real":
+        img = test_image()
+        inv = pipe.invert(prompt, image=img, num_inference_steps=STEPS, generator=g, **reg).latents
+        expected = pipe(
+            prompt,
+            source_embeds=d.source_embeds,
+            target_embeds=d.target_embeds,
+            latents=inv,
+            generator=g,
+            negative_prompt=prompt,
+            **common,
+        ).images
+        res = ed.edit(
+            img, "cat->dog", prompt=prompt, generator=torch.Generator().manual_seed(0), **reg, **common
+        )
+        assert res.extra["negative_prompt"] == prompt  # a photo's caption is its negative prompt by default
+        assert (res.inverted_latents - inv).abs().max().item() < 1e-5
+        assert res.original.size == img.size if hasattr(res.original, "size") else True
+    else:
+        expected = pipe(
+            prompt,
+            source_embeds=d.source_embeds,
+            target_embeds=d.target_embeds,
+            generator=g,
+            height=SIZE,
+            width=SIZE,
+            **common,
+        ).images
+        res = ed.edit(None, "cat->dog", prompt=prompt, seed=0, height=SIZE, width=SIZE, **common)
+        assert res.extra["mode"] == "synthetic" and res.extra["negative_prompt"] == ""
+    assert res.image.shape == expected.shape == (1, SIZE, SIZE, 3)
+    diff = float(np.abs(res.image - expected).max())
+    assert diff < TOL, f"max abs pixel difference {diff:.2e} >= {TOL}"
+    assert float(np.abs(expected - 0.5).max()) > 0.05  # not a blank image
+
+
+def test_regularization_and_direction_change_the_result(our_editors, tiny_sd1):
+    ed = our_editors["sd1"]
+    d = publish_pair(tiny_sd1)
+    img = test_image(1)
+    kw = dict(prompt="a cat", num_inference_steps=1, seed=0, output_type="np")
+    a = ed.edit(img, d, **REG, **kw)
+    b = ed.edit(img, d, **NO_REG, **kw)
+    c = ed.edit(img, d * 0.0, **NO_REG, **kw)
+    assert not torch.equal(a.inverted_latents, b.inverted_latents)
+    assert np.abs(b.image - c.image).max() > 1e-3  # the direction does something
+    # with a zero direction and no guidance, the edit is the reconstruction
+    e = ed.edit(img, d * 0.0, **NO_REG, cross_attention_guidance_amount=0.0, **kw)
+    assert np.abs(e.image - e.reconstruction).max() < 1e-5
+
+
+def test_fused_attention_is_close_to_exact(our_editors, tiny_sd1):
+    ed = our_editors["sd1"]
+    d = publish_pair(tiny_sd1)
+    kw = dict(prompt="a cat", num_inference_steps=1, seed=0, output_type="np", **REG)
+    exact = ed.edit(test_image(2), d, attention="exact", **kw)
+    fused = ed.edit(test_image(2), d, attention="fused", **kw)
+    assert np.abs(exact.image - fused.image).max() < 1e-3
+    with pytest.raises(EditorOptionError, match="attention must be"):
+        ed.edit(test_image(2), d, attention="fast", **kw)
+
+
+def test_pipe_components_are_reused_and_restored(ref_pipes):
+    folder, pipe = ref_pipes["sd1"]
+    d = publish_pair(folder)
+    before = {k: type(v) for k, v in pipe.unet.attn_processors.items()}
+    ed = editors.get("pix2pix-zero", pipe=pipe)
+    kw = dict(prompt="a cat", num_inference_steps=1, seed=0, output_type="np", **NO_REG)
+    res_pipe = ed.edit(test_image(3), "cat->dog", **kw)
+    assert ed.load_components()["unet"] is pipe.unet
+    assert {k: type(v) for k, v in pipe.unet.attn_processors.items()} == before
+    res_model = editors.get("pix2pix-zero", model=str(folder), device="cpu").edit(test_image(3), d, **kw)
+    assert np.abs(res_pipe.image - res_model.image).max() < TOL
+
+
+def test_outputs_batches_callbacks(our_editors, tiny_sd1):
+    ed = our_editors["sd1"]
+    d = publish_pair(tiny_sd1)
+    seen, phases = [], []
+    res = ed.edit(
+        None,
+        d,
+        prompt="a cat",
+        seed=1,
+        height=SIZE,
+        width=SIZE,
+        num_inference_steps=2,
+        num_images_per_prompt=2,
+        callback=lambda i, t, lat: seen.append((i, int(t), tuple(lat.shape))),
+        progress=lambda *a: phases.append(a),
+    )
+    assert isinstance(res.image, list) and len(res.image) == 2 and res.image[0].size == (SIZE, SIZE)
+    assert len(seen) == 4 and seen[0][2] == (2, 4, 16, 16)  # reference and edit, 2 steps each
+    assert ("reference", 2, 2) in phases and ("edit", 2, 2) in phases
+    lat = ed.edit(
+        None, d, prompt="a cat", seed=1, height=SIZE, width=SIZE, num_inference_steps=2, output_type="latent"
+    )
+    assert lat.image.shape == (1, 4, 16, 16)
+    # inverted latents can be reused: no inversion the second time
+    img = test_image(4)
+    first = ed.edit(img, d, prompt="a cat", num_inference_steps=2, seed=0, output_type="np")
+    phases.clear()
+    again = ed.edit(
+        img, d, prompt="a cat", num_inference_steps=2, seed=0, output_type="np", latents=first.inverted_latents,
+        progress=lambda *a: phases.append(a),
+    )  # fmt: skip
+    assert not any(p[0] == "invert" for p in phases)
+    assert np.abs(first.image - again.image).max() < 1e-6
+
+
+def test_synthetic_needs_a_prompt(our_editors, tiny_sd1):
+    d = publish_pair(tiny_sd1)
+    with pytest.raises(EditorOptionError, match="pass prompt="):
+        our_editors["sd1"].edit(None, d)
+
+
+def test_nan_latents_stop_with_advice(our_editors, tiny_sd2):
+    d = publish_pair(tiny_sd2)
+    with pytest.raises(EditorError, match=r"NaN.*--xa-guidance.*0\.01 or less"):
+        our_editors["sd2"].edit(
+            test_image(),
+            d,
+            prompt="a cat",
+            num_inference_steps=2,
+            seed=0,
+            cross_attention_guidance_amount=1e38,
+        )
+
+
+def test_regularizers_match_the_reference_functions(ref_pipes):
+    from p2pz_plugins.pix2pix_zero import auto_corr_loss, draw_roll_shifts, kl_divergence
+
+    _, pipe = ref_pipes["sd1"]
+    x = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    expected = pipe.auto_corr_loss(x, generator=torch.Generator().manual_seed(5))
+    shifts = draw_roll_shifts(tuple(x.shape), torch.Generator().manual_seed(5))[0]
+    assert shifts.shape == (3, 8)  # levels 32, 16, 8 for 2 images x 4 channels
+    assert torch.allclose(auto_corr_loss(x, shifts), expected, rtol=1e-5)
+    assert torch.allclose(kl_divergence(x), pipe.kl_divergence(x))
+
+
+# -- BLIP ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def tiny_blip(tmp_path_factory):
+    from transformers import (
+        BertTokenizer,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessor,
+        BlipProcessor,
+    )
+
+    path = tmp_path_factory.mktemp("tiny-blip")
+    words = [
+        "[PAD]",
+        "[UNK]",
+        "[CLS]",
+        "[SEP]",
+        "[MASK]",
+        "[DEC]",
+        "a",
+        "photography",
+        "of",
+        "cat",
+        "dog",
+        "on",
+    ]
+    (path / "vocab.txt").write_text("\n".join(words) + "\n", "utf-8")
+    tok = BertTokenizer(str(path / "vocab.txt"), bos_token="[DEC]")
+    proc = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tok)
+    torch.manual_seed(0)
+    cfg = BlipConfig(
+        text_config=dict(
+            vocab_size=len(words),
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=160,
+            encoder_hidden_size=32,
+            bos_token_id=5,
+            pad_token_id=0,
+            sep_token_id=3,
+            eos_token_id=3,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+        ),
+        projection_dim=32,
+    )
+    BlipForConditionalGeneration(cfg).eval().save_pretrained(path)
+    proc.save_pretrained(path)
+    return path
+
+
+def test_blip_caption_matches_diffusers_and_feeds_the_edit(tiny_blip, tiny_sd1):
+    from p2pz_plugins.pix2pix_zero import BlipCaptioner
+    from transformers import BlipForConditionalGeneration, BlipProcessor
+
+    img = test_image(5)
+    pipe = _reference_pipeline(
+        tiny_sd1,
+        caption_generator=BlipForConditionalGeneration.from_pretrained(tiny_blip),
+        caption_processor=BlipProcessor.from_pretrained(tiny_blip),
+    )
+    expected = pipe.generate_caption(img).strip()
+    ours = BlipCaptioner(str(tiny_blip)).caption([img])[0]
+    assert ours == expected and ours.startswith("a photography of")
+    d = publish_pair(tiny_sd1)
+    ed = editors.get("pix2pix-zero", model=str(tiny_sd1), device="cpu", caption_model=str(tiny_blip))
+    phases = []
+    res = ed.edit(img, d, num_inference_steps=1, seed=0, progress=lambda *a: phases.append(a[0]), **NO_REG)
+    assert res.caption == expected and res.extra["negative_prompt"] == expected
+    assert phases[0] == "caption"
+    missing = editors.get(
+        "pix2pix-zero", model=str(tiny_sd1), device="cpu", caption_model=str(tiny_sd1 / "nope")
+    )
+    with pytest.raises(EditorError, match="pass prompt="):
+        missing.edit(img, d, num_inference_steps=1)
