@@ -308,6 +308,7 @@ def run_build(
     store: Any = None,
     captioner_options: dict[str, Any] | None = None,
     filter_options: dict[str, Any] | None = None,
+    text_encoder: Any = None,
 ) -> BuildResult:
     """`build`, returning the full `BuildResult` (reports, timings, where it was stored)."""
     from .encoders import load_tokenizer, resolve_device_dtype
@@ -344,16 +345,16 @@ def run_build(
     ]
 
     # the text encoder first: a model without one fails before any caption is generated
-    te = None
-    tokenizer = None
-    if not dry_run:
+    te = text_encoder
+    tokenizer = te.tokenizer if te is not None else None
+    if te is None and not dry_run:
         if model is None and encoder is None:
             model = DEFAULT_MODEL
         t0 = time.perf_counter()
         te = _load_encoder(model, encoder, dev, dt)
         tokenizer = te.tokenizer
         timings["load_encoder"] = time.perf_counter() - t0
-    elif model is not None or encoder is not None:
+    elif te is None and (model is not None or encoder is not None):
         tokenizer = load_tokenizer(model, encoder)
 
     sets: list[CaptionSet] = []
@@ -389,7 +390,7 @@ def run_build(
 
     store = store or default_store()
     t0 = time.perf_counter()
-    extra = _model_label(model, encoder)
+    extra = _model_label(model if model is not None or encoder is not None else te.source, encoder)
     concepts = [_encode(te, cs, batch_size, progress, extra) for cs in sets]
     timings["encode"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -425,6 +426,7 @@ def build(
     store: Any = None,
     captioner_options: dict[str, Any] | None = None,
     filter_options: dict[str, Any] | None = None,
+    text_encoder: Any = None,
 ) -> Direction | BuildResult:
     """Build the concepts ``source`` and ``target``, publish both, return the `Direction`.
 
@@ -450,6 +452,8 @@ def build(
             ``max_new_tokens``, ``batch_size``, ``generate_kwargs`` for flan-t5).
         filter_options: options of `p2pz_directions.filtering.CaptionFilter` (``max_chars``,
             ``require_mention``, ``near_duplicate_threshold``).
+        text_encoder: an already loaded `p2pz_directions.encoders.TextEncoder` to use instead
+            of loading the one of ``model``.
 
     Returns:
         The `Direction` ``source->target`` made of the two published concepts; its
@@ -481,6 +485,7 @@ def build(
         store=store,
         captioner_options=captioner_options,
         filter_options=filter_options,
+        text_encoder=text_encoder,
     )
     if result.direction is None:
         return result

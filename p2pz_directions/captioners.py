@@ -126,7 +126,8 @@ class FlanT5Captioner:
     ``seed * 1_000_003 + i`` inside a forked RNG, so global random state is left alone and the
     output depends only on the inputs. Samples that reach ``max_new_tokens`` without an
     end-of-sequence token are cut-off captions: they are discarded and counted in
-    ``dropped["truncated"]``.
+    ``dropped["truncated"]`` (``keep_truncated=True`` keeps them, e.g. to time generation with a
+    fixed number of new tokens).
     """
 
     name = "flan-t5"
@@ -144,6 +145,7 @@ class FlanT5Captioner:
         device: str | None = None,
         dtype: Any = None,
         generate_kwargs: dict[str, Any] | None = None,
+        keep_truncated: bool = False,
     ):
         if "{concept}" not in prompt:
             raise CaptionerError(f"the caption prompt must contain '{{concept}}'; got {prompt!r}")
@@ -165,9 +167,11 @@ class FlanT5Captioner:
             raise CaptionerError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = int(batch_size)
         self.generate_kwargs = dict(generate_kwargs or {})
+        self.keep_truncated = bool(keep_truncated)
         self.dropped: Counter[str] = Counter()
         self._model = None
         self._tokenizer = None
+        self._last_texts: list[str] = []
 
     def settings(self) -> dict[str, Any]:
         return {
@@ -182,6 +186,7 @@ class FlanT5Captioner:
             "device_type": self.device.split(":")[0],
             "dtype": str(self.dtype).removeprefix("torch."),
             "generate_kwargs": _jsonable(self.generate_kwargs),
+            "keep_truncated": self.keep_truncated,
         }
 
     def format_prompt(self, concept: str) -> str:
@@ -250,6 +255,7 @@ class FlanT5Captioner:
         else:
             ended = [True] * out.shape[0]
         texts = tok.batch_decode(out, skip_special_tokens=True)
+        self._last_texts = texts
         return [t if ok else None for t, ok in zip(texts, ended, strict=True)]
 
     def __call__(self, concept: str, *, n: int, seed: int = 0) -> Iterator[list[str]]:
@@ -257,10 +263,13 @@ class FlanT5Captioner:
         i = 0
         while True:
             batch = self.generate(concept, self.batch_size, seed * 1_000_003 + i)
-            cut = sum(1 for t in batch if t is None)
-            if cut:
-                self.dropped["truncated"] += cut
-            yield [t for t in batch if t is not None]
+            if self.keep_truncated:
+                yield [t if t is not None else text for t, text in zip(batch, self._last_texts, strict=True)]
+            else:
+                cut = sum(1 for t in batch if t is None)
+                if cut:
+                    self.dropped["truncated"] += cut
+                yield [t for t in batch if t is not None]
             i += 1
 
 

@@ -265,7 +265,7 @@ class TextEncoder:
         done = 0
         for start in range(0, len(captions), batch_size):
             out = self.embed_batch(ids[start : start + batch_size])
-            total += out.float().sum(dim=0)
+            total += out.sum(dim=0, dtype=torch.float32)
             done = min(len(captions), start + batch_size)
             if progress is not None:
                 progress(done, len(captions))

@@ -12,7 +12,7 @@ from p2pz_directions.builder import BuildError, BuildResult, build_concept, reen
 from p2pz_directions.captioners import DEFAULT_PROMPT, CaptionerError, TemplateCaptioner
 from p2pz_directions.concept import Concept
 from p2pz_directions.encoders import EncoderLoadError, TextEncoder, encode_one_by_one
-from p2pz_directions.errors import AmbiguousNameError, InvalidNameError, NotFoundError
+from p2pz_directions.errors import AmbiguousNameError, FormatError, InvalidNameError, NotFoundError
 from p2pz_directions.filtering import NotEnoughCaptionsError
 from p2pz_directions.models import encoder_for
 from p2pz_directions.store import LocalStore
@@ -289,3 +289,40 @@ def test_run_build_timings_and_json(tiny_sd1):
     assert {"load_encoder", "captions", "encode", "publish", "total"} <= set(r.timings)
     info = json.loads(json.dumps(r.to_dict()))
     assert info["source"]["ref"] == "local:cat@1" and info["delta_norm"] > 0
+
+
+def test_run_build_with_a_loaded_encoder_and_recipe_files(tiny_sd1, tmp_path):
+    from p2pz_directions import recipes
+
+    te = TextEncoder.from_pretrained(tiny_sd1)
+    r = run_build("cat", "dog", text_encoder=te, captioner="templates", n=16, filter_options=FAST)
+    assert r.encoder == te.info and "load_encoder" not in r.timings
+    official = recipes.official_recipes()
+    assert {"cat", "dog", "horse", "zebra"} <= set(official)
+    for rec in official.values():
+        assert rec.prompt == DEFAULT_PROMPT and rec.n == 1000 and rec.captioner == "flan-t5" and rec.models
+    assert official["cat wearing a hat"].filter["mention"] == "cat hat"
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "cat"\n[captions]\ncolour = "red"\n', "utf-8")
+    with pytest.raises(FormatError, match=r"bad.toml: unknown keys in \[captions\]: \['colour'\]"):
+        recipes.load_recipe(bad)
+    bad.write_text('name = "cat"\n[captions]\nprompt = "no placeholder"\n', "utf-8")
+    with pytest.raises(FormatError, match="concept"):
+        recipes.load_recipe(bad)
+    with pytest.raises(NotFoundError, match="Did you mean: zebra"):
+        recipes.get_recipe("zebr")
+
+
+def test_benchmark_tiny_smoke(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_builder.py"
+    spec = importlib.util.spec_from_file_location("bench_builder", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    args = ["--tiny", "--captions", "16", "--gen-batch-size", "16", "--new-tokens", "8", "--out", str(out)]
+    assert bench.main(args) == 0
+    res = json.loads(out.read_text("utf-8"))
+    assert res["encoding"]["max_abs_diff_vs_loop"] < 1e-5 and res["build"]["kept"] == [16, 16]

@@ -205,3 +205,15 @@ def test_flan_missing_model_is_a_clear_error(tmp_path):
     cap = FlanT5Captioner(str(tmp_path / "no-such-model"))
     with pytest.raises(CaptionerError, match="cannot load caption model .*--captioner templates"):
         next(cap("cat", n=4))
+
+
+def test_flan_keep_truncated_for_fixed_length_timing(tiny_t5):
+    cap = FlanT5Captioner(
+        str(tiny_t5),
+        batch_size=8,
+        max_new_tokens=5,
+        generate_kwargs={"min_new_tokens": 5},
+        keep_truncated=True,
+    )
+    batch = next(cap("cat", n=8, seed=0))
+    assert len(batch) == 8 and cap.dropped["truncated"] == 0 and cap.settings()["keep_truncated"] is True
