@@ -201,7 +201,10 @@ class FlanT5Captioner:
 
         try:
             tok = AutoTokenizer.from_pretrained(self.model_id)
-            model = AutoModelForSeq2SeqLM.from_pretrained(self.model_id, dtype=self.dtype)
+            kwargs: dict[str, Any] = {"dtype": self.dtype}
+            if self.device.startswith("cuda"):
+                kwargs["device_map"] = self.device  # load straight onto the GPU
+            model = AutoModelForSeq2SeqLM.from_pretrained(self.model_id, **kwargs)
         except (OSError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CaptionerError(
@@ -241,7 +244,10 @@ class FlanT5Captioner:
         if self.top_p is not None:
             kwargs["top_p"] = self.top_p
         kwargs.update(self.generate_kwargs)
-        devices = [torch.device(self.device)] if self.device.startswith("cuda") else []
+        devices: list[int] = []
+        if self.device.startswith("cuda"):
+            idx = torch.device(self.device).index
+            devices = [torch.cuda.current_device() if idx is None else idx]
         with torch.random.fork_rng(devices=devices), torch.inference_mode():
             torch.manual_seed(seed)
             out = model.generate(ids, **kwargs)
@@ -540,7 +546,9 @@ class FileCaptioner:
 
     def __call__(self, concept: str, *, n: int, seed: int = 0) -> Iterator[list[str]]:
         self.dropped = Counter()
-        yield list(self.captions)
+        step = max(int(n), 256)  # in chunks, so a long file stops once n captions are usable
+        for i in range(0, len(self.captions), step):
+            yield self.captions[i : i + step]
 
 
 # --------------------------------------------------------------------------------------------------
