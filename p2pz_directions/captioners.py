@@ -3,8 +3,10 @@
 A captioner is a small callable object: called with a concept, it yields batches of raw captions
 (filtering happens elsewhere, in `p2pz_directions.filtering`) until the caller stops asking.
 Each one describes itself with ``name`` and ``settings()`` (stored in the concept's provenance so a
-build can be repeated). New kinds register a factory in `CAPTIONERS` (or through
-`register_captioner`), which is also the hook a plugin can use.
+build can be repeated). New kinds register a factory with `register_captioner`, or come from a
+plugin's ``p2pz_register_captioners`` hook (`p2pz_directions.hookspecs`): an object with
+``generate(concept, n, seed=0) -> list[str]`` is adapted automatically, and the built-in
+captioners offer that ``generate`` too.
 
 >>> from p2pz_directions.captioners import get_captioner
 >>> cap = get_captioner("templates")
@@ -83,6 +85,19 @@ class Captioner(Protocol):
     def settings(self) -> dict[str, Any]: ...
 
 
+class _CaptionerBase:
+    """Shared by the built-in captioners: the plugin hook's ``generate`` on top of ``__call__``."""
+
+    def generate(self, concept: str, n: int, seed: int = 0) -> list[str]:
+        """The first ``n`` raw captions for ``concept`` (the ``p2pz_register_captioners`` contract)."""
+        out: list[str] = []
+        for batch in self(concept, n=n, seed=seed):  # type: ignore[operator]
+            out.extend(batch)
+            if len(out) >= n:
+                break
+        return out[:n]
+
+
 # --------------------------------------------------------------------------------------------------
 # flan-t5
 # --------------------------------------------------------------------------------------------------
@@ -113,7 +128,7 @@ def _resolve_dtype(dtype: Any, device: str):
     return getattr(torch, name)
 
 
-class FlanT5Captioner:
+class FlanT5Captioner(_CaptionerBase):
     """Sample captions from a seq2seq language model (Flan-T5 by default).
 
     >>> cap = FlanT5Captioner("google/flan-t5-xl", device="cuda")      # doctest: +SKIP
@@ -227,7 +242,7 @@ class FlanT5Captioner:
         except Exception:  # noqa: BLE001 - freeing memory is best effort
             pass
 
-    def generate(self, concept: str, num: int, seed: int) -> list[str | None]:
+    def sample(self, concept: str, num: int, seed: int) -> list[str | None]:
         """One batch of ``num`` samples for ``concept``; cut-off samples come back as None."""
         import torch
 
@@ -268,7 +283,7 @@ class FlanT5Captioner:
         self.dropped = Counter()
         i = 0
         while True:
-            batch = self.generate(concept, self.batch_size, seed * 1_000_003 + i)
+            batch = self.sample(concept, self.batch_size, seed * 1_000_003 + i)
             if self.keep_truncated:
                 yield [t if t is not None else text for t, text in zip(batch, self._last_texts, strict=True)]
             else:
@@ -411,7 +426,7 @@ def _with_article(phrase: str) -> str:
     return phrase
 
 
-class TemplateCaptioner:
+class TemplateCaptioner(_CaptionerBase):
     """Deterministic captions from style x subject x scene templates; no model, works offline.
 
     >>> caps = next(TemplateCaptioner()("horse", n=3, seed=1))
@@ -514,7 +529,7 @@ def read_caption_file(path: str | os.PathLike) -> list[str]:
     return lines
 
 
-class FileCaptioner:
+class FileCaptioner(_CaptionerBase):
     """Captions given up front: a text file (one per line) or a list of strings.
 
     >>> next(FileCaptioner(["a cat", "a cat on a mat"])("cat", n=10))
@@ -572,9 +587,41 @@ def register_captioner(name: str, factory: Callable[..., Captioner], *, replace:
     CAPTIONERS[key] = factory
 
 
+def _plugin_captioners() -> dict[str, Callable[..., Any]]:
+    """Caption generators registered by plugins (``p2pz_register_captioners``); never raises."""
+    try:
+        from . import plugins
+
+        return {str(k).strip().lower(): v for k, v in plugins.captioners().items()}
+    except Exception:  # noqa: BLE001 - a broken plugin must not break the built-in captioners
+        return {}
+
+
+class _HookCaptioner:
+    """Adapts a plugin's ``generate(concept, n, seed) -> list[str]`` object to `Captioner`."""
+
+    def __init__(self, name: str, obj: Any):
+        self.name = name
+        self.obj = obj
+        self.dropped: Counter[str] = Counter()
+
+    def settings(self) -> dict[str, Any]:
+        own = self.obj.settings() if callable(getattr(self.obj, "settings", None)) else {}
+        return {"captioner": self.name, "plugin": type(self.obj).__module__, **_jsonable(dict(own))}
+
+    def __call__(self, concept: str, *, n: int, seed: int = 0) -> Iterator[list[str]]:
+        self.dropped = Counter()
+        yield [str(c) for c in self.obj.generate(concept, n, seed=seed)]
+
+    def close(self) -> None:
+        close = getattr(self.obj, "close", None)
+        if callable(close):
+            close()
+
+
 def available_captioners() -> list[str]:
-    """Names accepted by `get_captioner`."""
-    return sorted(CAPTIONERS)
+    """Names accepted by `get_captioner` (built-in, registered, and from plugins)."""
+    return sorted(set(CAPTIONERS) | set(_plugin_captioners()))
 
 
 def get_captioner(name: str, **options: Any) -> Captioner:
@@ -584,18 +631,26 @@ def get_captioner(name: str, **options: Any) -> Captioner:
     'templates'
     """
     key = str(name).strip().lower()
-    if key not in CAPTIONERS:
+    factory = CAPTIONERS.get(key)
+    if factory is None:
+        factory = _plugin_captioners().get(key)
+    if factory is None:
         import difflib
 
-        close = difflib.get_close_matches(key, list(CAPTIONERS), n=1)
+        close = difflib.get_close_matches(key, available_captioners(), n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise CaptionerError(
             f"unknown captioner {name!r}; available: {', '.join(available_captioners())}.{hint}"
         )
     try:
-        return CAPTIONERS[key](**options)
+        obj = factory(**options)
     except TypeError as e:
         raise CaptionerError(f"captioner {key!r} does not take these options: {e}") from None
+    if not (callable(obj) and callable(getattr(obj, "settings", None))) and callable(
+        getattr(obj, "generate", None)
+    ):
+        obj = _HookCaptioner(key, obj)
+    return obj
 
 
 def _jsonable(obj: Any) -> Any:

@@ -217,3 +217,36 @@ def test_flan_keep_truncated_for_fixed_length_timing(tiny_t5):
     )
     batch = next(cap("cat", n=8, seed=0))
     assert len(batch) == 8 and cap.dropped["truncated"] == 0 and cap.settings()["keep_truncated"] is True
+
+
+def test_captioner_from_a_plugin_hook():
+    from p2pz_directions import plugins
+    from p2pz_directions.hookspecs import hookimpl
+
+    class Echo:
+        name = "echo"
+
+        def __init__(self, prefix="a photo of"):
+            self.prefix = prefix
+
+        def generate(self, concept, n, seed=0):
+            return [f"{self.prefix} {concept} {i + seed}" for i in range(n)]
+
+    class Plugin:
+        @hookimpl
+        def p2pz_register_captioners(self):
+            return [Echo]
+
+    name = plugins.register(Plugin(), name="test-echo-captioner")
+    try:
+        assert "echo" in captioners.available_captioners()
+        cap = get_captioner("echo", prefix="a drawing of")
+        assert isinstance(cap, Captioner)
+        assert next(cap("cat", n=2, seed=1)) == ["a drawing of cat 1", "a drawing of cat 2"]
+        assert cap.settings()["captioner"] == "echo"
+    finally:
+        plugins.unregister(name)
+    assert "echo" not in captioners.available_captioners()
+    # the built-ins honour the hook's contract too
+    assert TemplateCaptioner().generate("cat", 3, seed=0) == TemplateCaptioner().candidates("cat", 0)[:3]
+    assert FileCaptioner(["a cat", "b cat", "c cat"]).generate("cat", 2) == ["a cat", "b cat"]
