@@ -36,6 +36,8 @@ classifier-free guidance or with several images per prompt).
 from __future__ import annotations
 
 import contextlib
+import functools
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -165,15 +167,16 @@ def regularize_noise_pred(
     num_reg_steps: int = 5,
     num_auto_corr_rolls: int = 5,
     generator: torch.Generator | None = None,
+    shifts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Gradient steps that make a noise prediction look more like i.i.d. standard normal noise.
 
     The losses are taken on the epsilon the output stands for (`epsilon_from_output`), so the
-    same code serves epsilon and v-prediction models.
+    same code serves epsilon and v-prediction models. The roll amounts of the auto-correlation
+    loss are drawn from ``generator`` (`draw_roll_shifts`) unless ``shifts`` gives them.
     """
     sample = sample.detach()
-    shifts = None
-    if lambda_auto_corr > 0 and num_reg_steps > 0:
+    if shifts is None and lambda_auto_corr > 0 and num_reg_steps > 0:
         shifts = draw_roll_shifts(tuple(noise_pred.shape), generator, num_reg_steps * num_auto_corr_rolls)
         shifts = shifts.to(noise_pred.device, non_blocking=True)
     k = 0
@@ -207,6 +210,10 @@ class AttentionMaps:
     ``mode``: ``"off"`` (plain attention), ``"record"`` (append every cross-attention map of a
     forward pass to ``maps``), ``"guide"`` (add ``sum((p - ref) ** 2) / rows`` for each layer to
     ``loss``, with ``ref`` taken from ``reference`` in call order).
+
+    With `use_buffers`, maps go to one preallocated ``[steps, ...]`` tensor per layer instead, at
+    the step held by the device tensor ``step_index``: no allocation and no host sync per step,
+    which is what lets a whole UNet pass be captured as a CUDA graph and replayed.
     """
 
     def __init__(self, store_device: torch.device | str | None = None, exact: bool = False) -> None:
@@ -217,17 +224,25 @@ class AttentionMaps:
         self.reference: list[torch.Tensor] = []
         self.loss: torch.Tensor | float = 0.0
         self._next = 0
+        self.buffers: list[torch.Tensor] | None = None
+        self.num_steps = 0
+        self.step_index: torch.Tensor | None = None
+
+    def use_buffers(self, num_steps: int, device: torch.device) -> None:
+        """Keep maps in per-layer ``[num_steps, ...]`` buffers indexed by ``self.step_index``."""
+        self.buffers, self.num_steps = [], num_steps
+        self.step_index = torch.zeros(1, dtype=torch.int64, device=device)
 
     @contextlib.contextmanager
     def recording(self) -> Iterator[list[torch.Tensor]]:
-        self.mode, self.maps = "record", []
+        self.mode, self.maps, self._next = "record", [], 0
         try:
             yield self.maps
         finally:
             self.mode = "off"
 
     @contextlib.contextmanager
-    def guiding(self, reference: list[torch.Tensor]) -> Iterator[AttentionMaps]:
+    def guiding(self, reference: list[torch.Tensor] | None = None) -> Iterator[AttentionMaps]:
         self.mode, self.reference, self.loss, self._next = "guide", reference, 0.0, 0
         try:
             yield self
@@ -235,12 +250,24 @@ class AttentionMaps:
             self.mode, self.reference = "off", []
 
     def __call__(self, probs: torch.Tensor) -> None:
-        if self.mode == "record":
+        if self.buffers is not None and self.mode != "off":
+            self._call_buffered(probs)
+        elif self.mode == "record":
             p = probs.detach()
             self.maps.append(p if self.store_device is None else p.to(self.store_device, non_blocking=True))
         elif self.mode == "guide":
             ref = self.reference[self._next].to(probs.device, non_blocking=True)
             self._next += 1
+            self.loss = self.loss + ((probs - ref) ** 2).sum((1, 2)).mean(0)
+
+    def _call_buffered(self, probs: torch.Tensor) -> None:
+        i, self._next = self._next, self._next + 1
+        if self.mode == "record":
+            if i == len(self.buffers):  # first pass: allocate (never inside a graph capture)
+                self.buffers.append(probs.new_empty((self.num_steps, *probs.shape)))
+            self.buffers[i].index_copy_(0, self.step_index, probs.detach().unsqueeze(0))
+        else:
+            ref = self.buffers[i].index_select(0, self.step_index)[0]
             self.loss = self.loss + ((probs - ref) ** 2).sum((1, 2)).mean(0)
 
 
@@ -304,7 +331,11 @@ class _Processor:
 
 @contextlib.contextmanager
 def attention_maps(
-    unet: Any, store_device: torch.device | str | None = None, *, exact: bool = False
+    unet: Any,
+    store_device: torch.device | str | None = None,
+    *,
+    exact: bool = False,
+    maps: AttentionMaps | None = None,
 ) -> Iterator[AttentionMaps]:
     """Install `AttentionMaps` processors on ``unet`` for the duration; the old ones come back after.
 
@@ -316,7 +347,7 @@ def attention_maps(
     ...         unet(x, t, encoder_hidden_states=emb)
     """
     old = unet.attn_processors
-    maps = AttentionMaps(store_device, exact)
+    maps = maps if maps is not None else AttentionMaps(store_device, exact)
     unet.set_attn_processor({name: _Processor(maps, cross="attn2" in name) for name in old})
     try:
         yield maps
@@ -446,6 +477,199 @@ def sample_guided_edit(
         if check_every and (i + 1) % check_every == 0:
             _check_finite(latents, "edit")
     return latents
+
+
+# ---------------------------------------------------------------------------------------------------
+# the same three loops on static tensors, so each step can be one CUDA graph replay
+# ---------------------------------------------------------------------------------------------------
+class _Step:
+    """``fn()`` over static tensors: run eagerly, or captured once as a CUDA graph and replayed.
+
+    A UNet pass in eager PyTorch is bound by the CPU launching ~1000 kernels (~30 ms on an H100 for
+    a few ms of GPU work); a replayed graph launches them all at once.
+    """
+
+    def __init__(self, fn: Callable[[], Any], capture: bool, pool: Any = None, warmup: int = 2) -> None:
+        self.fn, self.capture, self.pool, self.warmup = fn, capture, pool, warmup
+        self.graph: Any = None
+        self.out: Any = None
+
+    def __call__(self) -> Any:
+        if not self.capture:
+            return self.fn()
+        if self.graph is None:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(self.warmup):
+                    self.fn()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph, pool=self.pool):
+                    self.out = self.fn()
+            except RuntimeError as e:  # e.g. an op that syncs with the host: run eagerly instead
+                warnings.warn(f"CUDA graph capture failed ({e}); running this step eagerly", stacklevel=3)
+                self.capture, self.out = False, None
+                return self.fn()
+            self.graph = graph
+        self.graph.replay()
+        return self.out
+
+
+class StaticLoops:
+    """Inversion, reference and guided edit with every per-step tensor preallocated.
+
+    Each step copies its inputs into static tensors and runs one `_Step` (a CUDA graph replay when
+    ``capture=True``); the reference maps live in per-layer ``[steps, ...]`` buffers indexed on the
+    device. The math is the same as `ddim_invert`, `sample_reference` and `sample_guided_edit`
+    (tests/test_pix2pix_zero.py checks ``capture=False`` against them); the DDIM updates between
+    UNet passes stay eager. Built once per shape and setting and kept by the editor, so later
+    edits of the same size replay the graphs captured by the first.
+    """
+
+    def __init__(
+        self,
+        unet: Any,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        num_steps: int,
+        latent_shape: tuple[int, ...],
+        embed_dim: int,
+        batch: int,
+        guidance_scale: float,
+        inversion_guidance_scale: float,
+        cross_attention_guidance_amount: float,
+        regularize: dict[str, Any] | None,
+        prediction_type: str,
+        capture: bool,
+    ) -> None:
+        self.unet, self.capture = unet, capture
+        self.gs, self.inv_gs, self.xa = (
+            guidance_scale,
+            inversion_guidance_scale,
+            cross_attention_guidance_amount,
+        )
+        self.do_cfg, self.batch = guidance_scale > 1.0, batch
+        self.regularize, self.prediction_type = regularize, prediction_type
+        self.maps = AttentionMaps(exact=False)
+        self.maps.use_buffers(num_steps, device)
+        c, h, w = latent_shape[1:]
+        n = 2 * batch if self.do_cfg else batch
+        n_inv = 2 if inversion_guidance_scale > 1.0 else 1
+
+        def z(*shape: int, dt: torch.dtype = dtype) -> torch.Tensor:
+            return torch.zeros(shape, dtype=dt, device=device)
+
+        self.t = z(dt=torch.int64)
+        self.alpha = z(dt=torch.float32)
+        self.x_inv, self.emb_inv = z(1, c, h, w), z(n_inv, 77, embed_dim)
+        self.x_ref, self.emb = z(batch, c, h, w), z(n, 77, embed_dim)
+        self.x_edit, self.emb_edit = z(n, c, h, w), z(n, 77, embed_dim)
+        self.shifts = None
+        if regularize and regularize["lambda_auto_corr"] > 0:
+            rolls = regularize["num_reg_steps"] * regularize["num_auto_corr_rolls"]
+            self.shifts = z(rolls, len(_pyramid_sizes(h, w)), c, dt=torch.int64)
+        pool = torch.cuda.graph_pool_handle() if capture else None
+        self.g_inv = _Step(self._invert_fn, capture, pool)
+        self.g_ref = _Step(self._reference_fn, capture, pool)
+        self.g_edit = _Step(self._edit_fn, capture, pool)
+
+    # -- what each step computes (captured as is) -----------------------------------------------
+    def _invert_fn(self) -> torch.Tensor:
+        eps = _unet_eps(self.unet, self.x_inv, self.t, self.emb_inv, self.inv_gs)
+        if self.regularize:
+            eps = regularize_noise_pred(
+                eps, self.x_inv, self.alpha, self.prediction_type, shifts=self.shifts, **self.regularize
+            )
+        return eps
+
+    def _reference_fn(self) -> torch.Tensor:
+        with self.maps.recording():
+            return _unet_eps(self.unet, self.x_ref, self.t, self.emb, self.gs)
+
+    def _edit_fn(self) -> tuple[torch.Tensor, torch.Tensor]:
+        x_in = self.x_edit.detach().clone().requires_grad_(True)
+        with torch.enable_grad(), self.maps.guiding():
+            self.unet(x_in, self.t, encoder_hidden_states=self.emb_edit)
+            (grad,) = torch.autograd.grad(self.maps.loss, x_in)
+        x_in = x_in.detach().add(grad, alpha=-self.xa)
+        out = self.unet(x_in, self.t, encoder_hidden_states=self.emb_edit).sample
+        if self.do_cfg:
+            return cfg(out, self.gs), x_in.chunk(2)[0]
+        return out, x_in
+
+    # -- the loops --------------------------------------------------------------------------------
+    def invert(
+        self, latents, embeds, scheduler, *, generator=None, callback=None, callback_steps=1, progress=None
+    ):
+        """`ddim_invert` on static tensors."""
+        self.emb_inv.copy_(embeds)
+        timesteps = scheduler.timesteps
+        for i, t in enumerate(timesteps):
+            self.x_inv.copy_(scheduler.scale_model_input(latents, t))
+            self.t.fill_(int(t))
+            self.alpha.fill_(float(scheduler.alphas_cumprod[int(t)]))
+            if self.shifts is not None:
+                rolls = self.shifts.shape[0]
+                drawn = draw_roll_shifts(tuple(self.x_inv.shape), generator, rolls).view_as(self.shifts)
+                self.shifts.copy_(drawn.pin_memory() if self.capture else drawn, non_blocking=True)
+            noise_pred = self.g_inv()
+            latents = scheduler.step(noise_pred, t, latents).prev_sample
+            if callback is not None and i % callback_steps == 0:
+                callback(i, t, latents)
+            if progress is not None:
+                progress(i + 1, len(timesteps))
+        return latents
+
+    def reference(
+        self, latents, embeds, scheduler, *, step_kwargs=None, callback=None, callback_steps=1, progress=None
+    ):
+        """`sample_reference` on static tensors (the maps go to the buffers)."""
+        self.emb.copy_(embeds)
+        timesteps = scheduler.timesteps
+        for i, t in enumerate(timesteps):
+            self.x_ref.copy_(scheduler.scale_model_input(latents, t))
+            self.t.fill_(int(t))
+            self.maps.step_index.fill_(i)
+            noise_pred = self.g_ref()
+            latents = scheduler.step(noise_pred, t, latents, **(step_kwargs or {})).prev_sample
+            if callback is not None and i % callback_steps == 0:
+                callback(i, t, latents)
+            if progress is not None:
+                progress(i + 1, len(timesteps))
+        return latents
+
+    def edit(
+        self,
+        latents,
+        embeds_edit,
+        scheduler,
+        *,
+        step_kwargs=None,
+        callback=None,
+        callback_steps=1,
+        progress=None,
+        check_every=10,
+    ):
+        """`sample_guided_edit` on static tensors."""
+        self.emb_edit.copy_(embeds_edit)
+        timesteps = scheduler.timesteps
+        for i, t in enumerate(timesteps):
+            x_in = scheduler.scale_model_input(torch.cat([latents] * 2) if self.do_cfg else latents, t)
+            self.x_edit.copy_(x_in)
+            self.t.fill_(int(t))
+            self.maps.step_index.fill_(i)
+            noise_pred, latents = self.g_edit()
+            latents = scheduler.step(noise_pred, t, latents, **(step_kwargs or {})).prev_sample
+            if callback is not None and i % callback_steps == 0:
+                callback(i, t, latents)
+            if progress is not None:
+                progress(i + 1, len(timesteps))
+            if check_every and (i + 1) % check_every == 0:
+                _check_finite(latents, "edit")
+        return latents
 
 
 def _check_finite(latents: torch.Tensor, phase: str) -> None:
@@ -599,6 +823,7 @@ class Pix2PixZeroEditor(Editor):
         callback_steps: int = 1,
         attention_maps_device: str | torch.device | None = None,
         attention: str = "auto",
+        loops: str = "auto",
         return_reconstruction: bool = True,
     ) -> EditResult:
         """Edit ``image`` (a photo) or, with ``image=None``, an image generated from ``prompt``.
@@ -614,7 +839,11 @@ class Pix2PixZeroEditor(Editor):
         ``attention``: "exact" computes every attention layer as diffusers does (bit-equal on the
         CPU), "fused" uses PyTorch's fused attention outside the recorded cross-attention, "auto"
         (default) is exact on the CPU and fused on a GPU. ``attention_maps_device="cpu"`` keeps the
-        reference maps in host memory (lower GPU memory, slower).
+        reference maps in host memory (lower GPU memory, slower). ``loops``: "graphs" replays each
+        UNet step from a CUDA graph (`StaticLoops`, captured on the first edit of a size and kept),
+        "static" runs the same static-tensor loops eagerly, "eager" runs `ddim_invert`,
+        `sample_reference` and `sample_guided_edit`; "auto" (default) is "graphs" on a GPU (unless
+        the maps are kept on the CPU) and "eager" otherwise.
         """
         real = image is not None
         if num_inference_steps < 1:
@@ -635,6 +864,14 @@ class Pix2PixZeroEditor(Editor):
         if attention not in ("auto", "exact", "fused"):
             raise EditorOptionError(f"attention must be 'auto', 'exact' or 'fused', not {attention!r}")
         exact = attention == "exact" or (attention == "auto" and device.type == "cpu")
+        if loops not in ("auto", "eager", "static", "graphs"):
+            raise EditorOptionError(f"loops must be 'auto', 'eager', 'static' or 'graphs', not {loops!r}")
+        if loops == "auto":
+            loops = (
+                "graphs" if device.type == "cuda" and attention_maps_device is None and not exact else "eager"
+            )
+        if loops == "graphs" and device.type != "cuda":
+            raise EditorOptionError("loops='graphs' needs a CUDA device; use 'static' or 'eager' on the CPU")
 
         # 1. caption
         caption = prompt
@@ -657,6 +894,14 @@ class Pix2PixZeroEditor(Editor):
             uncond = negative_prompt_embeds.to(device=device, dtype=cond.dtype)
 
         # 2. invert (or start from noise)
+        regularize = None
+        if real and num_reg_steps > 0 and (lambda_auto_corr > 0 or lambda_kl > 0):
+            regularize = dict(
+                lambda_auto_corr=lambda_auto_corr,
+                lambda_kl=lambda_kl,
+                num_reg_steps=num_reg_steps,
+                num_auto_corr_rolls=num_auto_corr_rolls,
+            )
         if latents is not None:
             x_T = latents.to(device=device, dtype=unet.dtype)
         elif real:
@@ -665,23 +910,23 @@ class Pix2PixZeroEditor(Editor):
             inv_embeds = cond
             if inversion_guidance_scale > 1.0:
                 inv_embeds = torch.cat([self.encode_text("", None), cond])
-            regularize = None
-            if num_reg_steps > 0 and (lambda_auto_corr > 0 or lambda_kl > 0):
-                regularize = dict(
-                    lambda_auto_corr=lambda_auto_corr,
-                    lambda_kl=lambda_kl,
-                    num_reg_steps=num_reg_steps,
-                    num_auto_corr_rolls=num_auto_corr_rolls,
+            static = None
+            if loops != "eager":
+                static = self._static_loops(
+                    unet, loops, num_inference_steps, tuple(x0.shape), bsz, guidance_scale, inversion_guidance_scale,
+                    cross_attention_guidance_amount, regularize, inverse.config.prediction_type,
+                )  # fmt: skip
+            with attention_maps(unet, exact=exact, maps=static.maps if static else None):
+                run_invert = static.invert if static else functools.partial(ddim_invert, unet)
+                inv_kw = (
+                    {} if static else {"guidance_scale": inversion_guidance_scale, "regularize": regularize}
                 )
-            with attention_maps(unet, exact=exact):
-                x_T = ddim_invert(
-                    unet,
+                x_T = run_invert(
                     x0,
                     inv_embeds,
                     inverse,
-                    guidance_scale=inversion_guidance_scale,
-                    regularize=regularize,
                     generator=generator,
+                    **inv_kw,
                     callback=callback,
                     callback_steps=callback_steps,
                     progress=lambda i, n: self.progress("invert", i, n),
@@ -709,6 +954,26 @@ class Pix2PixZeroEditor(Editor):
         step_kwargs = {"eta": eta, "generator": generator}
 
         # 3. reference, 4. guided edit
+        if loops != "eager":
+            static = self._static_loops(
+                unet, loops, num_inference_steps, tuple(x_T.shape), bsz, guidance_scale, inversion_guidance_scale,
+                cross_attention_guidance_amount, regularize, scheduler.config.prediction_type,
+            )  # fmt: skip
+            with attention_maps(unet, maps=static.maps):
+                kw = dict(step_kwargs=step_kwargs, callback=callback, callback_steps=callback_steps)
+                x_rec = static.reference(
+                    x_T, embeds, scheduler, progress=lambda i, n: self.progress("reference", i, n), **kw
+                )
+                _check_finite(x_rec, "reference")
+                scheduler.set_timesteps(num_inference_steps, device="cpu")
+                x_edit = static.edit(
+                    x_T, edit_embeds, scheduler, progress=lambda i, n: self.progress("edit", i, n), **kw
+                )
+            _check_finite(x_edit, "edit")
+            return self._result(
+                vae, image, x_edit, x_rec, inverted, caption, negative_prompt, output_type, bsz, real,
+                return_reconstruction, num_inference_steps, guidance_scale, cross_attention_guidance_amount, seed, loops,
+            )  # fmt: skip
         with attention_maps(unet, attention_maps_device, exact=exact) as maps:
             x_rec, ref = sample_reference(
                 unet,
@@ -740,7 +1005,41 @@ class Pix2PixZeroEditor(Editor):
                     progress=lambda i, n: self.progress("edit", i, n),
                 )
         _check_finite(x_edit, "edit")
+        return self._result(
+            vae, image, x_edit, x_rec, inverted, caption, negative_prompt, output_type, bsz, real,
+            return_reconstruction, num_inference_steps, guidance_scale, cross_attention_guidance_amount, seed, loops,
+        )  # fmt: skip
 
+    def _static_loops(
+        self, unet, loops, steps, latent_shape, bsz, gs, inv_gs, xa, regularize, prediction_type
+    ) -> StaticLoops:
+        """The `StaticLoops` for these settings, reused across edits (one set kept at a time)."""
+        reg_key = tuple(sorted(regularize.items())) if regularize else None
+        key = (loops, steps, latent_shape[1:], bsz, gs, inv_gs, xa, reg_key, prediction_type, str(unet.dtype))
+        cache = self.__dict__.setdefault("_static_cache", {})
+        if key not in cache:
+            cache.clear()  # free the previous graphs and map buffers first
+            cache[key] = StaticLoops(
+                unet,
+                device=self.device,
+                dtype=unet.dtype,
+                num_steps=steps,
+                latent_shape=latent_shape,
+                embed_dim=unet.config.cross_attention_dim,
+                batch=bsz,
+                guidance_scale=gs,
+                inversion_guidance_scale=inv_gs,
+                cross_attention_guidance_amount=xa,
+                regularize=regularize,
+                prediction_type=prediction_type,
+                capture=loops == "graphs",
+            )
+        return cache[key]
+
+    def _result(
+        self, vae, image, x_edit, x_rec, inverted, caption, negative_prompt, output_type, bsz, real,
+        return_reconstruction, num_inference_steps, guidance_scale, xa, seed, loops,
+    ) -> EditResult:  # fmt: skip
         out = decode_latents(vae, x_edit, output_type)
         rec = decode_latents(vae, x_rec, output_type) if (return_reconstruction or not real) else None
         single = bsz == 1 and output_type == "pil"
@@ -754,9 +1053,10 @@ class Pix2PixZeroEditor(Editor):
                 "negative_prompt": negative_prompt,
                 "num_inference_steps": num_inference_steps,
                 "guidance_scale": guidance_scale,
-                "cross_attention_guidance_amount": cross_attention_guidance_amount,
+                "cross_attention_guidance_amount": xa,
                 "seed": seed,
                 "mode": "real" if real else "synthetic",
+                "loops": loops,
             },
         )
 
