@@ -244,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         "--variants",
         default=None,
         help="comma list of ours: graphs, eager, static, eager-exact (explicit attention everywhere, as "
-        "diffusers); '+fast' turns on channels_last and cudnn.benchmark from that variant on; ':N' sets its repeats",
+        "diffusers); '+creg' compiles the inversion regularizer; '+fast' turns on channels_last and "
+        "cudnn.benchmark from that variant on; ':N' sets its repeats",
     )
     ap.add_argument("--diffusers-repeats", type=int, default=None, help="default: --repeats")
     ap.add_argument("--skip-diffusers", action="store_true")
@@ -317,20 +318,22 @@ def main(argv: list[str] | None = None) -> int:
         # "graphs", "eager-exact", "graphs+fast" (channels_last + cudnn.benchmark from here on), ":N" repeats
         variant, _, reps = spec.partition(":")
         repeats = int(reps) if reps else args.repeats
-        if variant.endswith("+fast"):
+        base, *flags = variant.split("+")
+        if "fast" in flags:
             torch.backends.cudnn.benchmark = True
             pipe.unet.to(memory_format=torch.channels_last)
             pipe.vae.to(memory_format=torch.channels_last)
             ed = Pix2PixZeroEditor(pipe=pipe, encoder=enc)  # fresh graph cache
-        loops, attention = (variant.removesuffix("+fast").split("-") + ["auto"])[:2]
+        loops, attention = (base.split("-") + ["auto"])[:2]
+        creg = "creg" in flags
 
-        def ours(loops=loops, attention=attention, ed=ed):
+        def ours(loops=loops, attention=attention, ed=ed, creg=creg):
             t0 = time.perf_counter()
             phase_times.clear()
             img = ed.edit(
                 image, d, prompt=caption, num_inference_steps=steps, cross_attention_guidance_amount=args.xa,
                 generator=torch.Generator().manual_seed(0), output_type="np", loops=loops, attention=attention,
-                progress=phases,
+                progress=phases, compile_regularizer=creg,
             ).image  # fmt: skip
             marks, last = {}, t0
             for ph in ("invert", "reference", "edit"):
