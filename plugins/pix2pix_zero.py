@@ -820,7 +820,7 @@ class BlipCaptioner:
             )
         except (OSError, ValueError) as e:
             raise EditorError(
-                f"cannot load the BLIP captioner {self.model_id}: {e}. Pass prompt='a photo of a cat' (a caption "
+                f"cannot load the BLIP captioner {self.model_id}: {str(e).rstrip('.')}. Pass prompt='a photo of a cat' (a caption "
                 f"of your image) to skip captioning, or make the model available offline first."
             ) from None
         self._model.to(self.device).eval()
