@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .errors import P2PZError
+from .images import ImageResizedWarning
 
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
 out = Console(highlight=False, soft_wrap=True)
@@ -174,7 +176,8 @@ def register(app: typer.Typer) -> None:
         ed = editors.get(editor, model=model, device=device, dtype=dtype)
         # name and encoder first: nothing is loaded for a wrong direction or option
         d = ed.resolve_direction(direction)
-        with PhaseProgress(ed.phases, enabled=not quiet and not as_json) as cb:
+        with PhaseProgress(ed.phases, enabled=not quiet and not as_json) as cb, warnings.catch_warnings():
+            warnings.simplefilter("ignore", ImageResizedWarning)  # said once, as a note, below
             res = ed.edit(str(image) if image is not None else None, d, progress=cb, **options)
 
         written = {"image": str(output)}

@@ -702,8 +702,16 @@ class StaticLoops:
 
     # -- the loops --------------------------------------------------------------------------------
     def invert(
-        self, latents, embeds, scheduler, *, generator=None, callback=None, callback_steps=1, progress=None
-    ):
+        self,
+        latents: torch.Tensor,
+        embeds: torch.Tensor,
+        scheduler: Any,
+        *,
+        generator: torch.Generator | None = None,
+        callback: StepCallback | None = None,
+        callback_steps: int = 1,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> torch.Tensor:
         """`ddim_invert` on static tensors."""
         self.emb_inv.copy_(embeds)
         timesteps = scheduler.timesteps
@@ -724,8 +732,16 @@ class StaticLoops:
         return latents
 
     def reference(
-        self, latents, embeds, scheduler, *, step_kwargs=None, callback=None, callback_steps=1, progress=None
-    ):
+        self,
+        latents: torch.Tensor,
+        embeds: torch.Tensor,
+        scheduler: Any,
+        *,
+        step_kwargs: dict[str, Any] | None = None,
+        callback: StepCallback | None = None,
+        callback_steps: int = 1,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> torch.Tensor:
         """`sample_reference` on static tensors (the maps go to the buffers)."""
         self.emb.copy_(embeds)
         timesteps = scheduler.timesteps
@@ -743,16 +759,16 @@ class StaticLoops:
 
     def edit(
         self,
-        latents,
-        embeds_edit,
-        scheduler,
+        latents: torch.Tensor,
+        embeds_edit: torch.Tensor,
+        scheduler: Any,
         *,
-        step_kwargs=None,
-        callback=None,
-        callback_steps=1,
-        progress=None,
-        check_every=10,
-    ):
+        step_kwargs: dict[str, Any] | None = None,
+        callback: StepCallback | None = None,
+        callback_steps: int = 1,
+        progress: Callable[[int, int], None] | None = None,
+        check_every: int = 10,
+    ) -> torch.Tensor:
         """`sample_guided_edit` on static tensors."""
         self.emb_edit.copy_(embeds_edit)
         timesteps = scheduler.timesteps
