@@ -47,6 +47,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from p2pz_directions.concept import Concept, Direction, EncoderInfo  # noqa: E402
 
+
+def ensure_builtin_plugins() -> None:
+    """Register the built-in editors directly where the package's entry points are not installed
+    (the GPU machine runs from a checkout on PYTHONPATH)."""
+    import importlib
+
+    from p2pz_directions import plugins
+
+    have = plugins.editors()
+    for name, module in (("pix2pix-zero", "pix2pix_zero"), ("diffedit", "diffedit"), ("sdedit", "sdedit")):
+        if name not in have:
+            plugins.register(importlib.import_module(f"p2pz_plugins.{module}"), name=f"builtin-{name}")
+    for info in plugins.plugin_report():
+        if not info.ok:
+            print(f"plugin {info.name}: {info.error}\n{getattr(info, 'detail', '')}", file=sys.stderr)
+
+
 ANCHORS_H100 = {"diffedit": 4.3, "sdedit": 1.45}
 
 UNET_SD14 = dict(
@@ -372,6 +389,7 @@ def print_table(results: dict[str, Any], anchors: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    ensure_builtin_plugins()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test with tiny models (64x64, 4 steps)")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")

@@ -593,10 +593,10 @@ class CudaGraphUNet:
         return graph, s_in, s_t, s_ehs, s_out
 
 
-def unet_runner(editor: Any, unet: torch.nn.Module, cuda_graphs: bool) -> Any:
+def unet_runner(editor: Any, unet: torch.nn.Module, cuda_graphs: bool | None) -> Any:
     """``unet`` itself, or (``cuda_graphs`` on a CUDA device) its `CudaGraphUNet`, kept on the editor
     so that graphs captured by one edit serve the next ones."""
-    if not cuda_graphs or editor.device.type != "cuda":
+    if cuda_graphs is False or editor.device.type != "cuda":
         return unet
     cached = editor.__dict__.get("_p2pz_graphed")
     if cached is None or cached.unet is not unet:
@@ -784,7 +784,7 @@ class DiffEditEditor(Editor):
         callback_steps: int = 1,
         cross_attention_kwargs: dict[str, Any] | None = None,
         clip_skip: int | None = None,
-        cuda_graphs: bool = False,
+        cuda_graphs: bool | None = None,
     ) -> EditResult:
         """Mask, invert, edit. Options (diffusers' names where diffusers has them):
 
@@ -806,7 +806,7 @@ class DiffEditEditor(Editor):
           ``latents`` (start here instead of the most-noised inverted latent), ``seed`` /
           ``generator``, ``output_type``, ``callback`` / ``callback_steps``,
           ``cross_attention_kwargs``, ``clip_skip``.
-        - speed: ``cuda_graphs=True`` replays the UNet of the inversion and edit loops from CUDA
+        - speed: ``cuda_graphs`` (default: on for a CUDA device; ``False`` turns it off) replays the UNet of the inversion and edit loops from CUDA
           graphs (`CudaGraphUNet`; captured on the first edit, reused by the next ones).
 
         The generator is used in diffusers' order (mask, then inversion, then edit), so one seeded

@@ -222,7 +222,7 @@ class SDEditEditor(Editor):
         callback_on_step_end_tensor_inputs: list[str] | tuple[str, ...] = ("latents",),
         callback: Callable[[int, Any, torch.Tensor], None] | None = None,
         callback_steps: int = 1,
-        cuda_graphs: bool = False,
+        cuda_graphs: bool | None = None,
     ) -> EditResult:
         """Noise to ``strength``, denoise with the edited prompt. Options (diffusers' img2img names):
 
@@ -237,7 +237,7 @@ class SDEditEditor(Editor):
           ``generator``, ``output_type``, ``cross_attention_kwargs``, ``clip_skip``;
         - ``callback_on_step_end(editor, step, t, {"latents": ...})`` (may return new latents), or
           the older ``callback(step, t, latents)`` every ``callback_steps`` steps;
-        - ``cuda_graphs=True``: replay the UNet from CUDA graphs (see
+        - ``cuda_graphs`` (default on for CUDA; ``False`` for eager): replay the UNet from CUDA graphs (see
           `p2pz_plugins.diffedit.CudaGraphUNet`), captured on the first edit, reused after.
 
         With the same prompt embeddings and generator the result equals
