@@ -62,7 +62,7 @@ from .pack_schema import (
     validate_row,
     write_index,
 )
-from .store import LocalStore, default_store
+from .store import LocalStore, _pid_alive, default_store
 
 __all__ = [
     "HUB_TAG",
@@ -893,14 +893,6 @@ def _staging_root(store: LocalStore) -> Path:
             shutil.rmtree(child, ignore_errors=True)
     return root
 
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True
 
 

@@ -29,6 +29,18 @@ def p2pz_home(tmp_path, monkeypatch):
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from threads; on a shared 2-core runner they lose a lot.
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def authors_embeddings() -> Path:
     if not (AUTHORS_EMB / "cat.pt").is_file():
         pytest.skip(f"reference data absent: {AUTHORS_EMB} (CI always has ../shared/data)")

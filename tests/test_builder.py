@@ -17,14 +17,7 @@ from p2pz_directions.filtering import NotEnoughCaptionsError
 from p2pz_directions.models import encoder_for
 from p2pz_directions.store import LocalStore
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads; on a shared 2-core runner they lose a lot."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 FAST = {"near_duplicate_threshold": None}  # MiniLM is exercised in a few tests, not all

@@ -10,14 +10,7 @@ import torch
 from p2pz_directions.encoders import EncoderLoadError, TextEncoder, encode_one_by_one, load_tokenizer
 from p2pz_directions.models import encoder_for
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads; on a shared 2-core runner they lose a lot."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 CAPTIONS = [
