@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__, naming
+from .cli_options import EncoderOpt, JsonOpt, ModelOpt, PackOpt
 from .errors import P2PZError
 
 app = typer.Typer(
@@ -30,13 +31,6 @@ app = typer.Typer(
 )
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False)
-
-ModelOpt = Annotated[
-    str | None, typer.Option("--model", "-m", help="Diffusers model id or folder: picks its text encoder.")
-]
-EncoderOpt = Annotated[str | None, typer.Option("--encoder", help="Text encoder id (instead of --model).")]
-PackOpt = Annotated[str | None, typer.Option("--pack", "-p", help="Only this pack.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 
 
 def print_json(data: Any) -> None:

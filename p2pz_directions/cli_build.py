@@ -30,6 +30,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from .cli_options import DeviceOpt, DtypeOpt
+
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
 
@@ -167,13 +169,8 @@ def register(app: typer.Typer) -> None:
             Path | None, typer.Option("--target-captions", help="Caption file for the target, one per line.")
         ] = None,
         seed: Annotated[int, typer.Option("--seed", help="Seed of the captioner.")] = 0,
-        device: Annotated[
-            str | None, typer.Option("--device", help="cuda, cuda:1, cpu (default: cuda if present).")
-        ] = None,
-        dtype: Annotated[
-            str | None,
-            typer.Option("--dtype", help="float16 | bfloat16 | float32 (default: float16 on GPU)."),
-        ] = None,
+        device: DeviceOpt = None,
+        dtype: DtypeOpt = None,
         pack: Annotated[str, typer.Option("--pack", "-p", help="Local pack to publish into.")] = "local",
         batch_size: Annotated[
             int, typer.Option("--batch-size", help="Captions per text-encoder batch.")
@@ -275,8 +272,8 @@ def register(app: typer.Typer) -> None:
             str | None,
             typer.Option("--pack", "-p", help="Pack to publish into (default: the source's pack)."),
         ] = None,
-        device: Annotated[str | None, typer.Option("--device")] = None,
-        dtype: Annotated[str | None, typer.Option("--dtype")] = None,
+        device: DeviceOpt = None,
+        dtype: DtypeOpt = None,
         batch_size: Annotated[int, typer.Option("--batch-size")] = 1024,
         as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     ) -> None:
@@ -331,8 +328,8 @@ def register(app: typer.Typer) -> None:
         n: Annotated[
             int | None, typer.Option("--n", "-n", help="Override every recipe's caption count.")
         ] = None,
-        device: Annotated[str | None, typer.Option("--device")] = None,
-        dtype: Annotated[str | None, typer.Option("--dtype")] = None,
+        device: DeviceOpt = None,
+        dtype: DtypeOpt = None,
         list_only: Annotated[bool, typer.Option("--list", help="List the recipes and exit.")] = False,
         as_json: Annotated[bool, typer.Option("--json")] = False,
     ) -> None:

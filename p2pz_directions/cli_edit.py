@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from .cli_options import DeviceOpt, DtypeOpt, SeedOpt
 from .errors import P2PZError
 from .images import ImageResizedWarning
 
@@ -132,16 +133,12 @@ def register(app: typer.Typer) -> None:
         save_mask: Annotated[
             Path | None, typer.Option("--save-mask", help="Write the editor's mask here.")
         ] = None,
-        seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
+        seed: SeedOpt = 0,
         compare: Annotated[
             bool, typer.Option("--compare", help="Also write input | reconstruction | edit side by side.")
         ] = False,
-        device: Annotated[
-            str | None, typer.Option("--device", help="cuda, cpu, cuda:1 ... (default: best).")
-        ] = None,
-        dtype: Annotated[
-            str | None, typer.Option("--dtype", help="float16 | bfloat16 | float32 (default: fp16 on GPU).")
-        ] = None,
+        device: DeviceOpt = None,
+        dtype: DtypeOpt = None,
         opt: Annotated[
             list[str] | None,
             typer.Option(

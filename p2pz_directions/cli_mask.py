@@ -15,6 +15,8 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from .cli_options import DeviceOpt, DtypeOpt, SeedOpt
+
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False)
 
@@ -62,13 +64,9 @@ def register(app: typer.Typer) -> None:
         target_prompt: Annotated[
             str | None, typer.Option("--target-prompt", help="Text instead of the target concept.")
         ] = None,
-        seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
-        device: Annotated[
-            str | None, typer.Option("--device", help="cuda, cpu, cuda:1 ... (default: best).")
-        ] = None,
-        dtype: Annotated[
-            str | None, typer.Option("--dtype", help="float16 | bfloat16 | float32 (default: fp16 on GPU).")
-        ] = None,
+        seed: SeedOpt = 0,
+        device: DeviceOpt = None,
+        dtype: DtypeOpt = None,
         opt: Annotated[
             list[str] | None,
             typer.Option("--opt", help="Any other DiffEdit mask option, KEY=VALUE. Repeatable."),
