@@ -563,9 +563,6 @@ class Backend:
             )
         if not seed_f.is_integer() or seed_f < 0:
             raise AppInputError(f"seed must be a whole number >= 0, not {seed}")
-        d = self.resolve(direction, ed)
-        if strength != 1.0:
-            d = d * strength
         known = ed.option_names()
         specs = {s.name: s for s in self.pool.specs(ed.name)}
         opts: dict[str, Any] = {"seed": int(seed_f)}
@@ -587,10 +584,6 @@ class Backend:
             if not math.isfinite(xa) or xa < 0:
                 raise AppInputError(f"cross-attention guidance must be a number >= 0, not {xa_guidance}")
             opts["cross_attention_guidance_amount"] = xa
-        if prompt is None and self.demo and image is not None:
-            prompt = f"a photo of a {d.source.name}"  # the demo has no image captioner to download
-        if prompt is not None and (known is None or "prompt" in known):
-            opts["prompt"] = prompt
         for key, value in (options or {}).items():
             spec = specs.get(key)
             if spec is None:
@@ -601,6 +594,14 @@ class Backend:
             v = spec.convert(value)
             if v != spec.default:
                 opts[key] = v
+
+        d = self.resolve(direction, ed)  # name and encoder checked before any model work
+        if strength != 1.0:
+            d = d * strength
+        if prompt is None and self.demo and image is not None:
+            prompt = f"a photo of a {d.source.name}"  # the demo has no image captioner to download
+        if prompt is not None and (known is None or "prompt" in known):
+            opts["prompt"] = prompt
 
         total_phases = max(1, len(ed.phases))
 
