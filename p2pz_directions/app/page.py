@@ -105,6 +105,7 @@ def build_page(backend: Backend, *, title: str = "p2pz-directions") -> gr.Blocks
                         label="Image to edit",
                         elem_id="input-image",
                         sources=["upload", "clipboard"],
+                        height=256,
                     )
                     prompt = gr.Textbox(
                         label="Caption / prompt",
@@ -176,11 +177,21 @@ def build_page(backend: Backend, *, title: str = "p2pz-directions") -> gr.Blocks
                     edit_btn = gr.Button("Edit", variant="primary", elem_id="edit-button")
                 with gr.Column(scale=2, min_width=480):
                     with gr.Row():
-                        out_input = gr.Image(label="Input", elem_id="out-input", interactive=False)
-                        out_recon = gr.Image(label="Reconstruction", elem_id="out-recon", interactive=False)
-                        out_edit = gr.Image(label="Edit", elem_id="out-edit", interactive=False, format="png")
+                        out_input = gr.Image(
+                            label="Input", elem_id="out-input", interactive=False, height=256
+                        )
+                        out_recon = gr.Image(
+                            label="Reconstruction", elem_id="out-recon", interactive=False, height=256
+                        )
+                        out_edit = gr.Image(
+                            label="Edit", elem_id="out-edit", interactive=False, format="png", height=256
+                        )
                     out_mask = gr.Image(
-                        label="Mask (DiffEdit)", elem_id="out-mask", interactive=False, visible=False
+                        label="Mask (DiffEdit, red = edited)",
+                        elem_id="out-mask",
+                        interactive=False,
+                        visible=False,
+                        height=256,
                     )
                     edit_status = gr.Markdown("", elem_id="edit-status")
                     download = gr.File(
