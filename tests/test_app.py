@@ -89,6 +89,20 @@ def test_edit_by_name_returns_the_edited_image(client, picture):
     assert list(img.convert("RGB").getdata()) != list(other.convert("RGB").getdata())
 
 
+def test_generate_from_a_prompt_and_seed_then_edit(client):
+    out = client.predict(
+        None, "demo:cat->dog", "pix2pix-zero", prompt="a photo of a cat", seed=1, api_name="/edit"
+    )
+    img = Image.open(out)
+    assert min(img.size) >= 8  # a picture generated from the prompt, then edited
+    again = Image.open(
+        client.predict(
+            None, "demo:cat->dog", "pix2pix-zero", prompt="a photo of a cat", seed=1, api_name="/edit"
+        )
+    )
+    assert list(img.getdata()) == list(again.getdata())
+
+
 @pytest.mark.parametrize("editor", ["diffedit", "sdedit"])
 def test_every_editor_edits_through_the_api(client, picture, editor):
     out = client.predict(handle_file(str(picture)), "cat->dog", editor, api_name="/edit")
@@ -304,3 +318,22 @@ def test_cli_app_help_lists_its_options():
     assert r.exit_code == 0
     for flag in ("--model", "--demo", "--port", "--share", "--host"):
         assert flag in r.output
+
+
+# ------------------------------------------------------------------------------------------ Space
+def test_space_entry_builds_the_app_with_its_edit_endpoint(tmp_path, monkeypatch):
+    import runpy
+
+    monkeypatch.setenv("P2PZ_DEMO", "1")
+    monkeypatch.setenv("P2PZ_DEMO_DIR", str(tmp_path / "space-demo"))
+    monkeypatch.setenv("P2PZ_HOME", str(tmp_path / "space-demo" / "registry"))  # restored after the test
+    ns = runpy.run_path(
+        str(Path(__file__).resolve().parent.parent / "space" / "app.py"), run_name="space_app"
+    )
+    page = ns["demo"]
+    assert isinstance(page, gradio.Blocks)
+    api_names = {getattr(fn, "api_name", None) for fn in page.fns.values()}
+    assert {"edit", "build"} <= api_names
+    assert (tmp_path / "space-demo" / "tiny-sd" / "model_index.json").is_file()
+    req = (Path(__file__).resolve().parent.parent / "space" / "requirements.txt").read_text()
+    assert "p2pz-directions[app]" in req

@@ -29,6 +29,7 @@ BROWSE_HEADERS = ["pack", "concept", "versions", "encoder", "D", "captions", "ha
 _CSS = """
 #edit-status, #build-status, #browse-status {min-height: 2.5em}
 .p2pz-error {color: #b00020; font-weight: 600}
+.p2pz-panel img {width: 100%; height: 100%; object-fit: contain}
 """
 
 _INTRO = """# p2pz-directions
@@ -178,17 +179,31 @@ def build_page(backend: Backend, *, title: str = "p2pz-directions") -> gr.Blocks
                 with gr.Column(scale=2, min_width=480):
                     with gr.Row():
                         out_input = gr.Image(
-                            label="Input", elem_id="out-input", interactive=False, height=256
+                            label="Input",
+                            elem_id="out-input",
+                            elem_classes=["p2pz-panel"],
+                            interactive=False,
+                            height=256,
                         )
                         out_recon = gr.Image(
-                            label="Reconstruction", elem_id="out-recon", interactive=False, height=256
+                            label="Reconstruction",
+                            elem_id="out-recon",
+                            elem_classes=["p2pz-panel"],
+                            interactive=False,
+                            height=256,
                         )
                         out_edit = gr.Image(
-                            label="Edit", elem_id="out-edit", interactive=False, format="png", height=256
+                            label="Edit",
+                            elem_id="out-edit",
+                            elem_classes=["p2pz-panel"],
+                            interactive=False,
+                            format="png",
+                            height=256,
                         )
                     out_mask = gr.Image(
                         label="Mask (DiffEdit, red = edited)",
                         elem_id="out-mask",
+                        elem_classes=["p2pz-panel"],
                         interactive=False,
                         visible=False,
                         height=256,
