@@ -337,3 +337,23 @@ def test_space_entry_builds_the_app_with_its_edit_endpoint(tmp_path, monkeypatch
     assert (tmp_path / "space-demo" / "tiny-sd" / "model_index.json").is_file()
     req = (Path(__file__).resolve().parent.parent / "space" / "requirements.txt").read_text()
     assert "p2pz-directions[app]" in req
+
+
+def test_known_options_prefer_the_options_dataclass():
+    from p2pz_directions.app.backend import known_options
+
+    @dataclasses.dataclass(frozen=True)
+    class Opts:
+        seed: int = 0
+        strength: float = 0.8
+
+    class New:
+        options = Opts
+
+    class Old:
+        def option_names(self):
+            return ["seed", "num_inference_steps"]
+
+    assert known_options(New()) == ["seed", "strength"]
+    assert known_options(Old()) == ["seed", "num_inference_steps"]
+    assert known_options(object()) is None

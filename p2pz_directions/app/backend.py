@@ -43,6 +43,7 @@ __all__ = [
     "EditorPool",
     "OptionSpec",
     "mask_overlay",
+    "known_options",
     "option_specs",
     "readable_error",
 ]
@@ -221,6 +222,16 @@ def option_specs(editor_cls: type) -> list[OptionSpec]:
         k, optional, choices = kind
         specs.append(OptionSpec(name, k, default, help_, optional, choices))
     return specs
+
+
+def known_options(editor: Any) -> list[str] | None:
+    """Every option name ``editor`` takes (None: any): its options dataclass's fields when it
+    declares one, else ``editor.option_names()`` (the signature of its ``run``)."""
+    opts = getattr(type(editor), "options", None)
+    if opts is not None and dataclasses.is_dataclass(opts):
+        return [f.name for f in dataclasses.fields(opts)]
+    names = getattr(editor, "option_names", None)
+    return names() if callable(names) else None
 
 
 def editor_class(factory: Any) -> type | None:
@@ -563,7 +574,7 @@ class Backend:
             )
         if not seed_f.is_integer() or seed_f < 0:
             raise AppInputError(f"seed must be a whole number >= 0, not {seed}")
-        known = ed.option_names()
+        known = known_options(ed)
         specs = {s.name: s for s in self.pool.specs(ed.name)}
         opts: dict[str, Any] = {"seed": int(seed_f)}
         if steps is not None:

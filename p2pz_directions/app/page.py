@@ -18,7 +18,7 @@ from typing import Any
 
 import gradio as gr
 
-from .backend import AppInputError, Backend, OptionSpec, readable_error
+from .backend import AppInputError, Backend, OptionSpec, known_options, readable_error
 
 __all__ = ["build_page"]
 
@@ -90,7 +90,7 @@ def build_page(backend: Backend, *, title: str = "p2pz-directions") -> gr.Blocks
     def takes_xa(name: str | None) -> bool:
         if not name:
             return False
-        known = backend.pool.get(name).option_names()
+        known = known_options(backend.pool.get(name))
         return known is None or "cross_attention_guidance_amount" in known
 
     with gr.Blocks(title=title) as page:
