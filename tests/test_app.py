@@ -134,6 +134,28 @@ def test_build_then_edit_with_the_new_direction(client, server, picture):
     assert Image.open(out).size == (64, 64)
 
 
+def test_build_from_caption_files(client, tmp_path):
+    src = tmp_path / "owl.txt"
+    tgt = tmp_path / "eagle.txt"
+    scenes = ["in a forest", "on a branch at night", "in the snow", "over a lake", "on a fence post",
+              "in a zoo", "drawn in pencil", "as an oil painting", "in a children's book", "on a stamp"]  # fmt: skip
+    src.write_text("\n".join(f"an owl {s}" for s in scenes) + "\n", "utf-8")
+    tgt.write_text("\n".join(f"an eagle {s}" for s in scenes) + "\n", "utf-8")
+    ref, summary = client.predict(
+        "owl",
+        "eagle",
+        "file",
+        8,
+        0,
+        "files",
+        handle_file(str(src)),
+        handle_file(str(tgt)),
+        "",
+        api_name="/build",
+    )
+    assert ref == "files:owl->eagle" and "kept 8" in summary
+
+
 # ------------------------------------------------------------------------------------------ errors
 def test_unknown_direction_is_a_readable_error(client, picture):
     with pytest.raises(AppError) as e:
