@@ -51,10 +51,7 @@ from .captioners import DEFAULT_FLAN_T5, DEFAULT_PROMPT, get_captioner
 from .concept import Concept
 from .errors import FormatError, NotFoundError
 
-try:  # Python 3.11+
-    import tomllib as _toml
-except ModuleNotFoundError:  # pragma: no cover - Python 3.10
-    import tomli as _toml  # type: ignore[no-redef]
+import tomllib as _toml
 
 __all__ = [
     "OFFICIAL_PACK",
