@@ -119,18 +119,40 @@ def test_crash_mid_write_leaves_no_visible_version(monkeypatch):
     import p2pz_directions.store as store_mod
 
     def boom(src, dst):
-        raise KeyboardInterrupt("simulated crash before the rename")
+        raise KeyboardInterrupt("simulated crash at the commit point")
 
-    monkeypatch.setattr(store_mod.os, "rename", boom)
+    monkeypatch.setattr(store_mod.os, "replace", boom)
     with pytest.raises(KeyboardInterrupt):
-        store.publish(concept("cat", 0))
+        store.publish_many([concept("cat", 0), concept("dog", 1)])
     monkeypatch.undo()
     assert store.entries() == []
-    assert any((store.root / "tmp").iterdir())  # the half-written folder is only in tmp/
-    # the next writer cleans it up, and the version is written whole
+    assert not (store.root / "txn").exists() or not any((store.root / "txn").iterdir())
     store.publish(concept("dog", 0))
-    assert not any((store.root / "tmp").iterdir())
     assert [e.name for e in store.entries()] == ["dog"]
+
+
+def test_crash_after_the_commit_point_is_rolled_forward_on_open(monkeypatch):
+    store = LocalStore()
+    store.publish(concept("bird", 9))
+    import p2pz_directions.store as store_mod
+
+    real = os.replace
+    calls = []
+
+    def replace_then_die(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:  # the journal is written (call 1); die at the first rename of a version
+            raise KeyboardInterrupt("simulated crash between the renames")
+        return real(src, dst)
+
+    monkeypatch.setattr(store_mod.os, "replace", replace_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        store.publish_many([concept("cat", 0), concept("dog", 1)])
+    monkeypatch.undo()
+    store_mod._ACTIVE_TXNS.clear()  # as if the process had died
+    fresh = LocalStore(store.root)
+    assert sorted(e.name for e in fresh.entries()) == ["bird", "cat", "dog"]  # all of it, finished on open
+    assert not (store.root / "txn").exists()
 
 
 def _publish_worker(root: str, seed: int, n: int, q) -> None:
