@@ -510,7 +510,6 @@ def push(
 
     >>> push("my-pack", "me/my-directions", tag="v1.0")          # doctest: +SKIP
     """
-    from huggingface_hub import CommitOperationAdd
 
     store = store or default_store()
     ref = _hub_ref(repo_id)
@@ -524,6 +523,13 @@ def push(
         if _HEX.match(tag) and len(tag) >= 7:
             raise InvalidNameError(f"tag {tag!r} looks like a commit id; pick a name such as 'v1.0'")
     local = _local_versions(store, pack)
+    with download_deadline(PULL_DEADLINE_S, f"push to {repo_id}"):
+        return _push(store, pack, repo_id, local, private, tag, token, license, message)
+
+
+def _push(store, pack, repo_id, local, private, tag, token, license, message) -> PushResult:  # noqa: A002
+    from huggingface_hub import CommitOperationAdd
+
     api = _api(token)
     with _hub_errors(repo_id, "push to", token):
         remote = _remote_state(api, repo_id, token)
@@ -1068,7 +1074,7 @@ def list_hub_packs(
     if is_offline():
         raise OfflineError("cannot search the Hub: HF_HUB_OFFLINE=1 is set; unset it to use --hub")
     api = _api(token)
-    with _hub_errors("the Hub", "search", token):
+    with _hub_errors("the Hub", "search", token), download_deadline(PULL_DEADLINE_S, "search the Hub"):
         found = list(api.list_datasets(filter=HUB_TAG, search=search or None, limit=limit, full=True))
     out = []
     for d in found:
