@@ -749,6 +749,14 @@ class LocalStore:
                 self.history(p.name)
             except (IntegrityError, InvalidNameError) as e:
                 problems.append(Problem(p.path / HISTORY_FILE, str(e)))
+            pj = p.path / PACK_FILE
+            if pj.exists() or pj.is_dir():
+                try:
+                    info = strict_json(read_file_bounded(pj, MAX_PACK_JSON_BYTES, ""))
+                    if not isinstance(info, dict) or not isinstance(info.get("source", {}), dict):
+                        raise JSONRefused("not a pack description")
+                except (IntegrityError, JSONRefused) as e:
+                    problems.append(Problem(pj, f"{pj} is corrupted: {e}"))
             croot = p.path / "concepts"
             if not croot.is_dir():
                 continue

@@ -340,3 +340,15 @@ def test_stale_temp_and_staging_files_of_dead_writers_are_removed_on_open():
     assert live.exists()
     for d in ("staging", "tmp", "txn"):
         assert not (store.root / d).exists() or not any((store.root / d).iterdir())
+
+
+def test_a_damaged_pack_json_or_history_is_reported_by_verify_and_listing_goes_on():
+    store = LocalStore()
+    store.publish(concept("cat", 0), pack="mine")
+    d = store.pack_dir("mine")
+    (d / "pack.json").write_text('{"name": "mine", "x": NaN}')
+    (d / "versions.json").write_text("[" * 1000)
+    assert [e.name for e in store.entries()] == ["cat"]
+    n, problems = store.verify()
+    assert n == 1 and sorted(p.path.name for p in problems) == ["pack.json", "versions.json"]
+    assert all("corrupted" in p.message for p in problems)
