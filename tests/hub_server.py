@@ -433,7 +433,8 @@ class _Handler(BaseHTTPRequestHandler):
     """Routes one request to the `FakeHub` (set as the class attribute ``fake``)."""
 
     fake: FakeHub
-    disable_nagle_algorithm = True  # headers and body go in two writes: no 40 ms delayed-ACK stall per request
+    # headers and body go in two writes: no 40 ms delayed-ACK stall per request
+    disable_nagle_algorithm = True
     protocol_version = "HTTP/1.1"
     server_version = "FakeHub/1.0"
 
