@@ -21,6 +21,7 @@ from rich.table import Table
 from . import __version__, naming
 from .cli_options import EncoderOpt, JsonOpt, ModelOpt, PackOpt
 from .errors import P2PZError
+from .terminal import safe_text
 
 app = typer.Typer(
     name="p2pz",
@@ -78,7 +79,7 @@ def list_cmd(
         if as_json:
             return print_json(names)
         for n in names:
-            out.print(n)
+            out.print(safe_text(n))
         if not names:
             err.print(f"no directions match {pattern!r} in {store.root}")
         return
@@ -121,10 +122,10 @@ def list_cmd(
     for (p, enc, n), es in rows.items():
         last = es[-1]
         t.add_row(
-            p,
-            n,
+            safe_text(p),
+            safe_text(n),
             ",".join(str(x.version) for x in es),
-            enc,
+            safe_text(enc),
             str(last.encoder.hidden_size),
             "-" if last.num_captions is None else str(last.num_captions),
             last.content_hash[:12],
@@ -192,7 +193,9 @@ def show_cmd(
         }
         if as_json:
             return print_json(info)
-        out.print(f"[bold]{d.name}[/bold]  encoder {d.encoder.id} (D={d.encoder.hidden_size})")
+        out.print(
+            f"[bold]{safe_text(d.name)}[/bold]  encoder {safe_text(d.encoder.id)} (D={d.encoder.hidden_size})"
+        )
         out.print(
             f"delta {info['delta_shape']}  norm {info['delta_norm']}  per-token norm "
             f"{info['delta_token_norm']['min']}..{info['delta_token_norm']['max']}  "
@@ -209,20 +212,21 @@ def show_cmd(
 
 
 def _print_concept(info: dict[str, Any], label: str) -> None:
-    t = Table(show_header=False, title=f"{label}: {info['ref']}", title_justify="left")
+    t = Table(show_header=False, title=f"{label}: {safe_text(info['ref'])}", title_justify="left")
     t.add_column(style="bold")
     t.add_column()
     for key in ("encoder", "dtype", "shape", "norm", "content_hash", "created", "num_captions"):
         v = info[key]
         if key == "encoder":
             v = f"{v['id']} (D={v['hidden_size']}, {v['family']})"
-        t.add_row(key, str(v))
+        t.add_row(key, safe_text(v))
     prov = info["provenance"] or {}
     t.add_row(
-        "made by", str(prov.get("method", "?")) + (f" from {prov['source']}" if "source" in prov else "")
+        "made by",
+        safe_text(str(prov.get("method", "?")) + (f" from {prov['source']}" if "source" in prov else "")),
     )
     for cap in info["captions_sample"]:
-        t.add_row("caption", cap)
+        t.add_row("caption", safe_text(cap))
     out.print(t)
 
 
@@ -259,7 +263,9 @@ def import_pt_cmd(
     if as_json:
         return print_json([_concept_info(c) | {"captions_sample": []} for c in concepts])
     for c in concepts:
-        out.print(f"imported {c.ref}  ({c.encoder.id}, {c.dtype}, hash {c.content_hash[:12]})")
+        out.print(
+            f"imported {safe_text(c.ref)}  ({safe_text(c.encoder.id)}, {c.dtype}, hash {c.content_hash[:12]})"
+        )
 
 
 # --- export -------------------------------------------------------------------------------------
@@ -302,7 +308,7 @@ def verify_cmd(pack: PackOpt = None, as_json: JsonOpt = False) -> None:
         )
     else:
         for p in problems:
-            err.print(f"[red]damaged[/red] {p.path}: {p.message}")
+            err.print(f"[red]damaged[/red] {safe_text(p.path)}: {safe_text(p.message)}")
         out.print(f"checked {n} concept versions in {store.root}: {len(problems)} damaged")
         if problems:
             err.print(
@@ -345,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (P2PZError, ValueError, LookupError, OSError) as e:
         msg = " ".join(str(e).split()) or e.__class__.__name__
-        err.print(f"error: {msg}", markup=False, soft_wrap=True)
+        err.print(f"error: {safe_text(msg, markup=False)}", markup=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         err.print("interrupted")

@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .cli_options import JsonOpt
+from .terminal import safe_text
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -35,7 +36,7 @@ def _store():
 
 def _warn(lines: list[str]) -> None:
     for line in lines:
-        err.print(f"warning: {line}", markup=False)
+        err.print(f"warning: {safe_text(line, markup=False)}", markup=False)
 
 
 def push_cmd(
@@ -66,7 +67,7 @@ def push_cmd(
             f"pushed {len(res.added)} concept version(s) of {pack!r} to {res.url} (commit {res.commit[:10]})"
         )
         for a in res.added:
-            out.print(f"  + {a}", markup=False)
+            out.print(f"  + {safe_text(a, markup=False)}", markup=False)
     else:
         out.print(
             f"{res.repo_id} already has every version of {pack!r} (commit {res.commit[:10]}); nothing to push"
@@ -98,9 +99,9 @@ def pull_cmd(
         return
     out.print(f"installed {where} as pack {res.pack!r}: {res.concepts} concept versions")
     for a in res.added:
-        out.print(f"  + {a}", markup=False)
+        out.print(f"  + {safe_text(a, markup=False)}", markup=False)
     for r in res.removed:
-        out.print(f"  - {r} (not in this revision)", markup=False)
+        out.print(f"  - {safe_text(r, markup=False)} (not in this revision)", markup=False)
     out.print(f'use it: directions.load("{res.pack}:a->b")  or  p2pz list --pack {res.pack}', markup=False)
 
 
@@ -130,7 +131,7 @@ def search_cmd(
     for h in hits:
         about = ", ".join(h.encoders) if h.kind != "hub" else h.detail
         use = h.ref if h.kind != "hub" else f"p2pz pull {h.ref}"
-        t.add_row(f"{h.score:.2f}", h.kind, h.name, use, about)
+        t.add_row(f"{h.score:.2f}", h.kind, safe_text(h.name), safe_text(use), safe_text(about))
     out.print(t)
 
 
@@ -171,7 +172,12 @@ def packs_cmd(
         t.add_column("installed", no_wrap=True)
         t.add_column("about")
         for r in rows:
-            t.add_row(r["repo_id"], r["revision"], r["installed"] or "-", r["description"])
+            t.add_row(
+                safe_text(r["repo_id"]),
+                safe_text(r["revision"]),
+                safe_text(r["installed"] or "-"),
+                safe_text(r["description"]),
+            )
         out.print(t)
         return
     rows = []
@@ -206,12 +212,12 @@ def packs_cmd(
     for r in rows:
         origin = f"hub @{r['revision']}" if r["source"] == "hub" else r["source"]
         t.add_row(
-            r["pack"],
-            origin,
-            (r["commit"] or "-")[:10],
+            safe_text(r["pack"]),
+            safe_text(origin),
+            safe_text((r["commit"] or "-")[:10]),
             str(r["concepts"]),
             str(r["versions"]),
-            ", ".join(r["encoders"]),
+            safe_text(", ".join(r["encoders"])),
         )
     out.print(t)
 

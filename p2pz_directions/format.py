@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
-from . import __version__
+from . import __version__, naming
 from .concept import Concept, EncoderInfo
 from .errors import FormatError, IntegrityError
 
@@ -37,6 +38,10 @@ MAX_CAPTIONS = 100_000
 MAX_HIDDEN = 8192
 MAX_SEQ = 1024
 MAX_META_BYTES = 64 * 1024 * 1024
+#: the largest tensor file: [MAX_SEQ, MAX_HIDDEN] float32 plus header
+MAX_TENSOR_FILE_BYTES = MAX_SEQ * MAX_HIDDEN * 4 + 4096
+#: nesting depth of any JSON file the store or a pack holds
+MAX_JSON_DEPTH = 64
 
 #: fields that define a concept's content (its identity); the rest is record-keeping
 CONTENT_FIELDS = (
@@ -49,6 +54,89 @@ CONTENT_FIELDS = (
     "captions",
     "tensor_sha256",
 )
+
+
+class JSONRefused(ValueError):
+    """What `strict_json` refuses (the caller turns it into its own error naming the file)."""
+
+
+def _no_constant(name: str) -> Any:
+    raise JSONRefused(f"{name} is not allowed (JSON has no NaN or infinity)")
+
+
+def _finite_float(text: str) -> float:
+    v = float(text)
+    if not math.isfinite(v):
+        raise JSONRefused(f"number {text[:40]} is out of range")
+    return v
+
+
+def _check_json_value(obj: Any, depth: int = 0) -> None:
+    """Depth bound and well-formed strings (no lone surrogates), iteratively."""
+    stack = [(obj, 0)]
+    while stack:
+        v, d = stack.pop()
+        if d > MAX_JSON_DEPTH:
+            raise JSONRefused(f"nested over {MAX_JSON_DEPTH} levels deep")
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                raise JSONRefused("a string holds a lone surrogate (not valid Unicode)") from None
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                stack.append((k, d + 1))
+                stack.append((x, d + 1))
+        elif isinstance(v, list):
+            stack.extend((x, d + 1) for x in v)
+
+
+def _json_depth_ok(raw: str) -> bool:
+    """Nesting depth of JSON text, counted on brackets outside strings, before parsing."""
+    depth = 0
+    in_str = esc = False
+    for ch in raw:
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif ch in "[{":
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                return False
+        elif ch in "]}":
+            depth -= 1
+    return True
+
+
+def strict_json(raw: bytes | str) -> Any:
+    """Parse JSON as the store and packs allow it: UTF-8, no NaN/Infinity, finite numbers, at most
+    `MAX_JSON_DEPTH` levels, no lone surrogates. Raises `JSONRefused` (a ValueError) otherwise.
+
+    >>> strict_json(b'{"a": [1, 2.5]}')
+    {'a': [1, 2.5]}
+    """
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+    except UnicodeDecodeError as e:
+        raise JSONRefused(f"not UTF-8 ({e.reason} at byte {e.start})") from None
+    if not _json_depth_ok(text):
+        raise JSONRefused(f"nested over {MAX_JSON_DEPTH} levels deep")
+    try:
+        obj = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+    except JSONRefused:
+        raise
+    except RecursionError:
+        raise JSONRefused(f"nested over {MAX_JSON_DEPTH} levels deep") from None
+    except ValueError as e:
+        raise JSONRefused(f"not valid JSON ({e}); it may be truncated") from None
+    _check_json_value(obj)
+    return obj
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -119,12 +207,39 @@ def _fsync_write(path: Path, data: bytes) -> None:
 def write_concept_dir(concept: Concept, folder: str | os.PathLike) -> dict[str, Any]:
     """Write the two files of ``concept`` into ``folder`` (which should be a fresh temp folder)."""
     folder = Path(folder)
+    data, meta, meta_bytes = prepare_concept(concept, folder)
     folder.mkdir(parents=True, exist_ok=True)
+    _fsync_write(folder / TENSOR_FILE, data)
+    _fsync_write(folder / META_FILE, meta_bytes)
+    return meta
+
+
+def prepare_concept(
+    concept: Concept, where: str | os.PathLike = "<new concept>"
+) -> tuple[bytes, dict, bytes]:
+    """The two files of ``concept`` (tensor bytes, manifest, manifest bytes), checked by exactly the
+    reader's validation (`check_manifest`, `load_tensor_bytes`) before anything is written: what the
+    writer stores, the reader reads."""
     data = tensor_bytes(concept)
     meta = build_manifest(concept, sha256_bytes(data))
-    _fsync_write(folder / TENSOR_FILE, data)
-    _fsync_write(folder / META_FILE, json.dumps(meta, ensure_ascii=False, indent=1).encode("utf-8"))
-    return meta
+    where = Path(where)
+    try:
+        meta_bytes = json.dumps(meta, ensure_ascii=False, indent=1, allow_nan=False).encode("utf-8")
+        check_manifest(strict_json(meta_bytes), where / META_FILE)
+    except (JSONRefused, UnicodeEncodeError) as e:
+        raise FormatError(f"{where / META_FILE}: {e}; nothing was written") from None
+    except FormatError as e:
+        raise FormatError(f"{e}; nothing was written") from None
+    if len(meta_bytes) > MAX_META_BYTES:
+        raise FormatError(
+            f"{where / META_FILE}: {len(meta_bytes)} bytes, over the {MAX_META_BYTES}-byte bound"
+        )
+    tensor = load_tensor_bytes(data, where / TENSOR_FILE)
+    if list(tensor.shape) != meta["shape"]:
+        raise FormatError(
+            f"{where / TENSOR_FILE}: tensor is {list(tensor.shape)}, metadata says {meta['shape']}"
+        )
+    return data, meta, meta_bytes
 
 
 def _require(cond: bool, path: Path, what: str) -> None:
@@ -148,6 +263,11 @@ def validate_manifest(meta: Any, path: Path) -> dict[str, Any]:
             "upgrade with `pip install -U p2pz-directions`"
         )
     _require(isinstance(meta.get("name"), str) and meta["name"], path, "'name' must be a non-empty string")
+    try:
+        norm = naming.normalize_concept(meta["name"])
+    except ValueError as e:
+        raise FormatError(f"{path}: bad concept name: {e}") from None
+    _require(norm == meta["name"], path, f"'name' {meta['name']!r} is not in normal form ({norm!r})")
     enc = meta.get("encoder")
     _require(
         isinstance(enc, dict) and isinstance(enc.get("id"), str),
@@ -195,6 +315,23 @@ def validate_manifest(meta: Any, path: Path) -> dict[str, Any]:
     _require(
         meta.get("tensor_file", TENSOR_FILE) == TENSOR_FILE, path, f"'tensor_file' must be {TENSOR_FILE!r}"
     )
+    nc = meta.get("num_captions")
+    _require(
+        nc is None or (isinstance(nc, int) and not isinstance(nc, bool) and nc == len(caps or [])),
+        path,
+        "'num_captions' must match 'captions'",
+    )
+    return meta
+
+
+def check_manifest(meta: Any, path: Path) -> dict[str, Any]:
+    """The one check of a ``concept.json``, for the reader and the writer alike: schema, then its
+    own two hashes. Raises `FormatError` naming the file."""
+    validate_manifest(meta, path)
+    if manifest_hash(meta) != meta["manifest_sha256"]:
+        raise FormatError(f"{path}: its metadata does not match its manifest_sha256")
+    if content_hash(meta) != meta["content_hash"]:
+        raise FormatError(f"{path}: its content fields do not match its content_hash")
     return meta
 
 
@@ -207,27 +344,38 @@ def read_manifest(folder: str | os.PathLike, hint: str = "") -> dict[str, Any]:
     folder = Path(folder)
     path = folder / META_FILE
     hint = hint or "Run `p2pz verify` to list damaged files, then re-import or re-pull that pack."
+    raw = read_file_bounded(path, MAX_META_BYTES, hint)
     try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise _corrupt(path, "the file is missing", hint) from None
-    if len(raw) > MAX_META_BYTES:
-        raise _corrupt(path, f"{len(raw)} bytes, over the {MAX_META_BYTES}-byte bound", hint)
+        meta = strict_json(raw)
+    except JSONRefused as e:
+        raise _corrupt(path, str(e), hint) from None
     try:
-        meta = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise _corrupt(
-            path, f"not valid JSON ({e.__class__.__name__}: {e}); it may be truncated", hint
-        ) from None
-    try:
-        validate_manifest(meta, path)
+        check_manifest(meta, path)
     except FormatError as e:
         raise _corrupt(path, str(e).removeprefix(f"{path}: "), hint) from None
-    if manifest_hash(meta) != meta["manifest_sha256"]:
-        raise _corrupt(path, "its metadata does not match its manifest_sha256", hint)
-    if content_hash(meta) != meta["content_hash"]:
-        raise _corrupt(path, "its content fields do not match its content_hash", hint)
     return meta
+
+
+def read_file_bounded(path: Path, limit: int, hint: str) -> bytes:
+    """A stored file's bytes; a missing file, a folder in its place, an unreadable or oversized one
+    raise `IntegrityError` naming it."""
+    try:
+        if not path.is_file():
+            what = "a folder stands where the file should be" if path.is_dir() else "the file is missing"
+            if path.is_dir() or not path.exists():
+                raise _corrupt(path, what, hint)
+        size = path.stat().st_size
+        if size > limit:
+            raise _corrupt(path, f"{size} bytes, over the {limit}-byte bound", hint)
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except IntegrityError:
+        raise
+    except OSError as e:
+        raise _corrupt(path, f"it cannot be read ({e.__class__.__name__}: {e.strerror or e})", hint) from None
+    if len(data) > limit:
+        raise _corrupt(path, f"over the {limit}-byte bound", hint)
+    return data
 
 
 def read_concept_dir(folder: str | os.PathLike, *, pack: str | None = None, hint: str = "") -> Concept:
@@ -236,10 +384,7 @@ def read_concept_dir(folder: str | os.PathLike, *, pack: str | None = None, hint
     hint = hint or "Run `p2pz verify` to list damaged files, then re-import or re-pull that pack."
     meta = read_manifest(folder, hint)
     tpath = folder / TENSOR_FILE
-    try:
-        data = tpath.read_bytes()
-    except FileNotFoundError:
-        raise _corrupt(tpath, "the file is missing", hint) from None
+    data = read_file_bounded(tpath, MAX_TENSOR_FILE_BYTES, hint)
     if sha256_bytes(data) != meta["tensor_sha256"]:
         raise _corrupt(
             tpath,
@@ -247,7 +392,10 @@ def read_concept_dir(folder: str | os.PathLike, *, pack: str | None = None, hint
             f"{meta['tensor_sha256'][:12]}... (truncated or modified)",
             hint,
         )
-    tensor = load_tensor_bytes(data, tpath)
+    try:
+        tensor = load_tensor_bytes(data, tpath)
+    except FormatError as e:
+        raise _corrupt(tpath, str(e).removeprefix(f"{tpath}: "), hint) from None
     shape = list(tensor.shape)
     if shape != meta["shape"] or str(tensor.dtype).removeprefix("torch.") != meta["dtype"]:
         raise _corrupt(

@@ -12,8 +12,15 @@ Versions: ``cat@2->dog`` pins the source only; ``cat->dog@2`` pins the *pair* (b
 version 2) unless the source carries its own version, in which case ``@2`` belongs to the target
 alone. ``cat@latest->dog@2`` pins only the target.
 
-Concept names are normalised: stripped, inner whitespace collapsed to one space, lower-cased
-(``"Cat  Wearing a Hat"`` -> ``"cat wearing a hat"``).
+Concept names are normalised: NFC, stripped, inner whitespace collapsed to one space, case-folded
+(``"Cat  Wearing a Hat"`` -> ``"cat wearing a hat"``), so two names that differ only in case are
+one name, also on case-insensitive file systems. A concept name is a folder name in the store: at
+most 200 characters *and* at most `MAX_NAME_BYTES` bytes in UTF-8 (file systems allow 255).
+
+One namespace for packs: a local pack name never contains ``--`` (nor does a Hub owner or repo
+name, as on the Hub), so a Hub pack ``alice/pack`` (folder ``alice--pack``) can never share a
+folder with a local pack. Pack folders are lower-case: Hub ids that differ only in case are one
+pack locally.
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ from dataclasses import dataclass
 from .errors import InvalidNameError
 
 MAX_NAME_LENGTH = 200
+#: bytes of a concept name in UTF-8: a folder name, under the 255-byte limit of common file systems
+MAX_NAME_BYTES = 200
 ARROW = "->"
 _WS = re.compile(r"\s+")
 _LOCAL_PACK = re.compile(r"^[a-z0-9](?:[a-z0-9._-]{0,94}[a-z0-9])?$")
@@ -81,13 +90,23 @@ def normalize_concept(name: str) -> str:
     """Validate and normalise one concept name; raise `InvalidNameError` (a ValueError) if bad."""
     if not isinstance(name, str):
         raise InvalidNameError(f"a concept name must be a string, not {type(name).__name__}")
-    norm = _WS.sub(" ", unicodedata.normalize("NFC", name)).strip().lower()
+    norm = _WS.sub(" ", unicodedata.normalize("NFC", name)).strip()
+    norm = unicodedata.normalize("NFC", norm.casefold())
     if not norm:
         raise InvalidNameError(
             "a concept name is empty: write something on both sides of '->', e.g. 'cat->dog'"
         )
     if len(norm) > MAX_NAME_LENGTH:
         raise InvalidNameError(f"concept name is {len(norm)} characters long; the limit is {MAX_NAME_LENGTH}")
+    try:
+        nbytes = len(norm.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidNameError(f"concept name {name!r} contains a lone surrogate; remove it") from None
+    if nbytes > MAX_NAME_BYTES:
+        raise InvalidNameError(
+            f"concept name is {nbytes} bytes long in UTF-8; the limit is {MAX_NAME_BYTES} bytes (it is a folder "
+            "name in the store): shorten it"
+        )
     for ch in norm:
         if unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"):
             raise InvalidNameError(f"concept name {name!r} contains a control character ({ch!r}); remove it")
@@ -127,6 +146,15 @@ def _split_version(side: str, where: str) -> tuple[str, int | None, bool]:
     return side, None, False
 
 
+def pack_folder(pack: PackRef | str) -> str:
+    """The store folder of a pack: ``alice/pack`` -> ``alice--pack`` (lower-case), a local name as is.
+
+    Injective on valid names: no valid local name contains ``--`` and no Hub id part does.
+    """
+    ref = parse_pack(pack) if isinstance(pack, str) else pack
+    return ref.name.replace("/", "--").lower()
+
+
 def parse_pack(text: str) -> PackRef:
     """Parse ``name`` or ``owner/repo[@revision]``."""
     raw = text.strip()
@@ -142,6 +170,10 @@ def parse_pack(text: str) -> PackRef:
         parts = raw.split("/")
         if len(parts) != 2 or not all(_HUB_PART.match(p) for p in parts) or ".." in raw:
             raise InvalidNameError(f"pack {raw!r} is not a Hub repo id of the form 'owner/name'")
+        if "--" in raw:
+            raise InvalidNameError(
+                f"pack {raw!r}: '--' is not allowed in a Hub repo id (the Hub forbids it too)"
+            )
         return PackRef(raw, revision)
     if revision is not None:
         raise InvalidNameError(f"pack {raw!r}@{revision}: only Hub packs ('owner/name@rev') take a revision")
@@ -149,6 +181,11 @@ def parse_pack(text: str) -> PackRef:
     if not _LOCAL_PACK.match(low) or ".." in low:
         raise InvalidNameError(
             f"pack name {raw!r} is invalid: use lower-case letters, digits, '.', '_' and '-' (at most 96)"
+        )
+    if "--" in low:
+        raise InvalidNameError(
+            f"pack name {raw!r} contains '--', which is reserved: '{low.replace('--', '/', 1)}' would be a Hub "
+            f"pack in the same folder. Use a single '-' (e.g. {low.replace('--', '-')!r})"
         )
     return PackRef(low, None)
 
@@ -213,6 +250,6 @@ def slug(encoder_id: str) -> str:
     ``openai--clip-vit-large-patch14``), as huggingface_hub names its cache folders."""
     out = encoder_id.replace("/", "--").replace("\\", "--").replace(":", "--")
     out = re.sub(r"[^A-Za-z0-9._-]", "_", out)
-    if not out or out in (".", "..") or out.startswith("."):
+    if not out or out in (".", "..") or out.startswith(".") or len(out) > 200:
         raise InvalidNameError(f"encoder id {encoder_id!r} cannot be used as a folder name")
     return out

@@ -40,6 +40,9 @@ TENSOR_FILE = "embedding.safetensors"
 META_FILE = "concept.json"
 MAX_INDEX_BYTES = 64 * 1024 * 1024
 MAX_INDEX_ROWS = 100_000
+#: decoded (uncompressed) bytes of an index's columns; 100 000 honest rows take about 60 MB
+MAX_INDEX_DECODED_BYTES = 256 * 1024 * 1024
+INDEX_BATCH_ROWS = 1024
 MAX_PACK_BYTES = 8 * 1024**3
 #: safetensors header and metadata beyond the raw tensor bytes
 TENSOR_HEADER_SLACK = 4096
@@ -282,7 +285,10 @@ def validate_rows(records: list[dict[str, Any]], source: str = INDEX_FILE) -> li
     """Validate every row, then the whole: no duplicate (encoder, name, version), bounded total size."""
     if len(records) > MAX_INDEX_ROWS:
         raise PackFormatError(f"{source}: {len(records)} rows, over the limit of {MAX_INDEX_ROWS}")
-    rows = [validate_row(r, i + 1, source) for i, r in enumerate(records)]
+    return _check_rows([validate_row(r, i + 1, source) for i, r in enumerate(records)], source)
+
+
+def _check_rows(rows: list[IndexRow], source: str) -> list[IndexRow]:
     seen: dict[tuple[str, str, int], int] = {}
     for i, r in enumerate(rows):
         if r.key in seen:
@@ -320,39 +326,78 @@ def write_index(rows: list[IndexRow]) -> bytes:
 
 
 def read_index(data: bytes | str | Path, source: str = INDEX_FILE) -> list[IndexRow]:
-    """Parse and validate an index (bytes or a file path). Unknown columns are ignored."""
+    """Parse and validate an index (bytes or a file path). Unknown columns are ignored.
+
+    Bounded while reading, not after: the file's bytes (`MAX_INDEX_BYTES`), its row count
+    (`MAX_INDEX_ROWS`, from the footer), and the decoded bytes (`MAX_INDEX_DECODED_BYTES`,
+    declared per row group in the footer and counted batch by batch as rows are decoded); each
+    batch of rows is validated as soon as it is decoded, so the first bad row stops the read.
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     if not isinstance(data, bytes):
         p = Path(data)
-        if p.stat().st_size > MAX_INDEX_BYTES:
-            raise PackFormatError(
-                f"{source}: {p.stat().st_size} bytes, over the {MAX_INDEX_BYTES}-byte bound"
-            )
-        data = p.read_bytes()
+        try:
+            size = p.stat().st_size
+            if not p.is_file():
+                raise PackFormatError(f"{source}: not a file")
+            if size > MAX_INDEX_BYTES:
+                raise PackFormatError(f"{source}: {size} bytes, over the {MAX_INDEX_BYTES}-byte bound")
+            data = p.read_bytes()
+        except OSError as e:
+            raise PackFormatError(f"{source}: cannot be read ({e.__class__.__name__})") from None
     if len(data) > MAX_INDEX_BYTES:
         raise PackFormatError(f"{source}: {len(data)} bytes, over the {MAX_INDEX_BYTES}-byte bound")
+    records: list[dict[str, Any]] = []
+    rows: list[IndexRow] = []
     try:
-        pf = pq.ParquetFile(pa.BufferReader(data))
-        if pf.metadata.num_rows > MAX_INDEX_ROWS:
-            raise PackFormatError(
-                f"{source}: {pf.metadata.num_rows} rows, over the limit of {MAX_INDEX_ROWS}"
-            )
+        pf = pq.ParquetFile(
+            pa.BufferReader(data), thrift_string_size_limit=1 << 20, thrift_container_size_limit=1 << 20
+        )
+        meta = pf.metadata
+        if meta.num_rows > MAX_INDEX_ROWS:
+            raise PackFormatError(f"{source}: {meta.num_rows} rows, over the limit of {MAX_INDEX_ROWS}")
         names = set(pf.schema_arrow.names)
         missing = [c for c in load_schema("index-row")["required"] if c not in names]
         if missing:
             raise PackFormatError(f"{source} lacks the columns {missing}; is this a p2pz directions pack?")
+        _check_index_format(pf.schema_arrow.metadata or {}, source)
         cols = [c for c in INDEX_COLUMNS if c in names]
-        table = pf.read(columns=cols)
+        col_idx = [i for i in range(meta.num_columns) if meta.schema.column(i).path in cols]
+        declared = 0
+        for g in range(meta.num_row_groups):
+            rg = meta.row_group(g)
+            declared += sum(max(rg.column(i).total_uncompressed_size, 0) for i in col_idx)
+            if declared > MAX_INDEX_DECODED_BYTES:
+                raise PackFormatError(
+                    f"{source}: its columns decode to over {MAX_INDEX_DECODED_BYTES} bytes (row group {g + 1}); "
+                    "a pack index is far smaller"
+                )
+        decoded = 0
+        for g in range(meta.num_row_groups):
+            for batch in pf.iter_batches(
+                batch_size=INDEX_BATCH_ROWS, row_groups=[g], columns=cols, use_threads=False
+            ):
+                decoded += batch.nbytes
+                if decoded > MAX_INDEX_DECODED_BYTES:
+                    raise PackFormatError(
+                        f"{source}: decoded over {MAX_INDEX_DECODED_BYTES} bytes by row {len(records) + batch.num_rows}; "
+                        "a pack index is far smaller"
+                    )
+                start = len(records)
+                batch_records = batch.to_pylist()
+                records.extend(batch_records)
+                if len(records) > MAX_INDEX_ROWS:
+                    raise PackFormatError(f"{source}: over {MAX_INDEX_ROWS} rows")
+                rows.extend(validate_row(r, start + i + 1, source) for i, r in enumerate(batch_records))
     except PackFormatError:
         raise
     except (pa.ArrowException, OSError, ValueError) as e:
         raise PackFormatError(
             f"{source} is not a readable parquet file ({e.__class__.__name__}: {e})"
         ) from None
-    _check_index_format(pf.schema_arrow.metadata or {}, source)
-    return validate_rows(table.to_pylist(), source)
+    return _check_rows(rows, source)
 
 
 def _check_index_format(meta: dict[bytes, bytes], source: str) -> None:

@@ -17,6 +17,12 @@ Fault injection (all thread-safe, each optionally limited to ``times`` uses)::
     hub.fail(status=404, path="*/resolve/*", method="GET")     # answer with an error
     hub.cut("*/embedding.safetensors", after=100)              # close the socket mid-body
     hub.tamper("me/pack", "index.parquet")                     # serve other bytes, same ETag
+    hub.dribble("*/embedding.safetensors", interval=0.3)       # one byte per interval, forever
+
+Hostile packs (issue 15/18: each case a fixture a test pulls)::
+
+    hub.replace_in_pack("eve/pack", "concepts/.../concept.json", b"...")   # and fix the index row to match
+    hub.upload_index("eve/pack", rows)                                     # any rows, as a raw index.parquet
 
 Auth: tokens are registered with `FakeHub.add_token`; private repos answer 401 (no token) or 404
 (a token without access) with ``X-Error-Code: RepoNotFound``, like the Hub; writes need a write
@@ -112,13 +118,14 @@ class Repo:
 class Fault:
     """One injected fault; ``times=None`` means forever."""
 
-    kind: str  # "status" | "cut"
+    kind: str  # "status" | "cut" | "dribble"
     path: str  # fnmatch pattern on the URL path (unquoted, without query)
     method: str | None = None
     status: int = 500
     message: str = ""
     error_code: str | None = None
     after: int = 0  # bytes of body sent before a cut
+    interval: float = 0.0  # seconds between the bytes of a dribble
     times: int | None = 1
     hits: int = 0
 
@@ -243,6 +250,52 @@ class FakeHub:
         with self.lock:
             self.faults.append(f)
         return f
+
+    def dribble(self, path: str, interval: float = 0.3, *, times: int | None = None) -> Fault:
+        """Answer a GET with the headers, then one byte of the body every ``interval`` seconds."""
+        f = Fault("dribble", path, "GET", interval=interval, times=times)
+        with self.lock:
+            self.faults.append(f)
+        return f
+
+    # -- hostile packs ------------------------------------------------------------------------
+    def replace_in_pack(self, repo_id: str, path: str, data: bytes, *, fix_index: bool = True) -> str:
+        """Commit other bytes for ``path``; with ``fix_index`` the index row's sha256 and size follow,
+        so only the deeper checks (JSON, schema, hashes inside concept.json) can catch it."""
+        import io
+
+        import pyarrow.parquet as pq
+
+        files = {path: data}
+        if fix_index:
+            table = pq.read_table(io.BytesIO(self.file(repo_id, "index.parquet")))
+            rows = table.to_pylist()
+            for r in rows:
+                if r["metadata_path"] == path:
+                    r["metadata_sha256"], r["metadata_size"] = hashlib.sha256(data).hexdigest(), len(data)
+                if r["tensor_path"] == path:
+                    r["sha256"], r["size"] = hashlib.sha256(data).hexdigest(), len(data)
+            files["index.parquet"] = self._parquet(rows, table.schema)
+        return self.upload(repo_id, files, message=f"hostile: {path}")
+
+    def upload_index(self, repo_id: str, rows: list[dict], extra: dict[str, bytes] | None = None) -> str:
+        """Commit ``rows`` as the pack's index.parquet (no checks at all), plus ``extra`` files."""
+        from p2pz_directions.pack_schema import index_schema
+
+        return self.upload(
+            repo_id, {"index.parquet": self._parquet(rows, index_schema()), **(extra or {})}, message="index"
+        )
+
+    @staticmethod
+    def _parquet(rows: list[dict], schema) -> bytes:
+        import io
+
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        buf = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema), buf, compression="zstd")
+        return buf.getvalue()
 
     def tamper(
         self,
@@ -380,6 +433,8 @@ class _Handler(BaseHTTPRequestHandler):
     """Routes one request to the `FakeHub` (set as the class attribute ``fake``)."""
 
     fake: FakeHub
+    # headers and body go in two writes: no 40 ms delayed-ACK stall per request
+    disable_nagle_algorithm = True
     protocol_version = "HTTP/1.1"
     server_version = "FakeHub/1.0"
 
@@ -806,8 +861,22 @@ class _Handler(BaseHTTPRequestHandler):
             headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
         payload = data[start : end + 1]
         headers["Content-Length"] = str(len(payload))
-        if method == "HEAD" or fault is None or fault.kind != "cut":
+        if method == "HEAD" or fault is None or fault.kind not in ("cut", "dribble"):
             return self._send(status, payload, headers)
+        if fault.kind == "dribble":  # a server that never quite stops sending
+            self.send_response(status)
+            for k, v in headers.items():
+                self.send_header(k, v)
+            self.end_headers()
+            try:
+                for i in range(len(payload)):
+                    self.wfile.write(payload[i : i + 1])
+                    self.wfile.flush()
+                    time.sleep(fault.interval)
+            except OSError:
+                pass
+            self.close_connection = True
+            return None
         # injected cut: promise the whole body, send part of it, drop the connection
         self.send_response(status)
         for k, v in headers.items():

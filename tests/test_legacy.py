@@ -114,7 +114,6 @@ def test_url_import_and_size_bound(http_dir, monkeypatch, authors_embeddings):
     import p2pz_directions.legacy as legacy
 
     monkeypatch.setattr(legacy, "MAX_DOWNLOAD_BYTES", 1000)
-    monkeypatch.setattr(legacy.download, "__defaults__", (1000, True))
     with pytest.raises(DownloadError, match="over the 1000-byte bound"):
         import_pt([f"{base}/dog.pt"], encoder=CLIP_L, pack="web2", progress=False)
     with pytest.raises(DownloadError, match="HTTP 404"):
@@ -126,3 +125,88 @@ def test_offline_refuses_urls(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(DownloadError, match="offline mode"):
         import_pt(["https://example.invalid/cat.pt"], encoder=CLIP_L, progress=False)
+
+
+# -- hostile .pt files: bounds from the metadata, before anything is materialised ---------------------
+def test_stride0_view_claiming_terabytes_is_refused_before_allocating(tmp_path):
+    huge = torch.zeros(1).expand(1, 77, 10**12)  # 308 TB if materialised; the file is tiny
+    torch.save(huge, tmp_path / "huge.pt")
+    assert (tmp_path / "huge.pt").stat().st_size < 4096
+    big = torch.zeros(1).expand(77, 4_000_000)  # 1.2 GB if materialised
+    torch.save(big, tmp_path / "big.pt")
+    for f in ("huge.pt", "big.pt"):
+        with pytest.raises(FormatError, match=r"D in 1\.\.8192"):
+            import_pt([tmp_path / f], encoder="x/y", progress=False)
+    # a stride-0 view of a legal shape is fine: it is copied into a dense [77, D]
+    torch.save(torch.ones(1).expand(77, 16), tmp_path / "flat.pt")
+    (c,) = import_pt([tmp_path / "flat.pt"], encoder="x/y", progress=False)
+    assert c.embedding.shape == (77, 16) and c.embedding.stride() == (16, 1)
+
+
+@pytest.mark.parametrize("layout", ["coo", "csr"])
+def test_sparse_tensors_are_refused_with_one_line(tmp_path, layout):
+    dense = torch.zeros(77, 16)
+    dense[3, 4] = 1.0
+    t = dense.to_sparse() if layout == "coo" else dense.to_sparse_csr()
+    torch.save(t, tmp_path / "sparse.pt")
+    with pytest.raises(FormatError, match="sparse") as e:
+        import_pt([tmp_path / "sparse.pt"], encoder="x/y", progress=False)
+    assert "\n" not in str(e.value)
+    assert LocalStore().entries() == []
+
+
+@pytest.mark.parametrize("d", [0, 10_000])
+def test_hidden_size_the_reader_refuses_is_refused_before_writing(tmp_path, d):
+    torch.save(torch.zeros(77, d), tmp_path / "odd.pt")
+    with pytest.raises(FormatError):
+        import_pt([tmp_path / "odd.pt"], encoder="x/y", progress=False)
+    assert not (LocalStore().root / "packs").exists() or LocalStore().entries() == []
+
+
+def test_pre_1_6_format_and_compressed_archives_are_refused(tmp_path):
+    torch.save(torch.zeros(77, 16), tmp_path / "old.pt", _use_new_zipfile_serialization=False)
+    with pytest.raises(FormatError, match="pre-1.6"):
+        import_pt([tmp_path / "old.pt"], encoder="x/y", progress=False)
+    import zipfile
+
+    torch.save(torch.zeros(77, 16), tmp_path / "ok.pt")
+    with zipfile.ZipFile(tmp_path / "ok.pt") as src, zipfile.ZipFile(tmp_path / "zipped.pt", "w") as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info), compress_type=zipfile.ZIP_DEFLATED)
+    with pytest.raises(FormatError, match="compressed"):
+        import_pt([tmp_path / "zipped.pt"], encoder="x/y", progress=False)
+
+
+def test_a_dribbling_server_is_cut_off_by_the_deadline(monkeypatch):
+    import time
+
+    import p2pz_directions.legacy as legacy
+
+    class Dribble(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            try:
+                for _ in range(1000):
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                    time.sleep(0.2)
+            except OSError:
+                pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Dribble)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(legacy, "DOWNLOAD_DEADLINE_S", 1.0)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(DownloadError, match="P2PZ_DOWNLOAD_DEADLINE"):
+            import_pt([f"http://127.0.0.1:{srv.server_address[1]}/cat.pt"], encoder="x/y", progress=False)
+    finally:
+        srv.shutdown()
+    assert time.monotonic() - t0 < 5

@@ -119,18 +119,40 @@ def test_crash_mid_write_leaves_no_visible_version(monkeypatch):
     import p2pz_directions.store as store_mod
 
     def boom(src, dst):
-        raise KeyboardInterrupt("simulated crash before the rename")
+        raise KeyboardInterrupt("simulated crash at the commit point")
 
-    monkeypatch.setattr(store_mod.os, "rename", boom)
+    monkeypatch.setattr(store_mod.os, "replace", boom)
     with pytest.raises(KeyboardInterrupt):
-        store.publish(concept("cat", 0))
+        store.publish_many([concept("cat", 0), concept("dog", 1)])
     monkeypatch.undo()
     assert store.entries() == []
-    assert any((store.root / "tmp").iterdir())  # the half-written folder is only in tmp/
-    # the next writer cleans it up, and the version is written whole
+    assert not (store.root / "txn").exists() or not any((store.root / "txn").iterdir())
     store.publish(concept("dog", 0))
-    assert not any((store.root / "tmp").iterdir())
     assert [e.name for e in store.entries()] == ["dog"]
+
+
+def test_crash_after_the_commit_point_is_rolled_forward_on_open(monkeypatch):
+    store = LocalStore()
+    store.publish(concept("bird", 9))
+    import p2pz_directions.store as store_mod
+
+    real = os.replace
+    calls = []
+
+    def replace_then_die(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:  # the journal is written (call 1); die at the first rename of a version
+            raise KeyboardInterrupt("simulated crash between the renames")
+        return real(src, dst)
+
+    monkeypatch.setattr(store_mod.os, "replace", replace_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        store.publish_many([concept("cat", 0), concept("dog", 1)])
+    monkeypatch.undo()
+    store_mod._ACTIVE_TXNS.clear()  # as if the process had died
+    fresh = LocalStore(store.root)
+    assert sorted(e.name for e in fresh.entries()) == ["bird", "cat", "dog"]  # all of it, finished on open
+    assert not (store.root / "txn").exists()
 
 
 def _publish_worker(root: str, seed: int, n: int, q) -> None:
@@ -211,3 +233,122 @@ def test_env_home_is_honoured(tmp_path, monkeypatch):
 
     assert default_store().root == tmp_path / "elsewhere"
     assert os.fspath(LocalStore().root) == os.fspath(tmp_path / "elsewhere")
+
+
+# -- malformed stored files: always the documented integrity error, naming the file -----------------
+def _damage_meta(store: LocalStore, name: str, text_change) -> None:
+    (e,) = store.entries(name=name)
+    p = e.path / META_FILE
+    p.write_text(text_change(p.read_text("utf-8")), "utf-8")
+
+
+DAMAGE = {
+    "nan": lambda t: t.replace('"provenance": {', '"provenance": {"x": NaN, ', 1),
+    "1e999": lambda t: t.replace('"provenance": {', '"provenance": {"x": 1e999, ', 1),
+    "deep": lambda t: t.replace(
+        '"provenance": {', '"provenance": {"x": ' + "[" * 100_000 + "]" * 100_000 + ", ", 1
+    ),
+    "surrogate": lambda t: t.replace('"provenance": {', '"provenance": {"x": "\\ud800", ', 1),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(DAMAGE))
+def test_malformed_manifest_is_an_integrity_error(kind):
+    store = LocalStore()
+    store.publish_many([concept("cat", 0), concept("dog", 1)])
+    _damage_meta(store, "cat", DAMAGE[kind])
+    with pytest.raises(IntegrityError, match=r"cat/1/concept.json is corrupted"):
+        store.entries()
+    with pytest.warns(UserWarning, match="skipped a damaged version"):
+        assert [e.name for e in store.entries(skip_damaged=True)] == ["dog"]
+    n, problems = store.verify()
+    assert n == 2 and [p.path.parent.name for p in problems] == ["cat"]
+
+
+@pytest.mark.parametrize("which", [META_FILE, TENSOR_FILE])
+def test_a_folder_where_a_file_should_be(which):
+    store = LocalStore()
+    store.publish_many([concept("cat", 0), concept("dog", 1)])
+    (e,) = store.entries(name="cat")
+    (e.path / which).unlink()
+    (e.path / which).mkdir()
+    n, problems = store.verify()
+    assert len(problems) == 1 and "a folder stands where the file should be" in problems[0].message
+    with pytest.raises(IntegrityError, match=which):
+        store.load(e) if which == TENSOR_FILE else store.entries(name="cat")
+
+
+def test_cli_verify_exits_1_and_list_skips_the_damaged_version(capsys):
+    from p2pz_directions.cli import main
+
+    store = LocalStore()
+    store.publish_many([concept("cat", 0), concept("dog", 1)])
+    _damage_meta(store, "cat", DAMAGE["surrogate"])
+    assert main(["verify"]) == 1
+    cap = capsys.readouterr()
+    assert "1 damaged" in cap.out and "cat" in cap.err
+    with pytest.warns(UserWarning, match="skipped a damaged version"):
+        assert main(["list", "--json"]) == 0
+    assert [r["name"] for r in json.loads(capsys.readouterr().out)] == ["dog"]
+
+
+# -- the writer refuses what the reader would refuse, before writing anything ------------------------
+def test_writes_the_reader_would_refuse_are_refused_first():
+    from p2pz_directions.format import MAX_CAPTIONS
+
+    store = LocalStore()
+    too_many = concept("cat", 0, captions=[f"c{i}" for i in range(MAX_CAPTIONS + 1)])
+    with pytest.raises(FormatError, match="at most 100000"):
+        store.publish(too_many)
+    for d in (0, 10_000):
+        enc = EncoderInfo("test/odd", d, "test")
+        with pytest.raises(FormatError, match="hidden_size"):
+            store.publish(Concept("cat", torch.zeros(77, d), enc))
+    assert store.entries() == []
+    assert not any((store.root / "packs").rglob("concept.json")) if (store.root / "packs").exists() else True
+    ok = store.publish(concept("cat", 0, captions=[f"c{i}" for i in range(3)]))
+    assert store.load(store.entries()[0]).captions == ok.captions
+
+
+def test_a_version_number_is_never_reused_for_other_content():
+    store = LocalStore()
+    store.publish(concept("cat", 0))
+    (e,) = store.entries()
+    import shutil
+
+    shutil.rmtree(e.path)  # the version is gone from the folder, not from the pack's history
+    with pytest.raises(ImmutableVersionError, match="never reused"):
+        store.publish(concept("cat", 5), version=1)
+    assert store.publish(concept("cat", 5)).version == 2
+    assert store.publish(concept("cat", 0), version=1).version == 1  # the same content may come back
+
+
+def test_stale_temp_and_staging_files_of_dead_writers_are_removed_on_open():
+    store = LocalStore()
+    store.publish(concept("cat", 0), pack="mine")
+    dead = 2**22 + 12345  # no such process
+    pj = store.pack_dir("mine")
+    (pj / f".pack.json.{dead}.{'a' * 32}.tmp").write_bytes(b"{")
+    (store.root / "staging" / f"{dead}-x" / "old").mkdir(parents=True)
+    (store.root / "tmp" / f"{dead}-y").mkdir(parents=True)
+    (store.root / "txn" / f"{dead}-z" / "items").mkdir(parents=True)  # never committed
+    live = pj / f".pack.json.{os.getpid()}.{'b' * 32}.tmp"
+    live.write_bytes(b"{")  # a live writer's: kept
+    fresh = LocalStore(store.root)
+    assert [e.name for e in fresh.entries()] == ["cat"]
+    assert not list(pj.glob(f".pack.json.{dead}.*"))
+    assert live.exists()
+    for d in ("staging", "tmp", "txn"):
+        assert not (store.root / d).exists() or not any((store.root / d).iterdir())
+
+
+def test_a_damaged_pack_json_or_history_is_reported_by_verify_and_listing_goes_on():
+    store = LocalStore()
+    store.publish(concept("cat", 0), pack="mine")
+    d = store.pack_dir("mine")
+    (d / "pack.json").write_text('{"name": "mine", "x": NaN}')
+    (d / "versions.json").write_text("[" * 1000)
+    assert [e.name for e in store.entries()] == ["cat"]
+    n, problems = store.verify()
+    assert n == 1 and sorted(p.path.name for p in problems) == ["pack.json", "versions.json"]
+    assert all("corrupted" in p.message for p in problems)
