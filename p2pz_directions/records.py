@@ -401,3 +401,42 @@ def verify(store: Any = None, pack: str | None = None) -> tuple[int, list[tuple[
             except IntegrityError as e:
                 problems.append((f, str(e)))
     return n, problems
+
+
+def _safe(s: Any) -> str:
+    """Untrusted text (a pulled record) for the terminal: control characters and rich markup escaped."""
+    from rich.markup import escape
+
+    text = "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" for ch in str(s))
+    return escape(text)
+
+
+def render(recs: list[EvalRecord], console: Any) -> None:
+    """Print recorded scores (``p2pz show``): one row per record, mean ± std per metric."""
+    from rich.table import Table
+
+    from .eval.aggregate import fmt
+
+    if not recs:
+        console.print(
+            "no recorded scores for these concept versions; measure them with "
+            "`p2pz eval 'a->b' --images FOLDER --record`"
+        )
+        return
+    metrics = sorted({m for r in recs for m in r.scores})
+    t = Table(title="recorded scores (mean ± std over images and seeds)", title_justify="left")
+    for col in ("record", "editor", "model", "images × seeds"):
+        t.add_column(col)
+    for m in metrics:
+        hib = next((r.scores[m].get("higher_is_better", True) for r in recs if m in r.scores), True)
+        t.add_column(f"{m} {'↑' if hib else '↓'}", justify="right")
+    for r in recs:
+        seeds = r.data["settings"].get("seeds") or []
+        t.add_row(
+            f"{_safe(r.pack)}:{r.record_id[:10]}",
+            _safe(r.editor),
+            _safe(r.model or "-"),
+            f"{r.data['images']['count']} × {len(seeds)}",
+            *[fmt(r.scores.get(m)) for m in metrics],
+        )
+    console.print(t)
