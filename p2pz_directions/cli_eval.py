@@ -71,41 +71,49 @@ class _Bars:
             disable=not enabled,
         )
         self.tasks: dict[str, Any] = {}
+        self.started = False
 
     def __enter__(self) -> _Bars:
-        self.p.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.p.__exit__(*exc)
+        if self.started:
+            self.p.__exit__(*exc)
 
     def __call__(self, phase: str, done: int, total: int) -> None:
         if phase == "load":
             return
+        if not self.started:  # drawn once the checks passed and work begins
+            self.p.__enter__()
+            self.started = True
         if phase not in self.tasks:
             self.tasks[phase] = self.p.add_task(phase, total=total)
         self.p.update(self.tasks[phase], completed=done, total=total)
 
 
-def render_table(res: Any) -> Table:
-    """The results table: one row per direction × editor, winners in bold with a star."""
-    t = Table(title=f"{len(res.images)} images × {len(res.seeds)} seeds (mean ± std)", title_justify="left")
-    t.add_column("direction")
-    t.add_column("editor")
-    for m, info in res.metrics.items():
-        t.add_column(f"{m} {'↑' if info['higher_is_better'] else '↓'}", justify="right")
+def render_tables(res: Any) -> list[Table]:
+    """One table per editor: a row per metric, a column per direction; the winner marked ``*``."""
     from .eval.aggregate import fmt
 
-    for d, per_ed in res.summaries.items():
-        for e, s in per_ed.items():
+    tables = []
+    for e in res.editors:
+        t = Table(
+            title=f"{e}: {len(res.images)} images × {len(res.seeds)} seeds, mean ± std",
+            title_justify="left",
+        )
+        t.add_column("metric")
+        for d in res.directions:
+            t.add_column(d, justify="right")
+        for m, info in res.metrics.items():
             cells = []
-            for m in res.metrics:
-                text = fmt(s.get(m))
+            for d in res.directions:
+                text = fmt(res.summaries[d][e].get(m))
                 if d in res.winners.get(e, {}).get(m, []):
                     text = f"[bold]{text} *[/bold]"
                 cells.append(text)
-            t.add_row(d, e, *cells, end_section=False)
-    return t
+            t.add_row(f"{m} {'↑' if info['higher_is_better'] else '↓'}", *cells)
+        tables.append(t)
+    return tables
 
 
 def register(app: typer.Typer) -> None:
@@ -263,7 +271,8 @@ def register(app: typer.Typer) -> None:
         if as_json:
             sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
             return
-        out.print(render_table(res))
+        for t in render_tables(res):
+            out.print(t)
         if res.winners:
             out.print("* best of the directions compared, per editor and metric")
         out.print(f"wrote {output}" + ("" if no_grid else f" and {grid_path}"))

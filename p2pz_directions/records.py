@@ -412,7 +412,7 @@ def _safe(s: Any) -> str:
 
 
 def render(recs: list[EvalRecord], console: Any) -> None:
-    """Print recorded scores (``p2pz show``): one row per record, mean ± std per metric."""
+    """Print recorded scores (``p2pz show``): per record its setting, then mean ± std per metric."""
     from rich.table import Table
 
     from .eval.aggregate import fmt
@@ -423,20 +423,20 @@ def render(recs: list[EvalRecord], console: Any) -> None:
             "`p2pz eval 'a->b' --images FOLDER --record`"
         )
         return
-    metrics = sorted({m for r in recs for m in r.scores})
-    t = Table(title="recorded scores (mean ± std over images and seeds)", title_justify="left")
-    for col in ("record", "editor", "model", "images × seeds"):
-        t.add_column(col)
-    for m in metrics:
-        hib = next((r.scores[m].get("higher_is_better", True) for r in recs if m in r.scores), True)
-        t.add_column(f"{m} {'↑' if hib else '↓'}", justify="right")
+    console.print(f"[bold]recorded scores[/bold] ({len(recs)}; mean ± std over images and seeds)")
     for r in recs:
         seeds = r.data["settings"].get("seeds") or []
-        t.add_row(
-            f"{_safe(r.pack)}:{r.record_id[:10]}",
-            _safe(r.editor),
-            _safe(r.model or "-"),
-            f"{r.data['images']['count']} × {len(seeds)}",
-            *[fmt(r.scores.get(m)) for m in metrics],
+        t = Table(
+            title=(
+                f"{_safe(r.pack)}:{r.record_id[:10]}  {_safe(r.editor)} on {_safe(r.model or '?')}, "
+                f"{r.data['images']['count']} images × {len(seeds)} seeds, {_safe(r.created or '')[:10]}"
+            ),
+            title_justify="left",
         )
-    console.print(t)
+        t.add_column("metric")
+        t.add_column("mean ± std", justify="right")
+        t.add_column("n", justify="right")
+        for m, s in r.scores.items():
+            arrow = "↑" if s.get("higher_is_better", True) else "↓"
+            t.add_row(f"{_safe(m)} {arrow}", fmt(s), str(s.get("n", "")))
+        console.print(t)
