@@ -42,7 +42,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from . import __version__, naming
+from . import __version__, naming, records
 from .errors import (
     ImmutableVersionError,
     IntegrityError,
@@ -479,10 +479,13 @@ def push(
     rows = [*remote.rows, *(lv.row for lv in new)]
     index_bytes = write_index(rows)
     readme = _render_card(repo_id, rows, remote.readme, license)
+    with _hub_errors(repo_id, "push to", token):  # evaluation records (p2pz eval --record) travel too
+        eval_ops, readme = records.hub_push_plan(store, pack, repo_id, remote, readme, token)
     ops = []
     for lv in new:
         ops.append(CommitOperationAdd(lv.row.metadata_path, lv.meta))
         ops.append(CommitOperationAdd(lv.row.tensor_path, lv.tensor))
+    ops.extend(eval_ops)
     index_changed = not remote.exists or INDEX_FILE not in remote.files or bool(new)
     if index_changed:
         ops.append(CommitOperationAdd(INDEX_FILE, index_bytes))
@@ -745,6 +748,11 @@ def pull(
                     )
     wanted = [p for r in rows for p in (r.metadata_path, r.tensor_path)]
     with _hub_errors(repo_id, "pull", token, revision):
+        eval_rows = records.hub_pull_rows(
+            repo_id, commit, sizes, cache_dir=cache_dir, token=token, offline=offline
+        )
+    wanted += [r["path"] for r in eval_rows]
+    with _hub_errors(repo_id, "pull", token, revision):
         snap = Path(
             snapshot_download(
                 repo_id,
@@ -757,6 +765,7 @@ def pull(
             )
         )
     concepts = _verify_snapshot(snap, rows, label, commit)
+    records.hub_verify(snap, eval_rows, label, commit)
     notes = _encoder_warnings(rows, label) + _clash_notes(store, repo_id, rows)
     new_source = {
         "type": "hub",
@@ -768,7 +777,9 @@ def pull(
         "pulled": _now(),
         "num_concepts": len(rows),
     }
-    added, removed = _install(store, repo_id, snap, rows, concepts, new_source, force=force)
+    added, removed = _install(
+        store, repo_id, snap, rows, concepts, new_source, force=force, eval_rows=eval_rows
+    )
     return PullResult(
         pack=repo_id,
         repo_id=repo_id,
@@ -905,6 +916,7 @@ def _install(
     source: dict[str, Any],
     *,
     force: bool,
+    eval_rows: list | None = None,
 ) -> tuple[list[str], list[str]]:
     """Build the pack beside the store, check it, and swap it in under the store's lock."""
     work = _staging_root(store) / f"{os.getpid()}-{uuid.uuid4().hex}"
@@ -916,6 +928,7 @@ def _install(
             for rel, fname in ((r.metadata_path, META_FILE), (r.tensor_path, TENSOR_FILE)):
                 shutil.copyfile(snap / rel, dest / fname)  # byte for byte what the index vouched for
         staging.set_pack_info(pack, source)
+        records.hub_install(staging.pack_dir(pack), snap, eval_rows or [])
         staged = {(e.encoder.id, e.name, e.version): e for e in staging.entries(pack=pack)}
         if len(staged) != len(rows):
             raise IntegrityError(f"{pack}: staged {len(staged)} versions for {len(rows)} index rows")
@@ -937,6 +950,7 @@ def _install(
                 )
             dest = store.pack_dir(pack)
             dest.parent.mkdir(parents=True, exist_ok=True)
+            records.keep_local_records(staging.pack_dir(pack), dest)
             trash = work / "old"
             if dest.is_dir():
                 os.rename(dest, trash)
