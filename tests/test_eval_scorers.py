@@ -149,6 +149,18 @@ def test_background_ssim_outside_the_mask():
     ta, tb = builtin._to_chw(a), builtin._to_chw(b)
     assert float(builtin.ssim_map(ta, ta).mean()) == pytest.approx(1.0, abs=1e-6)
     assert torch.allclose(builtin.ssim_map(ta, tb), builtin.ssim_map(tb, ta), atol=1e-6)
+    # Wang et al.'s formula with the 11x11 Gaussian window applied in 2-D, written out here
+    g = builtin._gaussian(11, 1.5)
+    k = (g[:, None] * g[None, :]).expand(3, 1, 11, 11).contiguous()
+
+    def blur(x):
+        return F.conv2d(F.pad(x[None], (5, 5, 5, 5), mode="reflect"), k, groups=3)[0]
+
+    ma, mb = blur(ta), blur(tb)
+    va, vb, cov = blur(ta * ta) - ma**2, blur(tb * tb) - mb**2, blur(ta * tb) - ma * mb
+    c1, c2 = 0.01**2, 0.03**2
+    want = ((2 * ma * mb + c1) * (2 * cov + c2)) / ((ma**2 + mb**2 + c1) * (va + vb + c2))
+    assert torch.allclose(builtin.ssim_map(ta, tb), want.mean(0), atol=1e-5)
 
 
 def test_scorer_model_of_the_wrong_kind_is_a_clear_error(tiny_clip, tiny_dino, tmp_path):
