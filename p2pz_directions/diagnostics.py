@@ -182,8 +182,8 @@ def render(diag: Diagnostics, console: Any) -> None:
 
     t = Table(show_header=False, title="embedding diagnostics (no images)", title_justify="left")
     t.add_column(style="bold")
-    t.add_column()
-    t.add_row("delta norm / position", sparkline(diag.token_norms))
+    t.add_column(overflow="fold")
+    t.add_row(f"delta norm / position 0..{len(diag.token_norms) - 1}", sparkline(diag.token_norms))
     t.add_row("most moved positions", ", ".join(f"{p}: {n:.4g}" for p, n in diag.top_positions))
     t.add_row("cos(source, target)", f"{diag.cosine_source_target:.4f}")
     for side in ("source", "target"):
