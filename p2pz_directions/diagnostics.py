@@ -28,6 +28,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .errors import P2PZError
+
 __all__ = ["Diagnostics", "caption_diversity", "diagnose", "entangled_directions", "render"]
 
 #: captions embedded per concept for the diversity figure (evenly spaced when there are more)
@@ -147,7 +149,10 @@ def diagnose(
         ncap[side] = len(c.captions or [])
         diversity[side] = None
         if captions and ncap[side] >= 2:
-            val = caption_diversity(c.captions, embedder)
+            try:
+                val = caption_diversity(c.captions, embedder)
+            except P2PZError:  # MiniLM not installed: the other diagnostics still stand
+                val = None
             diversity[side] = None if val is None else _r(val)
     ent, n = entangled_directions(direction, store, k=k)
     return Diagnostics(
