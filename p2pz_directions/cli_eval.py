@@ -175,6 +175,9 @@ def register(app: typer.Typer) -> None:
             Path,
             typer.Option("--output", "-o", help="JSON results file; the grid image is written beside it."),
         ] = Path("p2pz-eval.json"),
+        batch_size: Annotated[
+            int, typer.Option("--batch-size", help="Images per editor call, for editors that take lists.")
+        ] = 8,
         no_grid: Annotated[bool, typer.Option("--no-grid", help="Do not write the grid image.")] = False,
         list_scorers: Annotated[
             bool, typer.Option("--list-scorers", help="List scorers and metrics, then exit.")
@@ -257,6 +260,7 @@ def register(app: typer.Typer) -> None:
                 dtype=parse_dtype(dtype),
                 record=record,
                 record_pack=record_pack,
+                edit_batch_size=batch_size,
                 progress=bars,
             )
         data = res.to_dict()

@@ -177,6 +177,14 @@ def test_batched_editor_gets_one_call_per_seed(tiny_sd1, store, photos, scorer_m
     )  # fmt: skip
     assert _Batched.calls == ["list", "list"]  # two seeds, each one call with both images
     assert len(res.samples) == 4 and all(s["structure_distance"] >= 0 for s in res.samples)
+    # seed s brightens by 10 + s: the per-seed edits reached the scorers in order
+    _Batched.calls = []
+    res1 = run(
+        tiny_sd1, store, photos, scorer_models, directions=["cat->dog"], editors_given={"batched-test": ed},
+        editor="batched-test", editor_options={}, edit_batch_size=1,
+    )  # fmt: skip
+    assert _Batched.calls == ["PngImageFile"] * 4  # chunks of one image: the image itself, not a list
+    assert res1.samples == res.samples
 
 
 def test_bad_input_fails_before_editing_and_records_nothing(tiny_sd1, store, photos, scorer_models, tmp_path):

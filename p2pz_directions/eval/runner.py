@@ -174,10 +174,24 @@ def _split_result(res: Any, n: int) -> list[tuple[Any, Any, Any]]:
     return list(zip(imgs, seq(res.original), seq(res.mask), strict=True))
 
 
-def _edit_all(ed: Any, images: list[InputImage], direction: Any, seed: int, options: Mapping[str, Any]):
+def _edit_all(
+    ed: Any,
+    images: list[InputImage],
+    direction: Any,
+    seed: int,
+    options: Mapping[str, Any],
+    batch_size: int = 8,
+):
     if _accepts_lists(ed) and len(images) > 1:
-        res = ed.edit([x.image for x in images], direction, seed=seed, **options)
-        return _split_result(res, len(images))
+        out = []
+        for i in range(0, len(images), batch_size):
+            chunk = [x.image for x in images[i : i + batch_size]]
+            if len(chunk) == 1:
+                res = ed.edit(chunk[0], direction, seed=seed, **options)
+                out.append((res.images[0], res.original, res.mask))
+            else:
+                out.extend(_split_result(ed.edit(chunk, direction, seed=seed, **options), len(chunk)))
+        return out
     out = []
     for x in images:
         res = ed.edit(x.image, direction, seed=seed, **options)
@@ -211,13 +225,15 @@ def evaluate(
     store: Any = None,
     pipe: Any = None,
     editors_given: Mapping[str, Any] | None = None,
+    edit_batch_size: int = 8,
     progress: Progress | None = None,
 ) -> EvalResult:
     """Edit ``images`` along each of ``directions`` with each ``editor`` and every seed; score every edit.
 
     ``scorers`` names the scorer plugins (default: clip, dino-structure, background-ssim);
     ``scorer_models`` overrides their models (``{"clip": "openai/clip-vit-large-patch14"}``).
-    ``editors_given`` passes ready editor objects by name (tests, notebooks). Nothing is recorded
+    ``editors_given`` passes ready editor objects by name (tests, notebooks). Editors that take lists
+    get ``edit_batch_size`` images per call (lower it if the GPU runs out of memory). Nothing is recorded
     unless every edit and score succeeded.
     """
     import torch
@@ -245,6 +261,8 @@ def evaluate(
     ed_names = [editor] if isinstance(editor, str) else list(editor)
     if not ed_names:
         raise EvalError("no editor given")
+    if edit_batch_size < 1:
+        raise EvalError(f"edit_batch_size must be at least 1, not {edit_batch_size}")
     if len(set(ed_names)) != len(ed_names):
         raise EvalError(f"editor listed twice: {ed_names}")
     inputs, set_hash = load_image_set(images)
@@ -312,7 +330,7 @@ def evaluate(
             src_text = prompt_template.format(d.source.name)
             tgt_text = prompt_template.format(d.target.name)
             for seed in seeds:
-                triples = _edit_all(ed, inputs, d, seed, options)
+                triples = _edit_all(ed, inputs, d, seed, options, edit_batch_size)
                 done += len(inputs)
                 tick("edit", done, total)
                 ins = [
