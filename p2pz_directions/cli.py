@@ -191,6 +191,12 @@ def show_cmd(
             "source": _concept_info(d.source),
             "target": _concept_info(d.target),
         }
+        from . import diagnostics, records  # embedding diagnostics and recorded scores (p2pz eval)
+
+        diag = diagnostics.diagnose(d, store) if d.is_simple else None
+        recs = records.for_direction(d, store) if d.is_simple else []
+        info["diagnostics"] = diag.to_dict() if diag else None
+        info["evaluations"] = [r.summary() for r in recs]
         if as_json:
             return print_json(info)
         out.print(
@@ -203,6 +209,9 @@ def show_cmd(
         )
         for side in ("source", "target"):
             _print_concept(info[side], side)
+        if diag:
+            diagnostics.render(diag, out)
+            records.render(recs, out)
         return
     c = directions.load_concept(name, model=model, encoder=encoder, pack=pack, store=store)
     info = _concept_info(c)
@@ -319,7 +328,7 @@ def verify_cmd(pack: PackOpt = None, as_json: JsonOpt = False) -> None:
 
 
 # --- optional command groups --------------------------------------------------------------------
-_OPTIONAL = ("cli_build", "cli_edit", "cli_mask", "cli_hub", "cli_app")
+_OPTIONAL = ("cli_build", "cli_edit", "cli_mask", "cli_hub", "cli_app", "cli_eval")
 for _mod in _OPTIONAL:
     try:
         _m = importlib.import_module(f"p2pz_directions.{_mod}")

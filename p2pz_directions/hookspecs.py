@@ -91,3 +91,23 @@ def p2pz_register_encoders() -> list[Any]:
     ``info`` (an `p2pz_directions.concept.EncoderInfo`) and
     ``encode(captions: list[str]) -> torch.Tensor``.
     """
+
+
+@hookspec
+def p2pz_register_scorers() -> list[Any]:
+    """Return scorers that ``p2pz eval`` (`p2pz_directions.eval`) measures edits with.
+
+    Each item is a class or factory with a ``name`` attribute (e.g. ``"clip"``) and ``metrics``, a
+    tuple of `p2pz_directions.eval.scorers.Metric` (name, higher_is_better, description), called
+    as ``factory(model=None, device=None, dtype=None)``; ``model`` is a Hub id or a local folder
+    that overrides the scorer's default. The object it returns has
+    ``score(inputs, edits, *, source_texts, target_texts, masks=None) -> dict[str, list[float | None]]``:
+    one value per (input, edit) pair for each of its metrics, None where a metric does not apply
+    (no mask, say). It should raise `p2pz_directions.eval.scorers.ScorerModelError` when given a
+    model of the wrong kind, before loading weights. The built-ins are ``clip``,
+    ``dino-structure`` and ``background-ssim`` (module ``p2pz_directions.eval.builtin``).
+
+    >>> @hookimpl
+    ... def p2pz_register_scorers():
+    ...     return [MyScorer]                      # doctest: +SKIP
+    """

@@ -42,7 +42,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from . import __version__, naming
+from . import __version__, naming, records
 from .errors import (
     AmbiguousNameError,
     ImmutableVersionError,
@@ -563,10 +563,13 @@ def _push(store, pack, repo_id, local, private, tag, token, license, message) ->
     rows = [*remote.rows, *(lv.row for lv in new)]
     index_bytes = write_index(rows)
     readme = _render_card(repo_id, rows, remote.readme, license)
+    with _hub_errors(repo_id, "push to", token):  # evaluation records (p2pz eval --record) travel too
+        eval_ops, readme = records.hub_push_plan(store, pack, repo_id, remote, readme, token)
     ops = []
     for lv in new:
         ops.append(CommitOperationAdd(lv.row.metadata_path, lv.meta))
         ops.append(CommitOperationAdd(lv.row.tensor_path, lv.tensor))
+    ops.extend(eval_ops)
     index_changed = not remote.exists or INDEX_FILE not in remote.files or bool(new)
     if index_changed:
         ops.append(CommitOperationAdd(INDEX_FILE, index_bytes))
@@ -900,7 +903,21 @@ def _pull(store, pr, repo_id, revision, source, offline, token, force, cache_dir
                         local_files_only=offline,
                     )
                 )
+        eval_rows = records.hub_pull_rows(repo_id, commit, sizes, cache_dir=cache_dir, token=token, offline=offline)
+        for r in eval_rows:  # the evaluation records evals.parquet lists, by name
+            snap[r["path"]] = Path(
+                hf_hub_download(
+                    repo_id,
+                    r["path"],
+                    repo_type=REPO_TYPE,
+                    revision=commit,
+                    cache_dir=cache_dir,
+                    token=token,
+                    local_files_only=offline,
+                )
+            )
     _verify_snapshot(snap, rows, label, commit)
+    records.hub_verify(snap, eval_rows, label, commit)
     notes = _encoder_warnings(rows, label) + _clash_notes(store, repo_id, rows)
     new_source = {
         "type": "hub",
@@ -912,7 +929,7 @@ def _pull(store, pr, repo_id, revision, source, offline, token, force, cache_dir
         "pulled": _now(),
         "num_concepts": len(rows),
     }
-    added, removed = _install(store, repo_id, snap, rows, new_source, force=force)
+    added, removed = _install(store, repo_id, snap, rows, new_source, force=force, eval_rows=eval_rows)
     return PullResult(
         pack=repo_id,
         repo_id=repo_id,
@@ -1038,13 +1055,20 @@ def _install(
     source: dict[str, Any],
     *,
     force: bool,
+    eval_rows: list | None = None,
 ) -> tuple[list[str], list[str]]:
-    """Swap the pulled revision in as pack ``pack``, in one store transaction (see `LocalStore.install_pack`)."""
+    """Swap the pulled revision in as pack ``pack``, in one store transaction (see `LocalStore.install_pack`);
+    the pulled evaluation records go into the same transaction, with the installed pack's own records kept."""
     versions = [
         StagedVersion(r.encoder.id, r.name, r.version, snap[r.metadata_path], snap[r.tensor_path])
         for r in rows
     ]
-    return store.install_pack(pack, versions, source, force=force)
+
+    def with_records(staged_pack: Path, installed: Path) -> None:
+        records.hub_install(staged_pack, snap, eval_rows or [])
+        records.keep_local_records(staged_pack, installed)
+
+    return store.install_pack(pack, versions, source, force=force, extra=with_records)
 
 
 def ensure_pack(packref: str | naming.PackRef, store: LocalStore | None = None) -> str:

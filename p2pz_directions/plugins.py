@@ -36,6 +36,7 @@ __all__ = [
     "image_captioners",
     "captioners",
     "encoders",
+    "scorers",
     "register",
     "unregister",
     "reset",
@@ -54,6 +55,7 @@ class PluginInfo:
     image_captioners: list[str] = field(default_factory=list)
     captioners: list[str] = field(default_factory=list)
     encoders: list[str] = field(default_factory=list)
+    scorers: list[str] = field(default_factory=list)
     load_error: str | None = None  # why it failed to load
     hook_errors: list[str] = field(default_factory=list)  # why one of its hooks failed
     detail: str | None = None  # the traceback, for --verbose
@@ -78,6 +80,7 @@ class PluginInfo:
             "image_captioners": self.image_captioners,
             "captioners": self.captioners,
             "encoders": self.encoders,
+            "scorers": self.scorers,
             "ok": self.ok,
             "error": self.error,
         }
@@ -135,10 +138,11 @@ class _Host:
         if self._registries is None:
             for info in self.infos.values():
                 info.editors, info.image_captioners, info.captioners, info.encoders = [], [], [], []
+                info.scorers = []
                 info.hook_errors = []
             self._registries = {
                 kind: self._collect(kind)
-                for kind in ("editors", "image_captioners", "captioners", "encoders")
+                for kind in ("editors", "image_captioners", "captioners", "encoders", "scorers")
             }
         return self._registries
 
@@ -233,6 +237,11 @@ def captioners() -> dict[str, Callable[..., Any]]:
 def encoders() -> dict[str, Callable[..., Any]]:
     """``{name: text encoder class or factory}``."""
     return dict(_get_host().registries()["encoders"])
+
+
+def scorers() -> dict[str, Callable[..., Any]]:
+    """``{name: scorer class or factory}`` (see `p2pz_directions.eval.scorers`)."""
+    return dict(_get_host().registries()["scorers"])
 
 
 def plugin_report() -> list[PluginInfo]:

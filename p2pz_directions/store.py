@@ -36,7 +36,7 @@ import shutil
 import threading
 import uuid
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -649,8 +649,13 @@ class LocalStore:
         source: dict[str, Any],
         *,
         force: bool = False,
+        extra: Callable[[Path, Path], None] | None = None,
     ) -> tuple[list[str], list[str]]:
         """Replace pack ``pack`` by exactly ``versions`` (a pulled revision) in one transaction.
+
+        ``extra(staged_pack, installed_pack)``, when given, is called under the lock just before the
+        commit to add more files to the staged pack folder (the pulled evaluation records); they are
+        swapped in with the rest, or not at all.
 
         The new pack folder is built and read back (every hash) beside the store, then swapped in:
         a crash at any point leaves the old pack or the new one, never neither. Refused without
@@ -711,6 +716,8 @@ class LocalStore:
                     )
                 for k, h in staged.items():
                     known[_history_key(*k)] = h
+                if extra is not None:
+                    extra(staged_pack, dest)
                 history_item = self._history_op(txn, pack, known)
                 os.replace(txn / history_item["src"], staged_pack / HISTORY_FILE)
                 info = {
