@@ -19,7 +19,6 @@ from rich.table import Table
 
 from .cli_options import DeviceOpt, DtypeOpt, SeedOpt
 from .errors import P2PZError
-from .images import ImageResizedWarning
 
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
 out = Console(highlight=False, soft_wrap=True)
@@ -174,6 +173,8 @@ def register(app: typer.Typer) -> None:
         # name and encoder first: nothing is loaded for a wrong direction or option
         d = ed.resolve_direction(direction)
         with PhaseProgress(ed.phases, enabled=not quiet and not as_json) as cb, warnings.catch_warnings():
+            from .images import ImageResizedWarning
+
             warnings.simplefilter("ignore", ImageResizedWarning)  # said once, as a note, below
             res = ed.edit(str(image) if image is not None else None, d, progress=cb, **options)
 
