@@ -359,6 +359,7 @@ def import_pt_cmd(
     """Import legacy .pt concept embeddings (read with torch.load(weights_only=True) only)."""
     from .legacy import AUTHORS_SD14_URLS, import_pt
 
+    check_encoder(encoder)
     sources = list(items or [])
     if authors:
         sources += list(AUTHORS_SD14_URLS.values())
@@ -392,6 +393,7 @@ def export_cmd(
     """
     from .exporting import export
 
+    check_encoder(encoder)
     if fmt not in ("pt", "safetensors"):
         raise P2PZError(f"--format {fmt!r}: use 'pt' or 'safetensors'")
     files = export(name, to, fmt=fmt, model=model, encoder=encoder, pack=pack, store=_store())

@@ -211,7 +211,13 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Build SOURCE and TARGET concepts from captions and publish them: the direction SOURCE->TARGET."""
         from .builder import run_build
+        from .cli_options import check_device, check_dtype, check_encoder, check_model_available
 
+        check_device(device)
+        check_dtype(dtype)
+        check_encoder(encoder)
+        if model is not None:
+            check_model_available(model, filename="text_encoder/config.json")
         _quiet_libraries()
         cap_opts: dict[str, Any] = {}
         if captioner.strip().lower() == "flan-t5":
@@ -279,7 +285,13 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Embed a stored concept's captions with another model's text encoder (no caption model needed)."""
         from .builder import reencode
+        from .cli_options import check_device, check_dtype, check_encoder, check_model_available
 
+        check_device(device)
+        check_dtype(dtype)
+        check_encoder(encoder)
+        if model is not None:
+            check_model_available(model, filename="text_encoder/config.json")
         _quiet_libraries()
         with RichProgress() as cb:
             c = reencode(
@@ -335,7 +347,11 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Rebuild concepts of the official pack from their recipes (registry/recipes/*.toml)."""
         from . import recipes
+        from .cli_options import check_device, check_dtype, check_encoder
 
+        check_device(device)
+        check_dtype(dtype)
+        check_encoder(encoder)
         _quiet_libraries()
         if list_only:
             allr = recipes.official_recipes(recipes_dir)

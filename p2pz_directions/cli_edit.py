@@ -112,7 +112,7 @@ def _split(res: Any, n: int) -> list[Any]:
 
 def _check_captioner_reachable(ed: Any, options: dict[str, Any], n_images: int) -> None:
     """pix2pix-zero captions a photo with BLIP unless --prompt is given: offline, say so at once."""
-    from .cli_options import UsageError, hub_reachable, in_hf_cache
+    from .cli_options import UsageError, hub_reachable, in_hf_cache, offline_reason
 
     cap_model = getattr(ed, "caption_model", None)
     if not n_images or options.get("prompt") or not isinstance(cap_model, str):
@@ -123,19 +123,19 @@ def _check_captioner_reachable(ed: Any, options: dict[str, Any], n_images: int) 
         return
     raise UsageError(
         f"{ed.name} needs a caption of the image: without --prompt it asks BLIP ({cap_model}), which is not "
-        "in the Hugging Face cache, and the Hub cannot be reached (offline). Pass --prompt 'a photo of a cat' "
+        f"in the Hugging Face cache, and {offline_reason()}. Pass --prompt 'a photo of a cat' "
         "(a short caption of your image)"
     )
 
 
-def _output_paths(images: list[Path], output: Path | None, editor: str) -> list[Path]:
+def _output_paths(images: list[Path], output: str | None, editor: str) -> list[Path]:
     """Where each edit goes: ``-o FILE`` for one image, ``-o FOLDER`` (default: here) for several."""
     from .cli_options import UsageError, check_image_output, check_output_dir
 
     if len(images) <= 1:
         stem = images[0].stem if images else "generated"
-        return [check_image_output(output or Path(f"{stem}-{editor}.png"))]
-    folder = check_output_dir(output if output is not None else Path("."))
+        return [check_image_output(output or f"{stem}-{editor}.png", folder_for_many=True)]
+    folder = check_output_dir(output if output is not None else ".")
     paths, seen = [], set()
     for img in images:
         p = folder / f"{img.stem}-{editor}.png"
@@ -172,7 +172,7 @@ def register(app: typer.Typer) -> None:
             ),
         ] = ...,
         output: Annotated[
-            Path | None,
+            str | None,
             typer.Option(
                 "--output",
                 "-o",

@@ -101,17 +101,31 @@ def _writable_dir(folder: Path, flag: str, path: Path) -> None:
         raise UsageError(f"{flag} {path}: {probe} is a file, not a folder")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise UsageError(f"{flag} {path}: cannot write into {probe} (permission denied); choose another path")
+    if probe.is_dir():  # root passes os.access everywhere: try for real (the probe file is removed at once)
+        import tempfile
+
+        try:
+            with tempfile.TemporaryFile(dir=probe):
+                pass
+        except OSError as e:
+            raise UsageError(f"{flag} {path}: cannot write into {probe} ({e.strerror or e})") from None
 
 
-def check_image_output(path: Path | None, flag: str = "--output") -> Path | None:
-    """An image file path we can write: known extension, not a folder, in a writable place."""
+def check_image_output(
+    path: str | Path | None, flag: str = "--output", *, folder_for_many: bool = False
+) -> Path | None:
+    """An image file path we can write: known extension, not a folder, in a writable place.
+
+    Give the path as typed (a ``str``): ``Path`` drops the trailing ``/`` that marks a folder.
+    """
     if path is None:
         return None
-    raw = str(path)
+    raw = os.fspath(path)
+    path = Path(raw)
     if raw.endswith(("/", os.sep)) or path.is_dir():
         raise UsageError(
-            f"{flag} {raw}: is a folder; give a file name such as {Path(raw) / 'edit.png'} "
-            "(a folder is only for several input images)"
+            f"{flag} {raw}: is a folder; give a file name such as {Path(raw) / 'edit.png'}"
+            + (" (a folder is only for several input images)" if folder_for_many else "")
         )
     exts = image_extensions()
     if path.suffix.lower() not in exts:
@@ -122,8 +136,9 @@ def check_image_output(path: Path | None, flag: str = "--output") -> Path | None
     return path
 
 
-def check_output_dir(path: Path, flag: str = "--output") -> Path:
+def check_output_dir(path: str | Path, flag: str = "--output") -> Path:
     """A folder we can create and write images into."""
+    path = Path(path)
     if path.exists() and not path.is_dir():
         raise UsageError(f"{flag} {path}: with several input images, -o must be a folder (it is a file)")
     _writable_dir(path, flag, path)
@@ -308,6 +323,13 @@ def hub_reachable(timeout: float = 1.5) -> bool:
     return bool(ok)
 
 
+def offline_reason() -> str:
+    """Why the Hub is not used, for messages: the variable the user set, or the failed connection."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on") and not _REACHABLE:
+        return "HF_HUB_OFFLINE is set (offline)"
+    return "the Hub cannot be reached (offline)"
+
+
 def in_hf_cache(repo_id: str, filename: str = "config.json") -> bool:
     """Whether ``filename`` of the Hub repo ``repo_id`` is in the local Hugging Face cache."""
     try:
@@ -321,7 +343,7 @@ def in_hf_cache(repo_id: str, filename: str = "config.json") -> bool:
 def check_model_available(model: str, flag: str = "--model", filename: str = "model_index.json") -> None:
     """A local folder, a cached Hub model, or a reachable Hub: else say so at once (no retries)."""
     if os.path.isdir(model):
-        if not (Path(model) / filename).is_file():
+        if not ((Path(model) / filename).is_file() or (Path(model) / "config.json").is_file()):
             raise UsageError(f"{flag} {model}: the folder has no {filename}; is it a diffusers model folder?")
         return
     if os.path.exists(model):
@@ -330,8 +352,8 @@ def check_model_available(model: str, flag: str = "--model", filename: str = "mo
         return
     if not hub_reachable():
         raise UsageError(
-            f"{flag} {model}: not a local folder and not in the Hugging Face cache, and the Hub cannot be "
-            "reached (offline). Download it on a connected machine first, or pass --model PATH to a local "
+            f"{flag} {model}: not a local folder and not in the Hugging Face cache, and {offline_reason()}. "
+            "Download it on a connected machine first, or pass --model PATH to a local "
             "diffusers model folder (`p2pz demo` makes a tiny one in p2pz-demo/tiny-sd)"
         )
 
