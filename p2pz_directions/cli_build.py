@@ -79,13 +79,9 @@ class RichProgress:
 
 def _quiet_libraries() -> None:
     """Keep transformers' load-time progress bars and warnings out of our progress display."""
-    try:
-        from transformers.utils import logging as tlog
+    from .cli_options import quiet_loading
 
-        tlog.set_verbosity_error()
-        tlog.disable_progress_bar()
-    except Exception:  # noqa: BLE001 - cosmetics only
-        pass
+    quiet_loading()
 
 
 def _print_json(data: Any) -> None:

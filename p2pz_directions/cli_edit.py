@@ -246,6 +246,7 @@ def register(app: typer.Typer) -> None:
             check_image_output,
             check_inputs,
             check_model_available,
+            quiet_loading,
         )
 
         # 1. check every input before any model work: nothing is loaded or written for a wrong one
@@ -277,6 +278,7 @@ def register(app: typer.Typer) -> None:
         options.update({k: v for k, v in given.items() if v is not None})
 
         # 2. the editor (nothing loaded yet), its typed options, the directions by name
+        quiet_loading()
         ed = editors.get(editor, model=model, device=device, dtype=dtype)
         options.update(_parse_opt(opt, ed))
         ed._check_options(options)
@@ -411,7 +413,10 @@ def register(app: typer.Typer) -> None:
         as_json: Annotated[bool, typer.Option("--json", help="Print a JSON report.")] = False,
     ) -> None:
         """Run the whole flow offline on a tiny random-weight model (a plumbing check, not a picture)."""
+        from .cli_options import quiet_loading
         from .demo import run_demo
+
+        quiet_loading()
 
         say = (lambda s: err.print(s, markup=False)) if as_json else (lambda s: out.print(s, markup=False))
         report = run_demo(out_dir, steps=steps, editors_to_run=editor or None, say=say)

@@ -85,6 +85,7 @@ def register(app: typer.Typer) -> None:
             check_image_output,
             check_inputs,
             check_model_available,
+            quiet_loading,
         )
 
         check_inputs([image])
@@ -104,6 +105,7 @@ def register(app: typer.Typer) -> None:
             options["source_prompt"] = source_prompt
         if target_prompt is not None:
             options["target_prompt"] = target_prompt
+        quiet_loading()
         ed = editors.get("diffedit", model=model, device=device, dtype=dtype)
         options.update(_parse_opt(opt, ed))
         options["mask_only"] = True

@@ -389,3 +389,28 @@ def print_table(console: Any, table: Any) -> None:
         console.print(table, crop=False)
     finally:
         console._width = old
+
+
+# --- quiet model loading ------------------------------------------------------------------------
+def quiet_loading() -> None:
+    """No "Loading weights" / "Writing model shards" bars and no library warnings while our own
+    progress bars run (Hub download bars stay: a real download is worth watching)."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    try:
+        from transformers.utils import logging as tlog
+
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+        if not os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS"):
+            from huggingface_hub.utils import enable_progress_bars
+
+            enable_progress_bars()
+    except Exception:  # noqa: BLE001 - cosmetics only
+        pass
+    try:
+        from diffusers.utils import logging as dlog
+
+        dlog.set_verbosity_error()
+    except Exception:  # noqa: BLE001 - cosmetics only
+        pass
