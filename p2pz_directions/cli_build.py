@@ -206,14 +206,17 @@ def register(app: typer.Typer) -> None:
         as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
     ) -> None:
         """Build SOURCE and TARGET concepts from captions and publish them: the direction SOURCE->TARGET."""
-        from .builder import run_build
+        from .builder import DEFAULT_MODEL, run_build
         from .cli_options import check_device, check_dtype, check_encoder, check_model_available
 
         check_device(device)
         check_dtype(dtype)
         check_encoder(encoder)
-        if model is not None:
-            check_model_available(model, filename="text_encoder/config.json")
+        if not dry_run:  # the text encoder's weights must be here (a dry run encodes nothing)
+            if encoder is not None:
+                check_model_available(encoder, "--encoder", "config.json")
+            else:
+                check_model_available(model or DEFAULT_MODEL, filename="text_encoder/config.json")
         _quiet_libraries()
         cap_opts: dict[str, Any] = {}
         if captioner.strip().lower() == "flan-t5":

@@ -21,6 +21,8 @@ from .cli_options import DeviceOpt, DtypeOpt, SeedOpt
 from .errors import P2PZError
 
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
+#: the image captioner editors use when no --prompt is given (the ``blip`` plugin's model)
+BLIP_DEFAULT = "Salesforce/blip-image-captioning-base"
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False)
 
@@ -114,8 +116,12 @@ def _check_captioner_reachable(ed: Any, options: dict[str, Any], n_images: int) 
     """pix2pix-zero captions a photo with BLIP unless --prompt is given: offline, say so at once."""
     from .cli_options import UsageError, hub_reachable, in_hf_cache, offline_reason
 
-    cap_model = getattr(ed, "caption_model", None)
-    if not n_images or options.get("prompt") or not isinstance(cap_model, str):
+    if not n_images or options.get("prompt") or "caption" not in getattr(ed, "phases", ()):
+        return
+    if options.get("mode") == "target":  # SDEdit on the target concept: no caption needed
+        return
+    cap_model = getattr(ed, "caption_model", None) or BLIP_DEFAULT
+    if not isinstance(cap_model, str):
         return
     if getattr(ed, "_captioner", None) is not None or Path(cap_model).is_dir():
         return
