@@ -69,7 +69,11 @@ def test_human_output_and_errors(capsys, fake_hub, published):
     code, out, _ = run(capsys, "push", "mine", "--repo", "alice/pack")
     assert code == 0 and "nothing to push" in out
     code, out, err = run(capsys, "pull", "alice/pack")
-    assert code == 0 and "installed alice/pack@main" in out and "\nwarning: concept 'dog' also exists" in "\n" + err
+    assert (
+        code == 0
+        and "installed alice/pack@main" in out
+        and "\nwarning: concept 'dog' also exists" in "\n" + err
+    )
 
     code, out, err = run(capsys, "pull", "alice/missing")
     assert (
