@@ -338,9 +338,9 @@ def register(app: typer.Typer) -> None:
                 _save(side_by_side(panels), cmp_path)
                 written["compare"] = str(cmp_path)
             written_all.append(written)
-        seconds = sum(float(r.extra.get("seconds", 0.0)) for r in results[:1] if batched) or sum(
-            float(r.extra.get("seconds", 0.0)) for r in results
-        )
+        # a batched call's results share one `extra` (one time for all); one-by-one edits add up
+        timed = results[:1] if batched and len(images) > 1 else results
+        seconds = sum(float(r.extra.get("seconds", 0.0)) for r in timed)
         notes = [n for r in results for n in r.extra.get("notes", [])]
         summary: dict[str, Any] = {
             "editor": editor,

@@ -334,3 +334,54 @@ def test_built_concepts_say_how_they_were_made(capsys, cat_dog):
     assert code == 0, err
     code, out, _ = run(capsys, "show", "fox", "--json")
     assert json.loads(out)["provenance"]["method"] == "build"
+
+
+def test_editor_that_takes_lists_gets_one_call(capsys, cat_dog, tmp_path, monkeypatch):
+    """An editor declaring an options dataclass gets every image and direction in one call."""
+    import dataclasses
+
+    from p2pz_directions import editors
+    from p2pz_directions.editors import Editor, EditResult
+
+    @dataclasses.dataclass(frozen=True)
+    class Opts:
+        seed: int = 0
+        prompt: str | None = None
+        num_inference_steps: int = 50
+        scale: float = dataclasses.field(default=1.0, metadata={"help": "how much"})
+
+    calls = []
+
+    class Batched(Editor):
+        name = "batched"
+        options = Opts
+
+        def edit(self, image, direction, *, progress=None, **options):
+            calls.append((image, direction, options))
+            imgs = [Image.new("RGB", (8, 8), (i * 50, 0, 0)) for i in range(len(image))]
+            return EditResult(image=imgs, original=imgs, caption=["a", "b"], extra={"seconds": 1.5})
+
+    monkeypatch.setattr(editors, "get", lambda name, **kw: Batched(kw["model"], device="cpu"))
+    imgs = []
+    for i in range(2):
+        p = tmp_path / f"b{i}.png"
+        Image.new("RGB", (16, 16)).save(p)
+        imgs.append(p)
+    code, out, err = run(
+        capsys, "edit", *imgs, "-d", "cat->dog", "-d", "dog->horse", "-m", cat_dog, "-e", "batched",
+        "--prompt", "x", "--opt", "scale=2", "-o", tmp_path / "o", "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    assert len(calls) == 1
+    image_arg, d_arg, opts = calls[0]
+    assert image_arg == [str(p) for p in imgs] and [d.name for d in d_arg] == [
+        "local:cat@1->dog@1",
+        "local:dog@1->horse@1",
+    ]
+    assert opts["scale"] == 2.0 and isinstance(opts["scale"], float)
+    summary = json.loads(out)
+    assert summary["seconds"] == 1.5 and [x["caption"] for x in summary["images"]] == ["a", "b"]
+    assert (tmp_path / "o" / "b1-batched.png").is_file()
+    code, _, err = run(capsys, "edit", imgs[0], "-d", "cat->dog", "-m", cat_dog, "-e", "batched",
+                       "--opt", "scale=lots")  # fmt: skip
+    assert one_line_error(code, err) and "scale takes a number" in err
