@@ -344,7 +344,10 @@ def check_model_available(model: str, flag: str = "--model", filename: str = "mo
     """A local folder, a cached Hub model, or a reachable Hub: else say so at once (no retries)."""
     if os.path.isdir(model):
         if not ((Path(model) / filename).is_file() or (Path(model) / "config.json").is_file()):
-            raise UsageError(f"{flag} {model}: the folder has no {filename}; is it a diffusers model folder?")
+            what = "no text encoder" if filename.startswith("text_encoder") else f"no {filename}"
+            raise UsageError(
+                f"{flag} {model}: the folder has {what} ({filename} is missing); is it a diffusers model folder?"
+            )
         return
     if os.path.exists(model):
         raise UsageError(f"{flag} {model}: is a file; give a diffusers model folder or a Hub model id")
