@@ -318,8 +318,13 @@ def hub_reachable(timeout: float = 1.5) -> bool:
     t.join(timeout + 0.5)
     _REACHABLE["hub"] = bool(ok)
     if not ok:
+        import sys
+
         os.environ["HF_HUB_OFFLINE"] = "1"
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        constants = sys.modules.get("huggingface_hub.constants")  # read at import: set it there too
+        if constants is not None:
+            constants.HF_HUB_OFFLINE = True
     return bool(ok)
 
 
