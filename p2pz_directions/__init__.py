@@ -11,8 +11,6 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-from .concept import Concept, Direction, EncoderInfo  # noqa: E402
-
 _LAZY = {
     "directions": "p2pz_directions.directions",
     "editors": "p2pz_directions.editors",
@@ -22,7 +20,13 @@ _LAZY = {
 }
 
 
+#: imported on first use, so that `p2pz --help`, `list` and `show` start without torch
+_FROM_CONCEPT = ("Concept", "Direction", "EncoderInfo")
+
+
 def __getattr__(name: str) -> Any:
+    if name in _FROM_CONCEPT:
+        return getattr(importlib.import_module("p2pz_directions.concept"), name)
     if name in _LAZY:
         return importlib.import_module(_LAZY[name])
     if name == "build":

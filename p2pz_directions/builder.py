@@ -82,6 +82,7 @@ class CaptionSet:
         rep = self.report.to_dict()
         rep.pop("examples", None)
         prov: dict[str, Any] = {
+            "method": "build",
             "builder": {"tool": "p2pz build", "version": __version__, "n": self.n, "seed": self.seed},
             "captioner": dict(self.captioner),
             "filter": {**self.filter, "report": rep},
@@ -643,6 +644,7 @@ def reencode(
     prov = {k: v for k, v in (base.provenance or {}).items() if k not in ("package_version",)}
     prov.update(_model_label(model, encoder))
     prov["encoding"] = {**te.settings(), "batch_size": batch_size}
+    prov["method"] = "reencode"
     prov["reencoded_from"] = {
         "pack": base.pack,
         "name": base.name,

@@ -1,7 +1,10 @@
 """The ``p2pz`` command line.
 
 Exit codes: 0 ok; 1 a check failed (``verify`` found damage); 2 bad input or any other error,
-printed as one line ``error: ...`` on stderr. ``--json`` prints data for scripts on stdout.
+printed as one line ``error: ...`` on stderr (``p2pz --debug ...`` or ``P2PZ_DEBUG=1`` shows the
+traceback instead). ``--json`` prints data for scripts on stdout.
+
+``--help``, ``list`` and ``show`` import no torch, transformers or diffusers: they answer at once.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__, naming
-from .cli_options import EncoderOpt, JsonOpt, ModelOpt, PackOpt
+from .cli_options import EncoderOpt, JsonOpt, ModelOpt, PackOpt, check_encoder, cli_syntax, print_table
 from .errors import P2PZError
 from .terminal import safe_text
 
@@ -47,6 +50,9 @@ def _store():
 @app.callback(invoke_without_command=True)
 def _root(
     version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="On an error, show the full traceback (also P2PZ_DEBUG=1).")
+    ] = False,
 ) -> None:
     if version:
         out.print(f"p2pz-directions {__version__}")
@@ -73,16 +79,16 @@ def list_cmd(
     from . import directions
     from .directions import _norm_pattern, resolve_encoder_id
 
+    check_encoder(encoder)
     store = _store()
     if show_directions or naming.ARROW in pattern:
         names = directions.list(pattern, model=model, encoder=encoder, pack=pack, store=store)
         if as_json:
             return print_json(names)
-        for n in names:
-            out.print(safe_text(n))
         if not names:
             err.print(f"no directions match {pattern!r} in {store.root}")
-        return
+            return
+        return _print_directions(store, names, model, encoder, pack)
     enc_id = resolve_encoder_id(model, encoder)
     pat = _norm_pattern(pattern)
     entries = [
@@ -116,7 +122,7 @@ def list_cmd(
             "build them with `p2pz build`, or pull a pack with `p2pz pull`."
         )
         return
-    t = Table(title=f"concepts in {store.root}")
+    t = Table(title=f"concepts in {store.root}", title_justify="left")
     for col in ("pack", "concept", "versions", "encoder", "D", "captions", "hash"):
         t.add_column(col)
     for (p, enc, n), es in rows.items():
@@ -130,14 +136,105 @@ def list_cmd(
             "-" if last.num_captions is None else str(last.num_captions),
             last.content_hash[:12],
         )
-    out.print(t)
+    print_table(out, t)
     n_dir = len(directions.list("*", model=model, encoder=encoder, pack=pack, store=store))
     out.print(
         f"{n_dir} directions available: `p2pz list --directions` lists them, `p2pz show a->b` shows one."
     )
 
 
+def _print_directions(store, names: list[str], model, encoder, pack) -> None:
+    """One row per direction and encoder, with the packs its two concepts come from."""
+    from .directions import _norm_pattern, resolve_encoder_id
+
+    enc_id = resolve_encoder_id(model, encoder)
+    entries = store.entries(
+        pack=naming.parse_pack(pack).name if pack else None, encoder=enc_id, skip_damaged=True
+    )
+    packs: dict[tuple[str, str], set[str]] = {}
+    for e in entries:
+        packs.setdefault((e.encoder.id, e.name), set()).add(e.pack)
+    wanted = {_norm_pattern(n) for n in names}
+    t = Table(title=f"directions in {store.root}", title_justify="left")
+    for col in ("direction", "encoder", "source pack", "target pack"):
+        t.add_column(col)
+    rows = []
+    for enc in sorted({k[0] for k in packs}):
+        for n in names:
+            a, b = n.split(naming.ARROW, 1)
+            if (enc, a) in packs and (enc, b) in packs and n in wanted:
+                rows.append((n, enc, ",".join(sorted(packs[enc, a])), ",".join(sorted(packs[enc, b]))))
+    for r in rows:
+        t.add_row(*r)
+    print_table(out, t)
+    if len({r[0] for r in rows}) < len(rows) or any("," in r[2] + r[3] for r in rows):
+        out.print(
+            "Some names are held by several encoders or packs: pick with --model/--encoder, --pack, "
+            "or a prefix (`p2pz show 'PACK:cat->dog'`)."
+        )
+
+
 # --- show ---------------------------------------------------------------------------------------
+def _read_array(entry):
+    """The verified manifest and embedding (float32 numpy) of a stored version, without torch."""
+    import numpy as np
+    from safetensors.numpy import load as load_np
+
+    from .errors import IntegrityError
+    from .format import TENSOR_FILE, TENSOR_KEY, read_manifest, sha256_bytes
+
+    meta = read_manifest(entry.path)
+    tpath = entry.path / TENSOR_FILE
+    try:
+        data = tpath.read_bytes()
+    except FileNotFoundError:
+        raise IntegrityError(
+            f"{tpath} is missing. Run `p2pz verify`, then re-import or re-pull that pack."
+        ) from None
+    if sha256_bytes(data) != meta["tensor_sha256"]:
+        raise IntegrityError(
+            f"{tpath} is corrupted: its sha256 does not match the recorded one (truncated or modified). "
+            "Run `p2pz verify`, then re-import or re-pull that pack."
+        )
+    try:
+        arr = load_np(data)[TENSOR_KEY]
+    except Exception:  # noqa: BLE001 - bfloat16 has no numpy dtype: read it the usual way
+        return meta, None
+    if list(arr.shape) != meta["shape"]:
+        raise IntegrityError(
+            f"{tpath} is corrupted: tensor is {list(arr.shape)}, metadata says {meta['shape']}"
+        )
+    return meta, np.asarray(arr, dtype=np.float32)
+
+
+def _entry_info(entry) -> tuple[dict[str, Any], Any]:
+    """`_concept_info` of a stored version, read with numpy (torch only for bfloat16 tensors)."""
+    import numpy as np
+
+    meta, arr = _read_array(entry)
+    if arr is None:
+        c = _store().load(entry)
+        return _concept_info(c), c.embedding.float().numpy()
+    caps = meta.get("captions") or []
+    ver = meta.get("version")
+    ref = f"{entry.pack}:{meta['name']}" + (f"@{ver}" if ver is not None else "")
+    return {
+        "ref": ref,
+        "name": meta["name"],
+        "pack": entry.pack,
+        "version": ver,
+        "encoder": entry.encoder.to_dict(),
+        "dtype": meta["dtype"],
+        "shape": list(meta["shape"]),
+        "norm": round(float(np.linalg.norm(arr)), 4),
+        "content_hash": meta["content_hash"],
+        "created": meta.get("created"),
+        "num_captions": len(caps),
+        "captions_sample": caps[:5],
+        "provenance": dict(meta.get("provenance") or {}),
+    }, arr
+
+
 def _concept_info(c) -> dict[str, Any]:
     emb = c.embedding.float()
     return {
@@ -164,43 +261,60 @@ def show_cmd(
     encoder: EncoderOpt = None,
     pack: PackOpt = None,
     as_json: JsonOpt = False,
+    with_diagnostics: Annotated[
+        bool,
+        typer.Option(
+            "--diagnostics",
+            "-D",
+            help="Also the embedding diagnostics (token positions moved, caption diversity, entangled directions).",
+        ),
+    ] = False,
 ) -> None:
-    """Show a direction or concept: metadata, norms, a few captions."""
-    import torch
+    """Show a direction or concept: metadata, norms, a few captions, recorded scores."""
+    import numpy as np
 
     from . import directions
 
+    check_encoder(encoder)
     store = _store()
-    if naming.is_direction(name):
-        d = directions.load(name, model=model, encoder=encoder, pack=pack, store=store)
-        delta = d.delta[0]
-        s, t = d.source.embedding.float(), d.target.embedding.float()
-        cos = torch.nn.functional.cosine_similarity(s.flatten(), t.flatten(), dim=0)
-        tok_norm = delta.norm(dim=-1)
+    found = directions.resolve_entries(name, model=model, encoder=encoder, pack=pack, store=store)
+    if len(found) == 2:
+        (src, s), (tgt, t) = _entry_info(found[0]), _entry_info(found[1])
+        delta = t - s
+        tok_norm = np.linalg.norm(delta, axis=-1)
+        denom = float(np.linalg.norm(s) * np.linalg.norm(t)) or 1.0
+        cos = float((s.ravel() * t.ravel()).sum()) / denom
+        d_name = _direction_name(src, tgt)
         info = {
-            "direction": d.name,
-            "encoder": d.encoder.to_dict(),
-            "delta_shape": list(d.delta.shape),
-            "delta_norm": round(float(delta.norm()), 4),
+            "direction": d_name,
+            "encoder": src["encoder"],
+            "delta_shape": [1, *delta.shape],
+            "delta_norm": round(float(np.linalg.norm(delta)), 4),
             "delta_token_norm": {
                 "min": round(float(tok_norm.min()), 4),
                 "max": round(float(tok_norm.max()), 4),
                 "mean": round(float(tok_norm.mean()), 4),
             },
-            "cosine_source_target": round(float(cos), 6),
-            "source": _concept_info(d.source),
-            "target": _concept_info(d.target),
+            "cosine_source_target": round(cos, 6),
+            "source": src,
+            "target": tgt,
         }
-        from . import diagnostics, records  # embedding diagnostics and recorded scores (p2pz eval)
+        from . import records  # recorded scores (p2pz eval --record): JSON, no torch
 
-        diag = diagnostics.diagnose(d, store) if d.is_simple else None
-        recs = records.for_direction(d, store) if d.is_simple else []
-        info["diagnostics"] = diag.to_dict() if diag else None
+        recs = records.for_hashes(src["content_hash"], tgt["content_hash"], store)
         info["evaluations"] = [r.summary() for r in recs]
+        diag = None
+        if with_diagnostics:  # needs torch (and MiniLM for caption diversity): only when asked
+            from . import diagnostics, directions as _directions
+
+            d = _directions.load(name, model=model, encoder=encoder, pack=pack, store=store)
+            diag = diagnostics.diagnose(d, store) if d.is_simple else None
+            info["diagnostics"] = diag.to_dict() if diag else None
         if as_json:
             return print_json(info)
+        enc = info["encoder"]
         out.print(
-            f"[bold]{safe_text(d.name)}[/bold]  encoder {safe_text(d.encoder.id)} (D={d.encoder.hidden_size})"
+            f"[bold]{safe_text(d_name)}[/bold]  encoder {safe_text(enc['id'])} (D={enc['hidden_size']})"
         )
         out.print(
             f"delta {info['delta_shape']}  norm {info['delta_norm']}  per-token norm "
@@ -211,13 +325,25 @@ def show_cmd(
             _print_concept(info[side], side)
         if diag:
             diagnostics.render(diag, out)
-            records.render(recs, out)
+        elif not as_json:
+            out.print("(embedding diagnostics: `p2pz show NAME --diagnostics`)")
+        records.render(recs, out)
         return
-    c = directions.load_concept(name, model=model, encoder=encoder, pack=pack, store=store)
-    info = _concept_info(c)
+    info, _ = _entry_info(found[0])
     if as_json:
         return print_json(info)
     _print_concept(info, "concept")
+
+
+def _direction_name(src: dict[str, Any], tgt: dict[str, Any]) -> str:
+    """Named like `Direction.name`: one pack prefix when both sides share it."""
+
+    def bare(i: dict[str, Any]) -> str:
+        return i["name"] if i["version"] is None else f"{i['name']}@{i['version']}"
+
+    if src["pack"] and src["pack"] == tgt["pack"]:
+        return f"{src['pack']}:{bare(src)}->{bare(tgt)}"
+    return f"{src['ref']}->{tgt['ref']}"
 
 
 def _print_concept(info: dict[str, Any], label: str) -> None:
@@ -236,7 +362,7 @@ def _print_concept(info: dict[str, Any], label: str) -> None:
     )
     for cap in info["captions_sample"]:
         t.add_row("caption", safe_text(cap))
-    out.print(t)
+    print_table(out, t)
 
 
 # --- import-pt ----------------------------------------------------------------------------------
@@ -261,6 +387,7 @@ def import_pt_cmd(
     """Import legacy .pt concept embeddings (read with torch.load(weights_only=True) only)."""
     from .legacy import AUTHORS_SD14_URLS, import_pt
 
+    check_encoder(encoder)
     sources = list(items or [])
     if authors:
         sources += list(AUTHORS_SD14_URLS.values())
@@ -296,6 +423,7 @@ def export_cmd(
     """
     from .exporting import export
 
+    check_encoder(encoder)
     if fmt not in ("pt", "safetensors"):
         raise P2PZError(f"--format {fmt!r}: use 'pt' or 'safetensors'")
     files = export(name, to, fmt=fmt, model=model, encoder=encoder, pack=pack, store=_store())
@@ -345,26 +473,58 @@ _ABORT = (typer.Abort, click.exceptions.Abort)
 _USAGE = (next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"), click.ClickException)
 
 
+def _debug_wanted(args: list[str]) -> tuple[bool, list[str]]:
+    """``--debug`` anywhere before ``--`` (and P2PZ_DEBUG=1) turns tracebacks on."""
+    env = os.environ.get("P2PZ_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
+    cut = args.index("--") if "--" in args else len(args)
+    head = [a for a in args[:cut] if a != "--debug"]
+    return env or len(head) != cut, head + args[cut:]
+
+
+def _one_line(e: BaseException) -> str:
+    return cli_syntax(" ".join(str(e).split()) or e.__class__.__name__)
+
+
+def _usage_line(e: Any) -> str:
+    msg = " ".join(e.format_message().split())
+    ctx = getattr(e, "ctx", None)
+    path = getattr(ctx, "command_path", None) or "p2pz"
+    return f"{msg} (see `{path} --help`)"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``p2pz`` console script."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    debug, args = _debug_wanted(list(sys.argv[1:] if argv is None else argv))
     try:
-        rv = app(args=argv, prog_name="p2pz", standalone_mode=False)
+        rv = app(args=args, prog_name="p2pz", standalone_mode=False)
     except _EXIT as e:
         return int(getattr(e, "exit_code", 0) or 0)
     except _ABORT:
         err.print("aborted")
         return 1
-    except _USAGE as e:
-        e.show()
-        return 2
-    except (P2PZError, ValueError, LookupError, OSError) as e:
-        msg = " ".join(str(e).split()) or e.__class__.__name__
-        err.print(f"error: {safe_text(msg, markup=False)}", markup=False, soft_wrap=True)
-        return 2
     except KeyboardInterrupt:
         err.print("interrupted")
         return 130
+    except _USAGE as e:
+        if debug:
+            raise
+        err.print(f"error: {_usage_line(e)}", markup=False, soft_wrap=True)
+        return 2
+    except (P2PZError, ValueError, LookupError, OSError) as e:
+        if debug:
+            raise
+        err.print(f"error: {_one_line(e)}", markup=False, soft_wrap=True)
+        return 2
+    except Exception as e:  # noqa: BLE001 - a bug or a library failure: still one line, the rest with --debug
+        if debug:
+            raise
+        err.print(
+            f"error: {e.__class__.__name__}: {_one_line(e)} (run `p2pz --debug ...` for the traceback)",
+            markup=False,
+            soft_wrap=True,
+        )
+        return 2
     return rv if isinstance(rv, int) else 0
 
 

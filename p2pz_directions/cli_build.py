@@ -79,13 +79,9 @@ class RichProgress:
 
 def _quiet_libraries() -> None:
     """Keep transformers' load-time progress bars and warnings out of our progress display."""
-    try:
-        from transformers.utils import logging as tlog
+    from .cli_options import quiet_loading
 
-        tlog.set_verbosity_error()
-        tlog.disable_progress_bar()
-    except Exception:  # noqa: BLE001 - cosmetics only
-        pass
+    quiet_loading()
 
 
 def _print_json(data: Any) -> None:
@@ -210,8 +206,17 @@ def register(app: typer.Typer) -> None:
         as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
     ) -> None:
         """Build SOURCE and TARGET concepts from captions and publish them: the direction SOURCE->TARGET."""
-        from .builder import run_build
+        from .builder import DEFAULT_MODEL, run_build
+        from .cli_options import check_device, check_dtype, check_encoder, check_model_available
 
+        check_device(device)
+        check_dtype(dtype)
+        check_encoder(encoder)
+        if not dry_run:  # the text encoder's weights must be here (a dry run encodes nothing)
+            if encoder is not None:
+                check_model_available(encoder, "--encoder", "config.json")
+            else:
+                check_model_available(model or DEFAULT_MODEL, filename="text_encoder/config.json")
         _quiet_libraries()
         cap_opts: dict[str, Any] = {}
         if captioner.strip().lower() == "flan-t5":
@@ -279,7 +284,13 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Embed a stored concept's captions with another model's text encoder (no caption model needed)."""
         from .builder import reencode
+        from .cli_options import check_device, check_dtype, check_encoder, check_model_available
 
+        check_device(device)
+        check_dtype(dtype)
+        check_encoder(encoder)
+        if model is not None:
+            check_model_available(model, filename="text_encoder/config.json")
         _quiet_libraries()
         with RichProgress() as cb:
             c = reencode(
@@ -335,7 +346,11 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Rebuild concepts of the official pack from their recipes (registry/recipes/*.toml)."""
         from . import recipes
+        from .cli_options import check_device, check_dtype, check_encoder
 
+        check_device(device)
+        check_dtype(dtype)
+        check_encoder(encoder)
         _quiet_libraries()
         if list_only:
             allr = recipes.official_recipes(recipes_dir)

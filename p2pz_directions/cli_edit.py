@@ -19,9 +19,10 @@ from rich.table import Table
 
 from .cli_options import DeviceOpt, DtypeOpt, SeedOpt
 from .errors import P2PZError
-from .images import ImageResizedWarning
 
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
+#: the image captioner editors use when no --prompt is given (the ``blip`` plugin's model)
+BLIP_DEFAULT = "Salesforce/blip-image-captioning-base"
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False)
 
@@ -60,23 +61,99 @@ class PhaseProgress:
         self.progress.update(self.tasks[phase], completed=step, total=total)
 
 
-def _parse_opt(pairs: list[str] | None) -> dict[str, Any]:
-    """``KEY=VALUE`` pairs; values parsed as JSON when they can be (numbers, true/false, null)."""
-    opts: dict[str, Any] = {}
-    for item in pairs or []:
-        if "=" not in item:
-            raise typer.BadParameter(f"--opt takes KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        try:
-            opts[key.strip().replace("-", "_")] = json.loads(value)
-        except ValueError:
-            opts[key.strip().replace("-", "_")] = value
-    return opts
+def _parse_opt(pairs: list[str] | None, editor: Any = None) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs, typed from the editor's options (see `cli_options.parse_opts`)."""
+    from .cli_options import parse_opts
+
+    return parse_opts(pairs, editor)
 
 
 def _save(img: Any, path: Path) -> None:
+    """Write an image atomically: a temp file in the same folder, then a rename."""
+    import os
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        img.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _accepts_lists(ed: Any) -> bool:
+    """Editors that declare an ``options`` dataclass take lists of images and of directions."""
+    import dataclasses
+
+    return dataclasses.is_dataclass(getattr(type(ed), "options", None))
+
+
+def _combined(ds: list[Any]) -> Any:
+    """Several directions as one (their sum), for editors that take a single direction."""
+    total = ds[0]
+    for d in ds[1:]:
+        total = total + d
+    return total
+
+
+def _split(res: Any, n: int) -> list[Any]:
+    """One result per input image from a batched result (lists in its fields)."""
+    import dataclasses
+
+    if n == 1 and not isinstance(res.image, list):
+        return [res]
+    out = []
+    for i in range(n):
+        fields = {}
+        for f in dataclasses.fields(res):
+            v = getattr(res, f.name)
+            fields[f.name] = v[i] if isinstance(v, list) and len(v) == n and f.name != "extra" else v
+        out.append(dataclasses.replace(res, **fields))
+    return out
+
+
+def _check_captioner_reachable(ed: Any, options: dict[str, Any], n_images: int) -> None:
+    """pix2pix-zero captions a photo with BLIP unless --prompt is given: offline, say so at once."""
+    from .cli_options import UsageError, hub_reachable, in_hf_cache, offline_reason
+
+    if not n_images or options.get("prompt") or "caption" not in getattr(ed, "phases", ()):
+        return
+    if options.get("mode") == "target":  # SDEdit on the target concept: no caption needed
+        return
+    cap_model = getattr(ed, "caption_model", None) or BLIP_DEFAULT
+    if not isinstance(cap_model, str):
+        return
+    if getattr(ed, "_captioner", None) is not None or Path(cap_model).is_dir():
+        return
+    if in_hf_cache(cap_model, "config.json") or hub_reachable():
+        return
+    raise UsageError(
+        f"{ed.name} needs a caption of the image: without --prompt it asks BLIP ({cap_model}), which is not "
+        f"in the Hugging Face cache, and {offline_reason()}. Pass --prompt 'a photo of a cat' "
+        "(a short caption of your image)"
+    )
+
+
+def _output_paths(images: list[Path], output: str | None, editor: str) -> list[Path]:
+    """Where each edit goes: ``-o FILE`` for one image, ``-o FOLDER`` (default: here) for several."""
+    from .cli_options import UsageError, check_image_output, check_output_dir
+
+    if len(images) <= 1:
+        stem = images[0].stem if images else "generated"
+        return [check_image_output(output or f"{stem}-{editor}.png", folder_for_many=True)]
+    folder = check_output_dir(output if output is not None else ".")
+    paths, seen = [], set()
+    for img in images:
+        p = folder / f"{img.stem}-{editor}.png"
+        k = 2
+        while p in seen:
+            p = folder / f"{img.stem}-{k}-{editor}.png"
+            k += 1
+        seen.add(p)
+        paths.append(p)
+    if len(set(images)) != len(images):
+        raise UsageError("the same input image is given twice")
+    return paths
 
 
 def register(app: typer.Typer) -> None:
@@ -84,16 +161,29 @@ def register(app: typer.Typer) -> None:
 
     @app.command("edit")
     def edit_cmd(
-        image: Annotated[
-            Path | None,
-            typer.Argument(help="Image to edit (any format/mode). Leave out to generate one from --prompt."),
+        images: Annotated[
+            list[Path] | None,
+            typer.Argument(
+                help="Images to edit (any format/mode; several go to one -o folder). Leave out to generate "
+                "one from --prompt.",
+                show_default=False,
+            ),
         ] = None,
         direction: Annotated[
-            str,
-            typer.Option("--direction", "-d", help="Direction name, e.g. 'cat->dog' or 'pack:cat@1->dog'."),
+            list[str],
+            typer.Option(
+                "--direction",
+                "-d",
+                help="Direction name, e.g. 'cat->dog' or 'pack:cat@1->dog' (quote it). Repeat to apply several.",
+            ),
         ] = ...,
         output: Annotated[
-            Path | None, typer.Option("--output", "-o", help="Where to write the edit (PNG).")
+            str | None,
+            typer.Option(
+                "--output",
+                "-o",
+                help="Image file for the edit (.png, .jpg ...), or a folder for several images.",
+            ),
         ] = None,
         editor: Annotated[
             str, typer.Option("--editor", "-e", help="Editor plugin (see `p2pz plugins`).")
@@ -135,7 +225,12 @@ def register(app: typer.Typer) -> None:
         ] = None,
         seed: SeedOpt = 0,
         compare: Annotated[
-            bool, typer.Option("--compare", help="Also write input | reconstruction | edit side by side.")
+            bool,
+            typer.Option(
+                "--compare",
+                help="Also write the panels side by side: input | reconstruction | edit (pix2pix-zero), "
+                "input | edit (DiffEdit, SDEdit).",
+            ),
         ] = False,
         device: DeviceOpt = None,
         dtype: DtypeOpt = None,
@@ -148,11 +243,33 @@ def register(app: typer.Typer) -> None:
         as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
         quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
     ) -> None:
-        """Apply a named direction to an image (or to one generated from --prompt)."""
+        """Apply a named direction to images (or to one generated from --prompt)."""
         from . import editors
+        from .cli_options import (
+            UsageError,
+            check_device,
+            check_dtype,
+            check_image_output,
+            check_inputs,
+            check_model_available,
+            quiet_loading,
+        )
 
-        if image is None and prompt is None:
-            raise typer.BadParameter("give an IMAGE to edit, or --prompt to generate one", param_hint="IMAGE")
+        # 1. check every input before any model work: nothing is loaded or written for a wrong one
+        images = list(images or [])
+        if not images and prompt is None:
+            raise UsageError("give an IMAGE to edit, or --prompt to generate one (see `p2pz edit --help`)")
+        check_inputs(images)
+        if mask is not None:
+            check_inputs([mask])
+        check_device(device)
+        check_dtype(dtype)
+        outputs = _output_paths(images, output, editor)
+        if save_mask is not None:
+            if len(images) > 1:
+                raise UsageError("--save-mask takes one image; with several, the masks are not saved")
+            check_image_output(save_mask, "--save-mask")
+        check_model_available(model)
         options: dict[str, Any] = {"seed": seed}
         given = {
             "prompt": prompt,
@@ -165,62 +282,92 @@ def register(app: typer.Typer) -> None:
             "mask": str(mask) if mask is not None else None,
         }
         options.update({k: v for k, v in given.items() if v is not None})
-        options.update(_parse_opt(opt))
-        if output is None:
-            stem = image.stem if image is not None else "generated"
-            output = Path(f"{stem}-{editor}.png")
 
+        # 2. the editor (nothing loaded yet), its typed options, the directions by name
+        quiet_loading()
         ed = editors.get(editor, model=model, device=device, dtype=dtype)
-        # name and encoder first: nothing is loaded for a wrong direction or option
-        d = ed.resolve_direction(direction)
+        options.update(_parse_opt(opt, ed))
+        ed._check_options(options)
+        _check_captioner_reachable(ed, options, len(images))
+        ds = [ed.resolve_direction(name) for name in direction]
+        batched = _accepts_lists(ed)
+        d_arg = ds if batched and len(ds) > 1 else _combined(ds)
+        d_name = " + ".join(d.name for d in ds)
+
+        # 3. the edit: one batched call when the editor takes lists, else one image at a time
+        results = []
         with PhaseProgress(ed.phases, enabled=not quiet and not as_json) as cb, warnings.catch_warnings():
+            from .images import ImageResizedWarning
+
             warnings.simplefilter("ignore", ImageResizedWarning)  # said once, as a note, below
-            res = ed.edit(str(image) if image is not None else None, d, progress=cb, **options)
-
-        written = {"image": str(output)}
-        _save(res.image, output)
-        if save_mask is not None:
-            if res.mask is None:
-                raise P2PZError(
-                    f"editor {editor!r} made no mask to save (--save-mask); the edit was written to {output}"
+            if not images:
+                results = [ed.edit(None, d_arg, progress=cb, **options)]
+            elif batched and len(images) > 1:
+                results = _split(
+                    ed.edit([str(p) for p in images], d_arg, progress=cb, **options), len(images)
                 )
-            m = res.mask
-            if not hasattr(m, "save"):
-                from .images import load_image
+            else:
+                results = [ed.edit(str(p), d_arg, progress=cb, **options) for p in images]
 
-                m = load_image(m)
-            _save(m, save_mask)
-            written["mask"] = str(save_mask)
-        if compare:
-            from .images import side_by_side
+        # 4. write the pictures
+        written_all = []
+        for res, out_path in zip(results, outputs, strict=True):
+            written = {"image": str(out_path)}
+            _save(res.image, out_path)
+            if save_mask is not None:
+                if res.mask is None:
+                    raise P2PZError(
+                        f"editor {editor!r} made no mask to save (--save-mask); the edit was written to {out_path}"
+                    )
+                m = res.mask
+                if not hasattr(m, "save"):
+                    from .images import load_image
 
-            panels = [
-                p
-                for p in (res.original, res.reconstruction, res.image)
-                if p is not None and hasattr(p, "save")
-            ]
-            cmp_path = output.with_name(output.stem + "-compare" + output.suffix)
-            _save(side_by_side(panels), cmp_path)
-            written["compare"] = str(cmp_path)
-        summary = {
+                    m = load_image(m)
+                _save(m, save_mask)
+                written["mask"] = str(save_mask)
+            if compare:
+                from .images import side_by_side
+
+                panels = [
+                    p
+                    for p in (res.original, res.reconstruction, res.image)
+                    if p is not None and hasattr(p, "save")
+                ]
+                cmp_path = out_path.with_name(out_path.stem + "-compare" + out_path.suffix)
+                _save(side_by_side(panels), cmp_path)
+                written["compare"] = str(cmp_path)
+            written_all.append(written)
+        # a batched call's results share one `extra` (one time for all); one-by-one edits add up
+        timed = results[:1] if batched and len(images) > 1 else results
+        seconds = sum(float(r.extra.get("seconds", 0.0)) for r in timed)
+        notes = [n for r in results for n in r.extra.get("notes", [])]
+        summary: dict[str, Any] = {
             "editor": editor,
-            "direction": d.name,
+            "direction": d_name,
             "model": model,
-            "caption": res.caption,
-            "seconds": round(float(res.extra.get("seconds", 0.0)), 3),
-            "notes": res.extra.get("notes", []),
-            "written": written,
+            "caption": results[0].caption,
+            "seconds": round(seconds, 3),
+            "notes": list(dict.fromkeys(notes)),
+            "written": written_all[0],
         }
+        if len(results) > 1:
+            summary["images"] = [
+                {"input": str(p), "caption": r.caption, "written": w}
+                for p, r, w in zip(images, results, written_all, strict=True)
+            ]
         if as_json:
             sys.stdout.write(json.dumps(summary, indent=2) + "\n")
             return
         for note in summary["notes"]:
             err.print(f"note: {note}", markup=False)
-        if res.caption:
-            out.print(f"caption: {res.caption}", markup=False)
-        for what, path in written.items():
-            out.print(f"wrote {what}: {path}", markup=False)
-        out.print(f"{editor} {d.name} in {summary['seconds']:.1f} s", markup=False)
+        for r, w in zip(results, written_all, strict=True):
+            if r.caption:
+                out.print(f"caption: {r.caption}", markup=False)
+            for what, path in w.items():
+                out.print(f"wrote {what}: {path}", markup=False)
+        n = f" ({len(results)} images)" if len(results) > 1 else ""
+        out.print(f"{editor} {d_name}{n} in {summary['seconds']:.1f} s", markup=False)
 
     @app.command("plugins")
     def plugins_cmd(
@@ -272,7 +419,10 @@ def register(app: typer.Typer) -> None:
         as_json: Annotated[bool, typer.Option("--json", help="Print a JSON report.")] = False,
     ) -> None:
         """Run the whole flow offline on a tiny random-weight model (a plumbing check, not a picture)."""
+        from .cli_options import quiet_loading
         from .demo import run_demo
+
+        quiet_loading()
 
         say = (lambda s: err.print(s, markup=False)) if as_json else (lambda s: out.print(s, markup=False))
         report = run_demo(out_dir, steps=steps, editors_to_run=editor or None, say=say)

@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .cli_options import JsonOpt
+from .cli_options import JsonOpt, print_table
 from .terminal import safe_text
 
 out = Console(highlight=False, soft_wrap=True)
@@ -132,7 +132,7 @@ def search_cmd(
         about = ", ".join(h.encoders) if h.kind != "hub" else h.detail
         use = h.ref if h.kind != "hub" else f"p2pz pull {h.ref}"
         t.add_row(f"{h.score:.2f}", h.kind, safe_text(h.name), safe_text(use), safe_text(about))
-    out.print(t)
+    print_table(out, t)  # at its full width: names are never cut
 
 
 def packs_cmd(

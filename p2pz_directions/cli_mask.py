@@ -33,7 +33,7 @@ def register(app: typer.Typer) -> None:
             typer.Option("--direction", "-d", help="Direction name, e.g. 'bowl of fruits->bowl of pears'."),
         ] = ...,
         output: Annotated[
-            Path | None,
+            str | None,
             typer.Option("--output", "-o", help="Where to write the mask (PNG; default IMAGE-mask.png)."),
         ] = None,
         model: Annotated[
@@ -79,7 +79,20 @@ def register(app: typer.Typer) -> None:
 
         from . import editors
         from .cli_edit import PhaseProgress, _parse_opt, _save
+        from .cli_options import (
+            check_device,
+            check_dtype,
+            check_image_output,
+            check_inputs,
+            check_model_available,
+            quiet_loading,
+        )
 
+        check_inputs([image])
+        check_device(device)
+        check_dtype(dtype)
+        output = check_image_output(output or str(image.with_name(f"{image.stem}-mask.png")))
+        check_model_available(model)
         options: dict[str, Any] = {
             "seed": seed,
             "num_inference_steps": steps,
@@ -92,12 +105,10 @@ def register(app: typer.Typer) -> None:
             options["source_prompt"] = source_prompt
         if target_prompt is not None:
             options["target_prompt"] = target_prompt
-        options.update(_parse_opt(opt))
-        options["mask_only"] = True
-        if output is None:
-            output = image.with_name(f"{image.stem}-mask.png")
-
+        quiet_loading()
         ed = editors.get("diffedit", model=model, device=device, dtype=dtype)
+        options.update(_parse_opt(opt, ed))
+        options["mask_only"] = True
         d = ed.resolve_direction(direction)  # name and encoder first: nothing loads for a wrong one
         with PhaseProgress(("mask",), enabled=not quiet and not as_json) as cb:
             res = ed.edit(str(image), d, progress=cb, **options)

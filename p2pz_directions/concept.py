@@ -8,11 +8,12 @@ shaped ``[1, 77, D]`` like the ``construct_direction`` of diffusers' pix2pix-zer
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .errors import EncoderMismatchError, FormatError
+
+if TYPE_CHECKING:  # torch is imported where a tensor is checked, so listings start without it
+    import torch
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,8 @@ class Concept:
     content_hash: str | None = None
 
     def __post_init__(self) -> None:
+        import torch
+
         emb = self.embedding
         if not isinstance(emb, torch.Tensor):
             raise FormatError(
@@ -109,9 +112,11 @@ class Concept:
         out = self.name if self.version is None else f"{self.name}@{self.version}"
         return f"{self.pack}:{out}" if self.pack else out
 
-    def as_embeds(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """``[1, 77, D]``, as diffusers' pipelines take ``source_embeds`` / ``target_embeds``."""
-        return self.embedding.to(dtype).unsqueeze(0)
+    def as_embeds(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``[1, 77, D]`` (float32 unless ``dtype``), as diffusers' pipelines take ``source_embeds``."""
+        import torch
+
+        return self.embedding.to(dtype or torch.float32).unsqueeze(0)
 
     def __repr__(self) -> str:
         return (

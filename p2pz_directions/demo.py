@@ -1,7 +1,8 @@
 """``p2pz demo``: the whole flow, offline, on a fresh install - a plumbing check, not a picture.
 
-1. build a tiny Stable-Diffusion-shaped model with random weights (`make_tiny_sd`), saved and
-   loaded back like a real one;
+1. build a tiny Stable-Diffusion-shaped model with random weights (`make_tiny_sd(path, "sd1-8x")`:
+   an 8x VAE like SD's, so a 512x512 picture gives 64x64 latents), saved and loaded back like a
+   real one;
 2. build the concepts ``cat`` and ``dog`` for its text encoder from template captions
    (`p2pz_directions.builder.build`, no caption model needed) into a registry inside the output
    folder;
@@ -13,7 +14,7 @@ installed and wired together. For real edits, give a real model (``--model
 CompVis/stable-diffusion-v1-4``) to ``p2pz edit``.
 
 The tiny-model builders here are also what the test-suite uses (``tests/tiny_sd.py`` keeps the
-same names): ``make_tiny_sd(path, config="sd1"|"sd2", seed=0)``, ``make_components(config)``,
+same names): ``make_tiny_sd(path, config="sd1"|"sd2"|"sd1-8x", seed=0)``, ``make_components(config)``,
 ``make_tokenizer(path)``, ``make_text_encoder(hidden)``.
 
 >>> from p2pz_directions.demo import run_demo
@@ -46,7 +47,7 @@ PLUMBING_NOTE = (
     "These pictures are a plumbing check, not a result: they come from a tiny model with RANDOM weights, "
     "so they are noise by design. They only show that model loading, the direction registry, the plugins "
     "and the samplers work together. "
-    "For real edits run e.g. `p2pz edit photo.png --direction cat->dog --model CompVis/stable-diffusion-v1-4`."
+    "For real edits run e.g. `p2pz edit photo.png --direction 'cat->dog' --model CompVis/stable-diffusion-v1-4`."
 )
 
 _CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789.,'!?-")
@@ -95,13 +96,63 @@ def make_text_encoder(hidden_size: int = 32, seed: int = 0, vocab_size: int = 10
     return CLIPTextModel(cfg).eval()
 
 
-def make_components(config: str = "sd1", seed: int = 0) -> dict[str, Any]:
-    """UNet, VAE, text encoder and DDIM scheduler of a tiny SD model (``"sd1"``: epsilon, D=32;
-    ``"sd2"``: v-prediction, linear projections, D=64)."""
+#: the tiny configs: ``sd1`` / ``sd2`` (the test fixtures; a 2x VAE, for 32-64 px inputs) and
+#: ``sd1-8x`` (the demo's: shaped like SD, an 8x VAE, so a 512x512 photo gives 64x64 latents)
+TINY_CONFIGS = ("sd1", "sd2", "sd1-8x")
+
+
+def _sd_shaped_components(seed: int) -> dict[str, Any]:
+    """A tiny model shaped like SD 1.x: the VAE downsamples 8x (three steps), the UNet works on
+    latents of any size a multiple of 2; channel counts are small enough for a CPU."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
-    if config not in ("sd1", "sd2"):
-        raise ValueError(f"unknown tiny config {config!r}; use 'sd1' or 'sd2'")
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(  # attention only at 1/4 of the latent size: 16x16 tokens for 512 px
+        block_out_channels=(8, 16, 32),
+        layers_per_block=1,
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(  # three downsamplings (8x) like SD's, few channels, no attention
+        block_out_channels=[4, 4, 8, 8],
+        layers_per_block=1,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=512,
+        mid_block_add_attention=False,
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    return {"unet": unet, "vae": vae, "text_encoder": make_text_encoder(32, seed), "scheduler": scheduler}
+
+
+def make_components(config: str = "sd1", seed: int = 0) -> dict[str, Any]:
+    """UNet, VAE, text encoder and DDIM scheduler of a tiny SD model (``"sd1"``: epsilon, D=32;
+    ``"sd2"``: v-prediction, linear projections, D=64; ``"sd1-8x"``: epsilon, D=32, an 8x VAE
+    like SD's, so real photo sizes work)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+    if config not in TINY_CONFIGS:
+        raise ValueError(f"unknown tiny config {config!r}; use one of {', '.join(TINY_CONFIGS)}")
+    if config == "sd1-8x":
+        return _sd_shaped_components(seed)
     sd2 = config == "sd2"
     d = 64 if sd2 else 32
     torch.manual_seed(seed)
@@ -202,6 +253,19 @@ class DemoReport:
         }
 
 
+#: the demo's tiny model: shaped like SD (8x VAE), so real photo sizes edit in seconds on a CPU
+DEMO_CONFIG = "sd1-8x"
+
+
+def _is_sd_shaped(model: Path) -> bool:
+    """Whether ``model`` is a tiny model folder with an 8x VAE (what the demo builds today)."""
+    try:
+        cfg = json.loads((model / "vae" / "config.json").read_text("utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (model / "model_index.json").is_file() and len(cfg.get("down_block_types", ())) == 4
+
+
 @contextmanager
 def _registry_at(root: Path):
     old = os.environ.get("P2PZ_HOME")
@@ -221,12 +285,15 @@ def run_demo(
     steps: int = 4,
     n_captions: int = 24,
     editors_to_run: list[str] | None = None,
+    image_size: int = 512,
     say: Callable[[str], None] = print,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> DemoReport:
     """Run the offline demo into ``out``; returns what was written and what failed.
 
-    The registry used is ``out/registry`` (your own registry is not touched).
+    The registry used is ``out/registry`` (your own registry is not touched). The model is the
+    SD-shaped tiny one (``sd1-8x``: an 8x VAE), so the drawn ``image_size`` picture (512 by default,
+    like a real photo) gives 64x64 latents, as Stable Diffusion's would.
     """
     from PIL import Image
 
@@ -237,9 +304,13 @@ def run_demo(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model = out / "tiny-sd"
-    if not (model / "model_index.json").is_file():
-        say(f"building a tiny random-weight Stable Diffusion model in {model}")
-        make_tiny_sd(model, "sd1", seed=0)
+    if not _is_sd_shaped(model):
+        say(f"building a tiny random-weight Stable Diffusion model (8x VAE, like SD's) in {model}")
+        if model.exists():
+            import shutil
+
+            shutil.rmtree(model)  # an older demo's model (2x VAE): replaced
+        make_tiny_sd(model, DEMO_CONFIG, seed=0)
     else:
         say(f"using the tiny model already in {model}")
     report = DemoReport(out=out, model=model, direction="demo:cat->dog")
@@ -257,7 +328,7 @@ def run_demo(
         )
         direction = directions.load(report.direction, model=str(model))
         say(f"loaded {direction.name} by name (encoder {direction.encoder.id})")
-        image = demo_image(64)
+        image = demo_image(image_size)
         image.save(out / "input.png")
         names = editors_to_run or editors.available()
         strip: list[Image.Image] = [image]

@@ -23,11 +23,11 @@ from collections import defaultdict
 
 from . import naming
 from .concept import Concept, Direction
-from .errors import AmbiguousNameError, NotFoundError
+from .errors import AmbiguousNameError, ConceptNotForEncoderError, NotFoundError
 from .models import encoder_for
 from .store import Entry, LocalStore, default_store
 
-__all__ = ["load", "load_concept", "list", "concepts", "resolve_encoder_id"]
+__all__ = ["load", "load_concept", "list", "concepts", "resolve_encoder_id", "resolve_entries"]
 
 
 def resolve_encoder_id(
@@ -129,17 +129,52 @@ def _group(entries: builtins.list[Entry]) -> dict[tuple[str, str], builtins.list
     return groups
 
 
-def _resolve_side(store: LocalStore, ref: naming.ConceptRef, packs, encoder_id: str, label: str) -> Concept:
+def _resolve_side_entry(
+    store: LocalStore, ref: naming.ConceptRef, packs, encoder_id: str, label: str
+) -> Entry:
     groups = _group(_entries(store, packs, encoder_id, ref.name))
     if len(groups) > 1:
         cands = sorted(f"{p}:{ref.name}" for p, _ in groups)
         raise AmbiguousNameError(
             f"concept {ref.name!r} for {encoder_id} exists in several packs: {', '.join(cands)}. "
-            f"Name one with a prefix, e.g. {cands[0].split(':')[0]}:{label}",
+            f"Name one with a prefix, e.g. {cands[0].split(':')[0]}:{label}, or choose the pack with "
+            f"pack='{cands[0].split(':')[0]}'",
             cands,
         )
     (((pack, _), entries),) = groups.items()
-    return store.load(_pick(entries, ref, f"{pack}:{ref.name} ({encoder_id})"))
+    return _pick(entries, ref, f"{pack}:{ref.name} ({encoder_id})")
+
+
+def _resolve_side(store: LocalStore, ref: naming.ConceptRef, packs, encoder_id: str, label: str) -> Concept:
+    return store.load(_resolve_side_entry(store, ref, packs, encoder_id, label))
+
+
+def resolve_entries(
+    name: str,
+    *,
+    model: str | os.PathLike | None = None,
+    encoder: str | os.PathLike | None = None,
+    pack: str | None = None,
+    store: LocalStore | None = None,
+) -> builtins.list[Entry]:
+    """The stored versions a name resolves to, as `load` / `load_concept` would pick them, without
+    reading any tensor: ``[source, target]`` for a direction, ``[concept]`` for a concept."""
+    store = store or default_store()
+    if naming.is_direction(name):
+        ref = naming.parse_direction(name)
+        if ref.pack is not None and pack is not None and naming.parse_pack(pack).name != ref.pack.name:
+            raise ValueError(
+                f"{name!r} names pack {ref.pack.name!r} but pack={pack!r} was also given; keep one"
+            )
+        packs = _scope_packs(store, ref.pack if ref.pack is not None else pack)
+        enc_id = _choose_encoder(
+            store, [ref.source.name, ref.target.name], packs, resolve_encoder_id(model, encoder), name
+        )
+        return [_resolve_side_entry(store, r, packs, enc_id, name) for r in (ref.source, ref.target)]
+    pref, cref = naming.parse_concept(name)
+    packs = _scope_packs(store, pref if pref is not None else pack)
+    enc_id = _choose_encoder(store, [cref.name], packs, resolve_encoder_id(model, encoder), name)
+    return [_resolve_side_entry(store, cref, packs, enc_id, name)]
 
 
 def _choose_encoder(
@@ -150,6 +185,14 @@ def _choose_encoder(
     all_names = sorted({e.name for e in _entries(store, packs, encoder_id)})
     for n, encs in zip(names, per_name, strict=True):
         if not encs:
+            others = _entries(store, packs, None, n) if encoder_id is not None else []
+            if others:  # the name exists, for another encoder: say that, not "did you mean"
+                have = ", ".join(sorted({f"{e.encoder.id} (D={e.encoder.hidden_size})" for e in others}))
+                raise ConceptNotForEncoderError(
+                    f"{query!r}: concept {n!r} exists only for text encoder {have}, not for {encoder_id}, "
+                    f"which the model uses. Build it for this model with `p2pz reencode {n} --model MODEL` "
+                    f"(or `p2pz build`), or edit with a model of that encoder."
+                )
             raise _not_found("concept", n, store, all_names, _scope_text(store, packs, encoder_id))
     common = set.intersection(*per_name)
     if not common:
@@ -161,7 +204,8 @@ def _choose_encoder(
     if len(common) > 1:
         raise AmbiguousNameError(
             f"{query!r} exists for several text encoders: {', '.join(sorted(common))}. "
-            f"Choose one with model=... (e.g. model='CompVis/stable-diffusion-v1-4') or encoder=...",
+            f"Choose one with model=... (the model you edit with picks its encoder, e.g. "
+            f"model='CompVis/stable-diffusion-v1-4') or encoder=...",
             sorted(common),
         )
     return next(iter(common))

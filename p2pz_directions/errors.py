@@ -54,3 +54,7 @@ class UnsafeFileError(P2PZError, ValueError):
 
 class StoreLockedError(P2PZError, TimeoutError):
     """Another process held the store's lock for too long."""
+
+
+class ConceptNotForEncoderError(EncoderMismatchError, NotFoundError):
+    """A concept named for a model exists, but only for other text encoders (both a mismatch and a miss)."""

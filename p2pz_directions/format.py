@@ -19,15 +19,14 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors import safe_open
-from safetensors.torch import save
+from typing import TYPE_CHECKING, Any
 
 from . import __version__, naming
 from .concept import Concept, EncoderInfo
 from .errors import FormatError, IntegrityError
+
+if TYPE_CHECKING:  # torch is imported where tensors are read or written, so listings start without it
+    import torch
 
 FORMAT_NAME = "p2pz-concept"
 FORMAT_VERSION = 1
@@ -159,6 +158,8 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 def tensor_bytes(concept: Concept) -> bytes:
     """The safetensors bytes of a concept's embedding (deterministic for equal tensors)."""
+    from safetensors.torch import save
+
     return save({TENSOR_KEY: concept.embedding.contiguous()}, metadata={"format": "pt"})
 
 
@@ -433,6 +434,8 @@ def load_tensor_bytes(data: bytes, path: Path) -> torch.Tensor:
 
 def peek_tensor_header(path: str | os.PathLike) -> dict[str, Any]:
     """Shape and dtype of the tensor in a safetensors file, reading only its header."""
+    from safetensors import safe_open
+
     with safe_open(str(path), framework="pt") as f:
         sl = f.get_slice(TENSOR_KEY)
         return {"shape": list(sl.get_shape()), "dtype": str(sl.get_dtype())}

@@ -122,3 +122,32 @@ def encoder_for(
         f"unknown model {key!r}: p2pz does not know which text encoder it uses. Pass a local path to the "
         f"model folder, name the encoder with encoder=..., or use one of: {', '.join(sorted(KNOWN_MODELS))}"
     )
+
+
+def validate_encoder_id(encoder: str | os.PathLike) -> EncoderInfo | None:
+    """Check an encoder id a person typed: a folder or a known id passes (its `EncoderInfo` is returned);
+    a model id or a near-miss of a known id (``openai/clip-vit-large-patch-14``) raises `FormatError`
+    saying what to write instead. Any other id returns None: the caller decides (cache, registry).
+
+    >>> validate_encoder_id("openai/clip-vit-large-patch14").hidden_size
+    768
+    """
+    import difflib
+
+    key = os.fspath(encoder)
+    if os.path.isdir(key):
+        return encoder_from_folder(key)
+    low = key.lower().rstrip("/")
+    for eid, info in KNOWN_ENCODERS.items():
+        if eid.lower() == low:
+            return info
+    if low in KNOWN_MODELS:
+        raise FormatError(
+            f"{key!r} is a diffusers model, not a text encoder: pass it as --model {key} "
+            f"(its text encoder is {KNOWN_MODELS[low].id})"
+        )
+    close = difflib.get_close_matches(low, [e.lower() for e in KNOWN_ENCODERS], n=1, cutoff=0.8)
+    if close:
+        (match,) = (e for e in KNOWN_ENCODERS if e.lower() == close[0])
+        raise FormatError(f"unknown text encoder {key!r}. Did you mean {match}?")
+    return None

@@ -379,9 +379,15 @@ def list_records(
 
 def for_direction(direction: Any, store: Any = None, *, skip_damaged: bool = True) -> list[EvalRecord]:
     """The records measured on exactly this direction's two concept versions (any pack)."""
-    s, t = direction.source.content_hash, direction.target.content_hash
+    return for_hashes(direction.source.content_hash, direction.target.content_hash, store, skip_damaged=skip_damaged)
+
+
+def for_hashes(source_hash: str, target_hash: str, store: Any = None, *, skip_damaged: bool = True) -> list[EvalRecord]:
+    """The records measured on the concept versions with these content hashes (any pack)."""
     return [
-        r for r in list_records(store, skip_damaged=skip_damaged) if r.source_hash == s and r.target_hash == t
+        r
+        for r in list_records(store, skip_damaged=skip_damaged)
+        if r.source_hash == source_hash and r.target_hash == target_hash
     ]
 
 

@@ -123,6 +123,6 @@ def test_demo_offline(capsys, tmp_path):
     assert report["failures"] == {}
     assert set(report["outputs"]) == {"pix2pix-zero", "compare"}
     assert "RANDOM weights" in report["note"] and "plumbing" in report["note"]
-    assert Image.open(report["outputs"]["pix2pix-zero"]).size == (64, 64)
+    assert Image.open(report["outputs"]["pix2pix-zero"]).size == (512, 512)  # the SD-shaped demo model
     assert (tmp_path / "demo" / "registry").is_dir()  # the user's registry is untouched
     assert "loaded demo:cat@1->dog@1 by name" in err

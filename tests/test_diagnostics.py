@@ -82,7 +82,7 @@ def test_show_prints_diagnostics_and_json(store, capsys):
         concept("cat", 0, captions=["a cat on a mat", "a cat in the sun", "a kitten asleep"]), pack="capt"
     )
     store.publish(concept("dog", 1, captions=["a dog", "a dog"]), pack="capt")
-    code = main(["show", "cat->dog", "--pack", "mine", "--json"])
+    code = main(["show", "cat->dog", "--pack", "mine", "--json", "--diagnostics"])
     out = capsys.readouterr().out
     assert code == 0
     info = json.loads(out)
@@ -90,10 +90,10 @@ def test_show_prints_diagnostics_and_json(store, capsys):
     assert info["diagnostics"]["caption_diversity"] == {"source": None, "target": None}
     assert info["diagnostics"]["entangled"][0]["direction"]
     assert info["evaluations"] == []
-    assert main(["show", "capt:cat->dog", "--json"]) == 0
+    assert main(["show", "capt:cat->dog", "--json", "--diagnostics"]) == 0
     div = json.loads(capsys.readouterr().out)["diagnostics"]["caption_diversity"]
     assert div["target"] == pytest.approx(1.0, abs=1e-4) and 0 < div["source"] < div["target"]
-    code = main(["show", "cat->dog", "--pack", "mine"])
+    code = main(["show", "cat->dog", "--pack", "mine", "--diagnostics"])
     text = capsys.readouterr().out
     assert code == 0
     for label in ("delta norm / position", "most moved positions", "most entangled", "caption diversity"):

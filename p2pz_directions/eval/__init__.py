@@ -15,8 +15,21 @@ per direction × editor, winners, a grid image, and evaluation records stored wi
 
 from __future__ import annotations
 
-from .runner import DEFAULT_SCORERS, EvalError, EvalResult, evaluate, load_image_set
-from .scorers import Metric, Scorer, ScorerError, ScorerModelError, available, get
+import importlib
+from typing import Any
+
+# imported on first use, so `p2pz show` can format recorded scores (eval.aggregate) without torch
+_LAZY = {
+    **dict.fromkeys(["DEFAULT_SCORERS", "EvalError", "EvalResult", "evaluate", "load_image_set"], ".runner"),
+    **dict.fromkeys(["Metric", "Scorer", "ScorerError", "ScorerModelError", "available", "get"], ".scorers"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "DEFAULT_SCORERS",
