@@ -40,6 +40,7 @@ import functools
 import importlib
 import inspect
 import json
+import numbers
 import os
 import time
 import types
@@ -510,9 +511,9 @@ def _is_instance(value: Any, hint: Any) -> bool:
     if hint is type(None):
         return value is None
     if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
     if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
     if origin in (list, tuple, dict):
         return isinstance(value, origin) or (origin is tuple and isinstance(value, list))
     if isinstance(hint, type):
