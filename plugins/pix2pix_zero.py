@@ -221,7 +221,7 @@ class Pix2PixZeroEditor(Editor):
         self._scheduler, self._inverse_scheduler = scheduler, inverse_scheduler
         #: one `UNetRunner` per loop mode; its graphs are kept between edits of the same settings
         self.runners: dict[str, S.UNetRunner] = {}
-        self._runner_key: Any = None
+        self._runner_keys: dict[str, Any] = {}
         #: the loop running now ("invert", "reference", "edit"), for ``callback_on_step_end``
         self.phase: str | None = None
 
@@ -366,9 +366,9 @@ class Pix2PixZeroEditor(Editor):
             o.compile_regularizer, exact, None if pixels is None else tuple(pixels.shape), o.height, o.width,
             len(o.prompt) if isinstance(o.prompt, list) else None,
         )  # fmt: skip
-        if runner.mode != "eager" and key != self._runner_key:
+        if runner.mode != "eager" and key != self._runner_keys.get(mode):
             runner.clear()  # free the graphs and map buffers of other settings first
-        self._runner_key = key
+        self._runner_keys[mode] = key
         return pixels, gen, runner, exact
 
     def _prompts(self, pixels: torch.Tensor | None, o: Pix2PixZeroOptions) -> tuple[Any, Any]:
