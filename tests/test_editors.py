@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 import types
 import warnings
 from pathlib import Path
@@ -360,7 +361,7 @@ def _docs_example() -> str:
     return block.split("```python\n", 1)[1].split("```", 1)[0]
 
 
-def test_docs_plugins_example_editor_runs_and_equals_img2img(tiny_sd1):
+def test_docs_plugins_example_editor_runs_and_equals_img2img(tiny_sd1, monkeypatch):
     """docs/plugins.md's 40-line editor on p2pz_directions.sampling: it runs as a plugin, and equals
     diffusers' StableDiffusionImg2ImgPipeline given prompt + delta as its prompt embeddings."""
     from diffusers import StableDiffusionImg2ImgPipeline
@@ -371,6 +372,7 @@ def test_docs_plugins_example_editor_runs_and_equals_img2img(tiny_sd1):
     body = code.split("class NudgeEditor", 1)[1]
     assert len([ln for ln in body.splitlines() if ln.strip()]) <= 40
     module = types.ModuleType("nudge_example")
+    monkeypatch.setitem(sys.modules, "nudge_example", module)  # dataclasses look their module up
     exec(compile(code, "docs/plugins.md", "exec"), module.__dict__)  # noqa: S102 - our own docs
     plugins.reset()
     plugins.register(module, name="nudge-example")
