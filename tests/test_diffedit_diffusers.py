@@ -110,6 +110,9 @@ def make_pipe(components: dict, scheduler=None, inverse_scheduler=None):
         pipe.scheduler = scheduler
     if inverse_scheduler is not None:
         pipe.inverse_scheduler = inverse_scheduler
+    for m in pipe.components.values():  # as from_pretrained leaves them (and as the editor uses them)
+        if isinstance(m, torch.nn.Module):
+            m.eval().requires_grad_(False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -223,14 +226,18 @@ def test_call_with_mask_and_latents(tokenizer, sched):
 
 
 # --- the whole recipe, on each scheduler pair it takes --------------------------------------------
-def _recipe_reference(pipe, img, d, gen, **kw):
-    mask = pipe.generate_mask(
-        image=img,
-        source_prompt_embeds=d.source_embeds,
-        target_prompt_embeds=d.target_embeds,
-        num_maps_per_mask=2,
-        num_inference_steps=kw["num_inference_steps"],
-        generator=gen,
+def _recipe_reference(pipe, img, d, gen, mask=None, **kw):
+    mask = (
+        mask
+        if mask is not None
+        else pipe.generate_mask(
+            image=img,
+            source_prompt_embeds=d.source_embeds,
+            target_prompt_embeds=d.target_embeds,
+            num_maps_per_mask=2,
+            num_inference_steps=kw["num_inference_steps"],
+            generator=gen,
+        )
     )
     inv = pipe.invert(
         image=img,
@@ -259,16 +266,43 @@ def test_recipe_matches_on_each_scheduler_pair(tokenizer, sched):
     elif sched == "ddim":
         pipe = make_pipe(dummy_components(tokenizer))
     else:  # an inverse scheduler configured unlike the forward one: it must be used as it is
-        inv = DDIMInverseScheduler(**SCHED_ARGS, clip_sample=False, set_alpha_to_zero=True, steps_offset=1)
+        inv = DDIMInverseScheduler(**SCHED_ARGS, clip_sample=False, timestep_spacing="trailing")
         pipe = make_pipe(dummy_components(tokenizer), inverse_scheduler=inv)
     img = dummy_image()
     d = direction()
     kw = {"num_inference_steps": 5, "inpaint_strength": 0.8, "output_type": "np", "eta": 0.0}
-    ref_mask, ref_inv, ref = _recipe_reference(pipe, img, d, torch.Generator().manual_seed(1), **kw)
-    res = editor(pipe).edit(img, d, num_maps_per_mask=2, generator=torch.Generator().manual_seed(1), **kw)
+    # diffusers' generate_mask fails with DPMSolverMultistepScheduler (see the next test): a given mask there
+    given = _half_mask() if sched == "dpm" else None
+    ref_mask, ref_inv, ref = _recipe_reference(
+        pipe, img, d, torch.Generator().manual_seed(1), mask=given, **kw
+    )
+    res = editor(pipe).edit(
+        img, d, num_maps_per_mask=2, generator=torch.Generator().manual_seed(1), mask=given, **kw
+    )
     assert np.array_equal(res.extra["latent_mask"][0, 0].numpy(), ref_mask[0])
     assert (res.inverted_latents - ref_inv).abs().max().item() < TOL
     assert np.abs(np.asarray(res.images) - ref).max() < TOL
+
+
+def _half_mask() -> np.ndarray:
+    m = np.zeros((1, 16, 16), np.float32)
+    m[:, :, 8:] = 1.0
+    return m
+
+
+def test_dpm_mask_works_where_diffusers_fails(tokenizer):
+    """diffusers' generate_mask passes a 0-d timestep to DPMSolverMultistepScheduler.add_noise, which
+    fails; we add noise with one timestep per row, which DDIM computes identically."""
+    pipe = dpm_pipe(tokenizer)
+    with pytest.raises(TypeError, match="0-d tensor"):
+        pipe.generate_mask(
+            image=dummy_image(), source_prompt="a cat", target_prompt="a dog", num_inference_steps=2
+        )
+    res = editor(pipe).edit(
+        dummy_image(), direction(), mask_only=True, num_inference_steps=4, num_maps_per_mask=2, seed=0
+    )
+    assert res.extra["latent_mask"].shape == (1, 1, 16, 16) and res.mask.size == (32, 32)
+    assert torch.isfinite(res.extra["mask_map"]).all() and res.extra["mask_map"].max() > 0
 
 
 def test_num_images_per_prompt(tokenizer):

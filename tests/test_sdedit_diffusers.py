@@ -109,6 +109,9 @@ def make_pipe(components: dict, scheduler=None, vae=None):
         pipe.scheduler = scheduler
     if vae is not None:
         pipe.vae = vae
+    for m in pipe.components.values():  # as from_pretrained leaves them (and as the editor uses them)
+        if isinstance(m, torch.nn.Module):
+            m.eval().requires_grad_(False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -284,7 +287,7 @@ def test_callback_on_step_end_tensor_inputs(tokenizer):
     def callback(side):
         def cb(owner, i, t, kwargs):
             seen[side].append(sorted(kwargs))
-            if i == 1:  # the last step: zero the latents, as diffusers' test does
+            if i == len(seen[side]) - 1 and i >= 1:  # from the second step on: zero the latents
                 kwargs["latents"] = torch.zeros_like(kwargs["latents"])
             return kwargs
 
@@ -303,7 +306,7 @@ def test_callback_on_step_end_tensor_inputs(tokenizer):
         callback_on_step_end=callback("ours"),
         callback_on_step_end_tensor_inputs=names,
     )
-    assert seen["ours"] == seen["ref"] == [sorted(names)] * 2
+    assert seen["ours"] == seen["ref"] and seen["ref"][0] == sorted(names) and len(seen["ref"]) >= 2
     assert ref.images.abs().max().item() == 0.0
     assert torch.as_tensor(res.images[0]).abs().max().item() == 0.0
 
