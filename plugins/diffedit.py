@@ -16,11 +16,8 @@ with ``num_images_per_prompt > 1`` follow their images (diffusers tiles them in 
 
 from __future__ import annotations
 
-import difflib
-import functools
-import operator
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +25,7 @@ import torch
 
 from p2pz_directions import images as imgs
 from p2pz_directions import sampling as S
+from p2pz_directions.concept import Direction
 from p2pz_directions.editors import Editor, EditorError, EditorOptionError, EditResult
 from p2pz_directions.hookspecs import hookimpl
 from p2pz_directions.sampling import diffedit as D
@@ -101,25 +99,11 @@ class DiffEditOptions:
     output_type: str = _opt("pil", "'pil', 'np', 'pt' or 'latent'")
     callback: Any = _opt(None, "fn(step, t, latents) during the edit, every callback_steps steps")
     callback_steps: int = _opt(1, "how often the step callbacks are called")
-    callback_on_step_end: Any = _opt(None, "fn(state, step, t, tensors) -> tensors after each edit step")
+    callback_on_step_end: Any = _opt(None, "fn(editor, step, t, tensors) -> tensors after each edit step")
     callback_on_step_end_tensor_inputs: tuple[str, ...] = _opt(("latents",), "of latents, prompt_embeds")
     cross_attention_kwargs: dict[str, Any] | None = _opt(None, "passed to the UNet's attention processors")
     clip_skip: int | None = _opt(None, "CLIP layers skipped for positive prompts")
     cuda_graphs: bool | None = _opt(None, "replay the UNet from CUDA graphs (default: on for CUDA)")
-
-
-def _options(cls: type, editor: str, given: dict[str, Any]) -> Any:
-    known = [f.name for f in fields(cls)]
-    bad = [k for k in given if k not in known]
-    if bad:
-        hints = [
-            f"{k!r}" + "".join(f" (did you mean {c!r}?)" for c in difflib.get_close_matches(k, known, 1))
-            for k in bad
-        ]
-        raise EditorOptionError(
-            f"editor {editor!r} does not take option {', '.join(hints)}; it takes: {', '.join(known)}"
-        )
-    return cls(**given)
 
 
 class OptionValueError(EditorOptionError, ValueError):
@@ -148,25 +132,21 @@ class DiffEditEditor(Editor):
         super().__init__(model, **kw)
         self.runners: dict[str, S.UNetRunner] = {}  # the UNet runner of each mode, kept across edits
 
-    def option_names(self) -> list[str]:
-        return [f.name for f in fields(DiffEditOptions)]
-
     def runner(self, cuda_graphs: bool | None) -> S.UNetRunner:
         mode = "graphs" if self.device.type == "cuda" and cuda_graphs is not False else "eager"
         return self.runners.setdefault(mode, S.UNetRunner(mode))
 
-    def run(self, image: Any, direction: Any, **options: Any) -> EditResult:
+    def run(self, images: list[Any] | None, direction: Direction, o: DiffEditOptions) -> EditResult:
         """Mask, invert, edit (options: `DiffEditOptions`). One generator is used in diffusers' order."""
-        o = _options(DiffEditOptions, self.name, options)
-        # 1. check inputs; the pipeline's schedulers, every setting kept
-        user_mask, n_edit = _check(image, o)
+        # 1. check inputs (images at full precision, `images.prepare_image`); the pipeline's schedulers
+        user_mask, n_edit = _check(images, o)
+        image, note = imgs.prepare_image(images if len(images) > 1 else images[0], self.image_multiple)
         comps = self.load_components(("unet", "vae", "scheduler"))
         unet, vae, sf = comps["unet"], comps["vae"], comps["vae"].config.scaling_factor
-        scheduler, inverse = D.diffedit_schedulers(comps["scheduler"], self._inverse_scheduler())
-        gen = o.generator if o.generator is not None else S.make_generator(o.seed)
-        direction = (
-            functools.reduce(operator.add, direction) if isinstance(direction, (list, tuple)) else direction
+        scheduler, inverse = D.diffedit_schedulers(
+            self._scheduler(comps["scheduler"]), self._inverse_scheduler()
         )
+        gen = o.generator if o.generator is not None else S.make_generator(o.seed)
         # 2. conditioning: one row per image
         n = imgs.num_images(image)
         text = _Text(self, unet, n, o.clip_skip)
@@ -178,7 +158,7 @@ class DiffEditEditor(Editor):
             encoded = vae.encode(x)
         lat_hw = tuple(D.draw_latents(encoded, 1, None, 1.0).shape[-2:]) if user_mask is not None else None
         # 4. mask (DiffEdit step 1)
-        extra: dict[str, Any] = {"notes": []}
+        extra: dict[str, Any] = {"notes": [note] if note else []}
         if user_mask is not None:
             mask = self._user_mask(user_mask, image, n, lat_hw, extra)
         else:
@@ -223,6 +203,26 @@ class DiffEditEditor(Editor):
         )
 
     # -- the steps ------------------------------------------------------------------------------------
+    def _scheduler(self, scheduler: Any) -> Any:
+        """The model's scheduler; a model folder's that DiffEdit does not run (SD 1.4 ships PNDM) is
+        replaced by DDIM with its settings, as diffusers' docs do, with a warning. A ``pipe=``'s
+        scheduler is the user's choice: never replaced (refused if unsupported)."""
+        if self.pipe is None and not set(D.DIFFEDIT_SCHEDULERS) & {
+            c.__name__ for c in type(scheduler).__mro__
+        }:
+            import warnings
+
+            from diffusers import DDIMScheduler
+
+            warnings.warn(
+                f"{self.model_label} ships {type(scheduler).__name__}, which DiffEdit does not run; using "
+                f"DDIMScheduler with its settings (pass pipe= with DPMSolverMultistepScheduler for DPM-Solver)",
+                UserWarning,
+                stacklevel=4,
+            )
+            return S.copy_scheduler(scheduler, DDIMScheduler)
+        return scheduler
+
     def _inverse_scheduler(self) -> Any:
         """The pipeline's ``inverse_scheduler`` (``pipe=``, or a folder that has one), else None."""
         if self.pipe is not None:
@@ -326,7 +326,7 @@ class DiffEditEditor(Editor):
             extra_step_kwargs=S.extra_step_kwargs(scheduler, gen, o.eta),
             callback_on_step_end=D.mask_guidance_callback(mask, per_step, o.callback_on_step_end),
             callback_on_step_end_tensor_inputs=["latents", *[t for t in o.callback_on_step_end_tensor_inputs if t != "latents"]],
-            pipe=S.LoopState(), callback=o.callback, callback_steps=o.callback_steps,
+            pipe=self, callback=o.callback, callback_steps=o.callback_steps,
             progress=lambda i, m: self.progress("edit", i, m), num_inference_steps=n_edit,
         )  # fmt: skip
         if not torch.isfinite(latents).all():

@@ -18,16 +18,14 @@ diffusers' own img2img fast tests against it.
 from __future__ import annotations
 
 import copy
-import difflib
-import functools
-import operator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from p2pz_directions import images as imgs
 from p2pz_directions import sampling as S
+from p2pz_directions.concept import Direction
 from p2pz_directions.editors import Editor, EditorError, EditorOptionError, EditResult
 from p2pz_directions.hookspecs import hookimpl
 
@@ -85,36 +83,15 @@ class SDEditOptions:
     output_type: str = _opt("pil", "'pil', 'np', 'pt' or 'latent'")
     cross_attention_kwargs: dict[str, Any] | None = _opt(None, "passed to the UNet's attention processors")
     clip_skip: int | None = _opt(None, "CLIP layers skipped for the prompt")
-    callback_on_step_end: Any = _opt(None, "fn(state, step, t, tensors) -> tensors; state.interrupt stops")
+    callback_on_step_end: Any = _opt(
+        None, "fn(editor, step, t, tensors) -> tensors; editor._interrupt = True stops"
+    )
     callback_on_step_end_tensor_inputs: tuple[str, ...] = _opt(
         ("latents",), f"tensors given: of {CALLBACK_TENSORS}"
     )
     callback: Any = _opt(None, "the older fn(step, t, latents), every callback_steps steps")
     callback_steps: int = _opt(1, "how often the older callback is called")
     cuda_graphs: bool | None = _opt(None, "replay the UNet from CUDA graphs (default: on for CUDA)")
-
-
-def _options(cls: type, editor: str, given: dict[str, Any]) -> Any:
-    known = [f.name for f in fields(cls)]
-    bad = [k for k in given if k not in known]
-    if bad:
-        hints = [
-            f"{k!r}" + "".join(f" (did you mean {c!r}?)" for c in difflib.get_close_matches(k, known, 1))
-            for k in bad
-        ]
-        raise EditorOptionError(
-            f"editor {editor!r} does not take option {', '.join(hints)}; it takes: {', '.join(known)}"
-        )
-    return cls(**given)
-
-
-class EditState(S.LoopState):
-    """What ``callback_on_step_end`` gets first (diffusers passes the pipeline): ``state.editor``,
-    and ``state.interrupt = True`` (or ``state._interrupt``, as diffusers) to stop after this step."""
-
-    def __init__(self, editor: Editor) -> None:
-        super().__init__()
-        self.editor = editor
 
 
 class SDEditEditor(Editor):
@@ -138,9 +115,6 @@ class SDEditEditor(Editor):
         self._captioner = captioner
         self.caption_model = caption_model
         self.runners: dict[str, S.UNetRunner] = {}  # the UNet runner of each mode, kept across edits
-
-    def option_names(self) -> list[str]:
-        return [f.name for f in fields(SDEditOptions)]
 
     @property
     def captioner(self) -> Any:
@@ -166,20 +140,16 @@ class SDEditEditor(Editor):
         mode = "graphs" if self.device.type == "cuda" and cuda_graphs is not False else "eager"
         return self.runners.setdefault(mode, S.UNetRunner(mode))
 
-    def run(self, image: Any, direction: Any, **options: Any) -> EditResult:
+    def run(self, images: list[Any] | None, direction: Direction, o: SDEditOptions) -> EditResult:
         """Noise to ``strength``, denoise with the edited prompt (options: `SDEditOptions`)."""
-        o = _options(SDEditOptions, self.name, options)
-        # 1. check inputs, the scheduler (the model's own, every setting kept)
-        n_images = self._check(image, o)
+        # 1. check inputs (images at full precision, `images.prepare_image`), the model's own scheduler
+        image, n_images, notes = self._check(images, o)
         comps = self.load_components(("unet", "vae", "scheduler"))
         unet, vae = comps["unet"], comps["vae"]
         scheduler = S.check_scheduler(
             copy.deepcopy(comps["scheduler"]),
             IMG2IMG_SCHEDULERS,
             pipeline="SDEdit (StableDiffusionImg2ImgPipeline)",
-        )
-        direction = (
-            functools.reduce(operator.add, direction) if isinstance(direction, (list, tuple)) else direction
         )
         # 2. conditioning: [B * k, 77, D] prompt and negative embeddings
         caption, pos, neg = self._conditioning(image, n_images, direction, o, unet)
@@ -203,7 +173,7 @@ class SDEditEditor(Editor):
             extra_step_kwargs=S.extra_step_kwargs(scheduler, gen, o.eta),
             callback_on_step_end=o.callback_on_step_end,
             callback_on_step_end_tensor_inputs=o.callback_on_step_end_tensor_inputs,
-            pipe=EditState(self), callback=o.callback, callback_steps=o.callback_steps,
+            pipe=self, callback=o.callback, callback_steps=o.callback_steps,
             progress=lambda i, n: self.progress("edit", i, n), num_inference_steps=n_run,
         )  # fmt: skip
         # 6. decode
@@ -213,12 +183,12 @@ class SDEditEditor(Editor):
             )
         edited = S.decode_latents(vae, latents, o.output_type)
         original = image if o.output_type in ("pil", "latent") else vae_post(vae, x, o.output_type)
-        extra = {"mode": o.mode, "strength": o.strength, "steps_run": n_run}
+        extra = {"mode": o.mode, "strength": o.strength, "steps_run": n_run, "notes": notes}
         return EditResult(image=_one(edited), original=_one(original), caption=caption, extra=extra)
 
     # -- the steps ------------------------------------------------------------------------------------
-    def _check(self, image: Any, o: SDEditOptions) -> int:
-        if image is None:
+    def _check(self, images: list[Any] | None, o: SDEditOptions) -> tuple[Any, int, list[str]]:
+        if images is None:
             raise EditorOptionError(
                 "sdedit edits an existing image: pass one (p2pz edit IMAGE ...). For an image generated from "
                 "a prompt, use the pix2pix-zero editor"
@@ -231,7 +201,8 @@ class SDEditEditor(Editor):
             )
         if o.source_as_negative and (o.negative_prompt is not None or o.negative_prompt_embeds is not None):
             raise EditorOptionError("pass source_as_negative=True or a negative prompt, not both")
-        return imgs.num_images(image)
+        image, note = imgs.prepare_image(images if len(images) > 1 else images[0], self.image_multiple)
+        return image, imgs.num_images(image), [note] if note else []
 
     def _conditioning(
         self, image, n_images, direction, o, unet
