@@ -1,162 +1,101 @@
-"""SDEdit (Meng et al., ICLR 2022, arXiv 2108.01073): noise the image part way, denoise with new text.
+"""SDEdit (Meng et al., ICLR 2022, arXiv 2108.01073) along a direction: a thin pipeline over
+`p2pz_directions.sampling`, equal to diffusers' ``StableDiffusionImg2ImgPipeline``.
 
-The sampler is one plain function, `sdedit_sample`: add noise to the image latents at the first
-timestep that ``strength`` keeps, then run the scheduler's loop with classifier-free guidance. It
-reproduces ``StableDiffusionImg2ImgPipeline`` of diffusers step for step (the tests prove equality
-on tiny models given the same prompt embeddings).
-
-The editor class `SDEditEditor` chooses the conditioning from a direction:
+SDEdit's Algorithm 1 ("guided image synthesis"): perturb the guide image with the forward SDE to
+time ``t0`` (here ``strength``: the image latents noised to the first timestep kept), then solve the
+reverse SDE from there (here any diffusers scheduler img2img takes). The conditioning comes from a
+direction:
 
 - ``mode="direction"`` (default): the caption's embedding (BLIP, or ``prompt=``) moved along the
-  direction, ``prompt_embeds + scale * delta``, as pix2pix-zero edits its prompt;
+  direction, ``prompt_embeds + delta``, as pix2pix-zero edits its prompt; several directions are
+  summed (one encoder);
 - ``mode="target"``: the target concept's embedding itself is the prompt.
+
+With a zero direction (``d * 0``) and ``prompt=`` the editor is img2img itself: the tests re-run
+diffusers' own img2img fast tests against it.
 """
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable
+import copy
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-__all__ = ["img2img_timesteps", "sdedit_sample"]
+from p2pz_directions import images as imgs
+from p2pz_directions import sampling as S
+from p2pz_directions.concept import Direction
+from p2pz_directions.editors import Editor, EditorError, EditorOptionError, EditResult
+from p2pz_directions.hookspecs import hookimpl
+
+__all__ = ["IMG2IMG_SCHEDULERS", "SDEditEditor", "SDEditOptions"]
+
+#: what ``StableDiffusionImg2ImgPipeline`` takes (``KarrasDiffusionSchedulers`` and LCM); tested ones first
+IMG2IMG_SCHEDULERS = (
+    "PNDMScheduler",
+    "LMSDiscreteScheduler",
+    "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "DDPMScheduler",
+    "DDIMScheduler",
+    "DPMSolverMultistepScheduler",
+    "LCMScheduler",
+    "DPMSolverSinglestepScheduler",
+    "HeunDiscreteScheduler",
+    "KDPM2DiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler",
+    "UniPCMultistepScheduler",
+    "DEISMultistepScheduler",
+)
+CALLBACK_TENSORS = ("latents", "prompt_embeds", "negative_prompt_embeds")
 
 
-def img2img_timesteps(
-    scheduler: Any,
-    num_inference_steps: int | None,
-    strength: float,
-    *,
-    timesteps: list[int] | None = None,
-    sigmas: list[float] | None = None,
-    device: torch.device | str | None = None,
-) -> tuple[torch.Tensor, int]:
-    """The timesteps img2img runs at ``strength``, and how many there are.
-
-    Sets the scheduler's schedule (``num_inference_steps``, or custom ``timesteps`` / ``sigmas``),
-    keeps the last ``int(n * strength)`` steps and tells the scheduler where it begins.
-
-    >>> from diffusers import DDIMScheduler
-    >>> ts, n = img2img_timesteps(DDIMScheduler(steps_offset=1), 10, 0.5)
-    >>> ts.tolist(), n
-    ([401, 301, 201, 101, 1], 5)
-    """
-    if timesteps is not None and sigmas is not None:
-        raise ValueError("pass timesteps= or sigmas=, not both")
-    params = set(inspect.signature(scheduler.set_timesteps).parameters)
-    if timesteps is not None:
-        if "timesteps" not in params:
-            raise ValueError(
-                f"{type(scheduler).__name__} does not take custom timesteps; use num_inference_steps"
-            )
-        scheduler.set_timesteps(timesteps=timesteps, device=device)
-        num_inference_steps = len(scheduler.timesteps)
-    elif sigmas is not None:
-        if "sigmas" not in params:
-            raise ValueError(
-                f"{type(scheduler).__name__} does not take custom sigmas; use num_inference_steps"
-            )
-        scheduler.set_timesteps(sigmas=sigmas, device=device)
-        num_inference_steps = len(scheduler.timesteps)
-    else:
-        scheduler.set_timesteps(num_inference_steps, device=device)
-    init = min(int(num_inference_steps * strength), num_inference_steps)
-    t_start = max(num_inference_steps - init, 0)
-    order = getattr(scheduler, "order", 1)
-    out = scheduler.timesteps[t_start * order :]
-    if hasattr(scheduler, "set_begin_index"):
-        scheduler.set_begin_index(t_start * order)
-    return out, num_inference_steps - t_start
+def _opt(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
 
 
-def guidance_scale_embedding(w: torch.Tensor, embedding_dim: int = 512, dtype: torch.dtype = torch.float32):
-    """Sinusoidal embedding of the guidance scale, for UNets with ``time_cond_proj_dim`` (LCM)."""
-    w = w * 1000.0
-    half = embedding_dim // 2
-    freq = torch.exp(torch.arange(half, dtype=dtype) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
-    emb = w.to(dtype)[:, None] * freq[None, :]
-    emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
-    if embedding_dim % 2 == 1:
-        emb = torch.nn.functional.pad(emb, (0, 1))
-    return emb
+@dataclass(frozen=True)
+class SDEditOptions:
+    """Every option of the SDEdit editor (diffusers' img2img names where it has them)."""
 
-
-StepEndCallback = Callable[[int, Any, dict[str, torch.Tensor]], dict[str, torch.Tensor] | None]
-
-
-@torch.no_grad()
-def sdedit_sample(
-    unet: torch.nn.Module,
-    scheduler: Any,
-    image_latents: torch.Tensor,
-    noise: torch.Tensor,
-    embeds: torch.Tensor,
-    timesteps: torch.Tensor,
-    *,
-    guidance_scale: float = 7.5,
-    eta: float = 0.0,
-    generator: torch.Generator | list[torch.Generator] | None = None,
-    cross_attention_kwargs: dict[str, Any] | None = None,
-    timestep_cond: torch.Tensor | None = None,
-    added_cond_kwargs: dict[str, Any] | None = None,
-    callback_on_step_end: StepEndCallback | None = None,
-) -> torch.Tensor:
-    """SDEdit: noise ``image_latents`` to ``timesteps[0]`` with ``noise``, then denoise.
-
-    ``embeds`` is ``cat([negative, positive])`` when ``guidance_scale > 1``, else the positive ones;
-    ``timesteps`` come from `img2img_timesteps`. ``callback_on_step_end(i, t, {"latents": ...})`` may
-    return a dict whose ``"latents"`` replaces the current latents. Returns the final latents.
-    """
-    from p2pz_plugins.diffedit import cfg_noise_pred
-
-    batch = image_latents.shape[0]
-    x = scheduler.add_noise(image_latents, noise, timesteps[:1].repeat(batch))
-    step_kwargs = _step_kwargs(scheduler, eta, generator)
-    for i, t in enumerate(timesteps):
-        noise_pred = cfg_noise_pred(
-            unet,
-            x,
-            t,
-            embeds,
-            guidance_scale,
-            scheduler=scheduler,
-            cross_attention_kwargs=cross_attention_kwargs,
-            timestep_cond=timestep_cond,
-            added_cond_kwargs=added_cond_kwargs,
-        )
-        x = scheduler.step(noise_pred, t, x, **step_kwargs, return_dict=False)[0]
-        if callback_on_step_end is not None:
-            out = callback_on_step_end(i, t, {"latents": x})
-            if out and "latents" in out:
-                x = out["latents"]
-    return x
-
-
-def _step_kwargs(scheduler: Any, eta: float, generator: Any) -> dict[str, Any]:
-    params = set(inspect.signature(scheduler.step).parameters)
-    out: dict[str, Any] = {}
-    if "eta" in params:
-        out["eta"] = eta
-    if "generator" in params:
-        out["generator"] = generator
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------
-# the editor
-# ---------------------------------------------------------------------------------------------------
-from p2pz_directions.editors import Editor, EditorOptionError, EditResult  # noqa: E402
-from p2pz_directions.hookspecs import hookimpl  # noqa: E402
-
-MODES = ("direction", "target")
+    mode: str = _opt(
+        "direction", "'direction': the caption + the direction's delta; 'target': the target concept"
+    )
+    strength: float = _opt(
+        0.8, "how much of the schedule is re-run, in (0, 1] (1 ignores the image's layout)"
+    )
+    prompt: str | list[str] | None = _opt(
+        None, "the caption(s) to move along the direction (default: BLIP's)"
+    )
+    prompt_embeds: torch.Tensor | None = _opt(None, "[B, 77, D] caption embeddings instead of prompt")
+    negative_prompt: str | list[str] | None = _opt(None, "negative prompt(s) (default: '')")
+    negative_prompt_embeds: torch.Tensor | None = _opt(None, "[B, 77, D] negative embeddings")
+    source_as_negative: bool = _opt(False, "use the source concept as the negative prompt")
+    num_inference_steps: int = _opt(50, "steps of the whole schedule (strength runs a part of them)")
+    timesteps: list[int] | None = _opt(None, "a custom schedule, where the scheduler takes one")
+    sigmas: list[float] | None = _opt(None, "custom sigmas, where the scheduler takes them")
+    guidance_scale: float = _opt(7.5, "classifier-free guidance (or the embedded scale of an LCM UNet)")
+    num_images_per_prompt: int = _opt(1, "images per prompt (each with its own noise)")
+    eta: float = _opt(0.0, "DDIM's eta (schedulers that take it)")
+    seed: int | None = _opt(0, "seed of a CPU generator, when no generator is given")
+    generator: Any = _opt(None, "a torch.Generator, or one per image")
+    output_type: str = _opt("pil", "'pil', 'np', 'pt' or 'latent'")
+    cross_attention_kwargs: dict[str, Any] | None = _opt(None, "passed to the UNet's attention processors")
+    clip_skip: int | None = _opt(None, "CLIP layers skipped for the prompt")
+    callback_on_step_end: Any = _opt(
+        None, "fn(editor, step, t, tensors) -> tensors; editor._interrupt = True stops"
+    )
+    callback_on_step_end_tensor_inputs: tuple[str, ...] = _opt(
+        ("latents",), f"tensors given: of {CALLBACK_TENSORS}"
+    )
+    callback: Any = _opt(None, "the older fn(step, t, latents), every callback_steps steps")
+    callback_steps: int = _opt(1, "how often the older callback is called")
+    cuda_graphs: bool | None = _opt(None, "replay the UNet from CUDA graphs (default: on for CUDA)")
 
 
 class SDEditEditor(Editor):
     """SDEdit along a direction: the image noised to ``strength``, denoised with the edited prompt.
-
-    ``mode="direction"`` (default) conditions on the caption's embedding plus the direction's delta
-    (the caption from BLIP, or ``prompt=``); ``mode="target"`` on the target concept's embedding.
 
     >>> ed = editors.get("sdedit", model="CompVis/stable-diffusion-v1-4")             # doctest: +SKIP
     >>> res = ed.edit(photo, "cat->dog", strength=0.75, seed=0)                       # doctest: +SKIP
@@ -167,6 +106,7 @@ class SDEditEditor(Editor):
     description = "SDEdit (img2img): noise to a strength, denoise with the caption moved along the direction"
     phases = ("caption", "edit")
     memory_advice = "use --dtype float16, a smaller image, or num_images_per_prompt=1"
+    options = SDEditOptions
 
     def __init__(
         self, model: Any = None, *, captioner: Any = None, caption_model: str | None = None, **kw: Any
@@ -174,220 +114,248 @@ class SDEditEditor(Editor):
         super().__init__(model, **kw)
         self._captioner = captioner
         self.caption_model = caption_model
+        self.runners: dict[str, S.UNetRunner] = {}  # the UNet runner of each mode, kept across edits
 
     @property
     def captioner(self) -> Any:
-        """The image captioner (the ``blip`` image-captioner plugin unless another is given), made on first use."""
-        cap = self._captioner
-        if cap is None or isinstance(cap, str):
+        """The image captioner (the ``blip`` plugin unless another is given), made on first use."""
+        if self._captioner is None or isinstance(self._captioner, str):
             from p2pz_directions import plugins
 
-            name = cap or "blip"
-            found = plugins.image_captioners()
+            name, found = self._captioner or "blip", plugins.image_captioners()
             if name not in found:
                 raise EditorOptionError(
                     f"no image captioner {name!r} is installed (installed: {', '.join(found) or 'none'}); "
                     f"pass prompt='a photo of a cat' (a caption of your image) instead"
                 )
-            kw: dict[str, Any] = {"device": self.device, "dtype": self.dtype}
-            if self.caption_model:
-                kw["model"] = self.caption_model
+            kw = {
+                "device": self.device,
+                "dtype": self.dtype,
+                **({"model": self.caption_model} if self.caption_model else {}),
+            }
             self._captioner = found[name](**kw)
         return self._captioner
 
-    def run(
-        self,
-        image: Any,
-        direction: Any,
-        *,
-        mode: str = "direction",
-        strength: float = 0.8,
-        prompt: str | None = None,
-        prompt_embeds: torch.Tensor | None = None,
-        negative_prompt: str | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        source_as_negative: bool = False,
-        num_inference_steps: int = 50,
-        timesteps: list[int] | None = None,
-        sigmas: list[float] | None = None,
-        guidance_scale: float = 7.5,
-        num_images_per_prompt: int = 1,
-        eta: float = 0.0,
-        seed: int | None = 0,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        output_type: str = "pil",
-        cross_attention_kwargs: dict[str, Any] | None = None,
-        clip_skip: int | None = None,
-        callback_on_step_end: Callable[..., dict[str, torch.Tensor] | None] | None = None,
-        callback_on_step_end_tensor_inputs: list[str] | tuple[str, ...] = ("latents",),
-        callback: Callable[[int, Any, torch.Tensor], None] | None = None,
-        callback_steps: int = 1,
-        cuda_graphs: bool | None = None,
-    ) -> EditResult:
-        """Noise to ``strength``, denoise with the edited prompt. Options (diffusers' img2img names):
+    def runner(self, cuda_graphs: bool | None) -> S.UNetRunner:
+        mode = "graphs" if self.device.type == "cuda" and cuda_graphs is not False else "eager"
+        return self.runners.setdefault(mode, S.UNetRunner(mode))
 
-        - ``mode``: ``"direction"`` (caption embedding + delta) or ``"target"`` (target concept);
-        - ``strength`` in (0, 1]: how much of the schedule is re-run (1 ignores the image's layout);
-        - ``prompt`` / ``prompt_embeds``: the caption (direction mode; BLIP captions the image when
-          neither is given); the direction's delta is added to it;
-        - ``negative_prompt`` / ``negative_prompt_embeds`` (default ``""``), or
-          ``source_as_negative=True`` for the source concept;
-        - ``num_inference_steps``, ``timesteps`` / ``sigmas`` (custom schedules, where the
-          scheduler takes them), ``guidance_scale``, ``num_images_per_prompt``, ``eta``, ``seed`` /
-          ``generator``, ``output_type``, ``cross_attention_kwargs``, ``clip_skip``;
-        - ``callback_on_step_end(editor, step, t, {"latents": ...})`` (may return new latents), or
-          the older ``callback(step, t, latents)`` every ``callback_steps`` steps;
-        - ``cuda_graphs`` (default on for CUDA; ``False`` for eager): replay the UNet from CUDA graphs (see
-          `p2pz_plugins.diffedit.CudaGraphUNet`), captured on the first edit, reused after.
-
-        With the same prompt embeddings and generator the result equals
-        ``StableDiffusionImg2ImgPipeline``'s.
-        """
-        from p2pz_plugins._common import decode_latents as vae_decode
-        from p2pz_plugins._common import image_processor, make_generator, randn
-        from p2pz_plugins.diffedit import (
-            OptionValueError,
-            TextConditioning,
-            _check_finite,
-            _output,
-            _positive_int,
-            _steps_run,
-            _strength,
-            unet_runner,
+    def run(self, images: list[Any] | None, direction: Direction, o: SDEditOptions) -> EditResult:
+        """Noise to ``strength``, denoise with the edited prompt (options: `SDEditOptions`)."""
+        # 1. check inputs (images at full precision, `images.prepare_image`), the model's own scheduler
+        image, n_images, notes = self._check(images, o)
+        comps = self.load_components(("unet", "vae", "scheduler"))
+        unet, vae = comps["unet"], comps["vae"]
+        scheduler = S.check_scheduler(
+            copy.deepcopy(comps["scheduler"]),
+            IMG2IMG_SCHEDULERS,
+            pipeline="SDEdit (StableDiffusionImg2ImgPipeline)",
         )
+        # 2. conditioning: [B * k, 77, D] prompt and negative embeddings
+        caption, pos, neg = self._conditioning(image, n_images, direction, o, unet)
+        batch = pos.shape[0] // o.num_images_per_prompt
+        # 3. timesteps: the tail of the schedule that strength keeps
+        timesteps, n_run = self._timesteps(scheduler, o)
+        # 4. latents: the image latents noised to the first timestep kept (diffusers' order of draws)
+        gen = o.generator if o.generator is not None else S.make_generator(o.seed)
+        x = imgs.to_pixels(image, S.vae_scale_factor(vae))
+        latents = self._noised_latents(vae, scheduler, x, batch * o.num_images_per_prompt, timesteps, gen)
+        # 5. sample
+        guided = S.do_cfg(unet, o.guidance_scale)
+        tensors = {"prompt_embeds": torch.cat([neg, pos]) if guided else pos, "negative_prompt_embeds": neg}
+        predict = S.cfg_predictor(
+            unet, guidance_scale=o.guidance_scale, runner=self.runner(o.cuda_graphs),
+            cross_attention_kwargs=o.cross_attention_kwargs,
+        )  # fmt: skip
+        self.progress("edit", 0, n_run)
+        latents = S.denoise(
+            predict, latents, scheduler, timesteps=timesteps, tensors=tensors,
+            extra_step_kwargs=S.extra_step_kwargs(scheduler, gen, o.eta),
+            callback_on_step_end=o.callback_on_step_end,
+            callback_on_step_end_tensor_inputs=o.callback_on_step_end_tensor_inputs,
+            pipe=self, callback=o.callback, callback_steps=o.callback_steps,
+            progress=lambda i, n: self.progress("edit", i, n), num_inference_steps=n_run,
+        )  # fmt: skip
+        # 6. decode
+        if not torch.isfinite(latents).all():
+            raise EditorError(
+                f"{self.name}: the edited latents hold NaN or infinite values; lower guidance_scale or use float32"
+            )
+        edited = S.decode_latents(vae, latents, o.output_type)
+        original = image if o.output_type in ("pil", "latent") else vae_post(vae, x, o.output_type)
+        extra = {"mode": o.mode, "strength": o.strength, "steps_run": n_run, "notes": notes}
+        return EditResult(image=_one(edited), original=_one(original), caption=caption, extra=extra)
 
-        if image is None:
+    # -- the steps ------------------------------------------------------------------------------------
+    def _check(self, images: list[Any] | None, o: SDEditOptions) -> tuple[Any, int, list[str]]:
+        if images is None:
             raise EditorOptionError(
                 "sdedit edits an existing image: pass one (p2pz edit IMAGE ...). For an image generated from "
                 "a prompt, use the pix2pix-zero editor"
             )
-        if mode not in MODES:
-            raise OptionValueError(f"mode must be 'direction' or 'target', not {mode!r}")
-        strength = _strength(strength, "strength")
-        k = _positive_int(num_images_per_prompt, "num_images_per_prompt")
-        callback_steps = _positive_int(callback_steps, "callback_steps")
-        if timesteps is None and sigmas is None:
-            num_inference_steps = _positive_int(num_inference_steps, "num_inference_steps")
-            _steps_run(num_inference_steps, strength, "strength")
-        if output_type not in ("pil", "np", "pt", "latent"):
-            raise OptionValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', not {output_type!r}")
-        bad = [n for n in callback_on_step_end_tensor_inputs if n != "latents"]
-        if bad:
-            raise OptionValueError(f"callback_on_step_end_tensor_inputs may only hold 'latents', not {bad}")
-        if mode == "target" and (prompt is not None or prompt_embeds is not None):
+        _check_options(o)
+        if o.mode == "target" and (o.prompt is not None or o.prompt_embeds is not None):
             raise EditorOptionError(
                 "mode='target' conditions on the target concept alone; drop prompt/prompt_embeds, or use "
                 "mode='direction' to move your prompt along the direction"
             )
-        if source_as_negative and (negative_prompt is not None or negative_prompt_embeds is not None):
+        if o.source_as_negative and (o.negative_prompt is not None or o.negative_prompt_embeds is not None):
             raise EditorOptionError("pass source_as_negative=True or a negative prompt, not both")
+        image, note = imgs.prepare_image(images if len(images) > 1 else images[0], self.image_multiple)
+        return image, imgs.num_images(image), [note] if note else []
 
-        comps = self.load_components(("unet", "vae", "scheduler"))
-        unet, vae = comps["unet"], comps["vae"]
-        dim = int(unet.config.cross_attention_dim)
-        dev, dt = self.device, self.dtype
-        text = TextConditioning(self, clip_skip)
-        gen = generator if generator is not None else make_generator(seed)
+    def _conditioning(
+        self, image, n_images, direction, o, unet
+    ) -> tuple[Any, torch.Tensor, torch.Tensor | None]:
+        dev, dt, k = self.device, self.dtype, o.num_images_per_prompt
+        caption, prompt_embeds = o.prompt, o.prompt_embeds
+        if o.mode == "target":
+            prompt_embeds = direction.target_embeds.expand(n_images, -1, -1)
+        elif prompt_embeds is None and caption is None:
+            self.progress("caption", 0, 1)
+            caption = self.captioner.caption(_pil_list(image, n_images))
+            caption = caption if n_images > 1 else caption[0]
+            self.progress("caption", 1, 1)
+        if isinstance(caption, str) and n_images > 1:
+            caption = [caption] * n_images
+        neg_text, neg_embeds = o.negative_prompt, o.negative_prompt_embeds
+        if o.source_as_negative:
+            neg_embeds = direction.source_embeds
+        comps = self.load_components(("tokenizer", "text_encoder"))
+        pos, neg = S.encode_prompt(
+            comps["tokenizer"], comps["text_encoder"], caption, dev, num_images_per_prompt=1,
+            do_classifier_free_guidance=S.do_cfg(unet, o.guidance_scale), negative_prompt=neg_text,
+            prompt_embeds=None if prompt_embeds is None else prompt_embeds.to(dev, dt),
+            negative_prompt_embeds=None if neg_embeds is None else _rows(neg_embeds.to(dev, dt), o, caption),
+            clip_skip=o.clip_skip, dtype=dt,
+        )  # fmt: skip
+        _check_dim(pos, unet)
+        if o.mode == "direction":
+            pos = pos + direction.delta.to(device=dev, dtype=dt)
+        pos = pos.repeat_interleave(k, dim=0)
+        neg = None if neg is None else neg.repeat_interleave(k, dim=0)
+        return caption, pos, neg
 
-        # -- conditioning -------------------------------------------------------------------------------
-        caption = prompt
-        if mode == "target":
-            cond = direction.target_embeds.to(device=dev, dtype=dt)
-        else:
-            if prompt is None and prompt_embeds is None:
-                self.progress("caption", 0, 1)
-                caption = self.captioner.caption([image])[0]
-                self.progress("caption", 1, 1)
-            base = text.pick(caption, prompt_embeds, None, "prompt", dim)
-            cond = base + direction.delta.to(device=dev, dtype=dt)
-        embeds = cond
-        if guidance_scale > 1.0:
-            if source_as_negative:
-                neg = direction.source_embeds.to(device=dev, dtype=dt)
-            else:
-                neg = text.pick(
-                    negative_prompt,
-                    negative_prompt_embeds,
-                    lambda: text.encode("", positive=False),
-                    "negative_prompt",
-                    dim,
-                    positive=False,
-                )
-            embeds = torch.cat([neg, cond])
-        if k > 1:
-            embeds = embeds.repeat_interleave(k, dim=0)
-
-        # -- schedule, image latents, noise (diffusers' order of random draws) ---------------------------
-        sched_src = comps["scheduler"]
-        scheduler = type(sched_src).from_config(sched_src.config)
+    def _timesteps(self, scheduler: Any, o: SDEditOptions) -> tuple[torch.Tensor, int]:
         try:
-            ts, n_run = img2img_timesteps(
-                scheduler, num_inference_steps, strength, timesteps=timesteps, sigmas=sigmas, device=dev
-            )
+            if o.timesteps is None and o.sigmas is None:
+                timesteps, n_run = S.strength_timesteps(
+                    scheduler, o.num_inference_steps, o.strength, self.device
+                )
+            else:
+                timesteps, n_run = custom_strength_timesteps(
+                    scheduler, o.timesteps, o.sigmas, o.strength, self.device
+                )
         except ValueError as e:
             raise OptionValueError(str(e)) from None
-        if len(ts) == 0:
-            raise OptionValueError(f"strength={strength} leaves no step of the schedule to run; raise it")
-        proc = image_processor(vae)
-        x = proc.preprocess(image).to(device=dev, dtype=vae.dtype)
-        with torch.no_grad():
-            dist = vae.encode(x).latent_dist
-        # one draw per generator (a list) or one for all images, as diffusers does; torch.cat keeps the
-        # VAE's memory format (channels-last from the image processor), so the UNet rounds alike
-        sf = vae.config.scaling_factor
-        if isinstance(gen, list):
-            if len(gen) != k:
-                raise OptionValueError(f"got {len(gen)} generators for {k} images; pass one per image")
-            draws = [
-                dist.mean + dist.std * randn(tuple(dist.mean.shape), g, dev, dist.mean.dtype) for g in gen
-            ]
-            init = sf * torch.cat(draws, dim=0)
-        else:
-            init = sf * (dist.mean + dist.std * randn(tuple(dist.mean.shape), gen, dev, dist.mean.dtype))
-            init = torch.cat([init] * k, dim=0)
-        init = init.to(dt)
-        noise = randn(tuple(init.shape), gen, dev, dt)
-
-        timestep_cond = None
-        if getattr(unet.config, "time_cond_proj_dim", None) is not None:
-            w = torch.tensor(guidance_scale - 1).repeat(k)
-            timestep_cond = guidance_scale_embedding(w, unet.config.time_cond_proj_dim).to(
-                device=dev, dtype=dt
+        if n_run < 1 or len(timesteps) == 0:
+            raise OptionValueError(
+                f"strength={o.strength} with num_inference_steps={o.num_inference_steps} runs no step at all "
+                f"(int(steps * strength) = 0); raise one of them"
             )
+        return timesteps, n_run
 
-        def on_step(i: int, t: Any, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
-            self.progress("edit", i + 1, n_run)
-            out = None
-            if callback_on_step_end is not None:
-                out = callback_on_step_end(self, i, t, dict(tensors))
-            if callback is not None and i % callback_steps == 0:
-                callback(i, t, (out or tensors)["latents"])
-            return out
+    def _noised_latents(self, vae, scheduler, x, batch: int, timesteps, gen) -> torch.Tensor:
+        """diffusers' ``prepare_latents``: encode (one generator per image, or one for all), repeat to
+        the batch, draw the noise, ``add_noise`` at the first timestep."""
+        dev, dt = self.device, self.dtype
+        if isinstance(gen, list) and len(gen) != batch:
+            raise OptionValueError(
+                f"got {len(gen)} generators for {batch} images; pass one, or one per image"
+            )
+        if x.shape[1] != 4 and isinstance(gen, list) and x.shape[0] < batch:
+            if batch % x.shape[0]:
+                raise OptionValueError(f"cannot spread {x.shape[0]} images over {batch} prompts * images")
+            x = torch.cat([x] * (batch // x.shape[0]))
+        init = S.encode_image(vae, x.to(device=dev, dtype=vae.dtype), gen).to(dt)
+        if batch % init.shape[0]:
+            raise OptionValueError(f"cannot spread {init.shape[0]} images over {batch} prompts * images")
+        init = torch.cat([init] * (batch // init.shape[0]))
+        noise = S.randn(tuple(init.shape), gen, dev, dt)
+        return scheduler.add_noise(init, noise, timesteps[:1].repeat(batch))
 
-        self.progress("edit", 0, n_run)
-        latents = sdedit_sample(
-            unet_runner(self, unet, cuda_graphs),
-            scheduler,
-            init,
-            noise,
-            embeds,
-            ts,
-            guidance_scale=guidance_scale,
-            eta=eta,
-            generator=gen,
-            cross_attention_kwargs=cross_attention_kwargs,
-            timestep_cond=timestep_cond,
-            callback_on_step_end=on_step,
+
+class OptionValueError(EditorOptionError, ValueError):
+    """An option has a value the editor cannot use (a strength outside (0, 1], a count below 1...)."""
+
+
+def _check_options(o: SDEditOptions) -> None:
+    if o.mode not in ("direction", "target"):
+        raise OptionValueError(f"mode must be 'direction' or 'target', not {o.mode!r}")
+    try:
+        s = float(o.strength)
+    except (TypeError, ValueError):
+        raise OptionValueError(f"strength must be a number in (0, 1], not {o.strength!r}") from None
+    if not 0.0 < s <= 1.0:
+        raise OptionValueError(
+            f"strength={o.strength} is outside (0, 1]: it is the fraction of the schedule re-run"
         )
-        _check_finite(latents, self.name, "edited")
-        edited = vae_decode(vae, latents, output_type)
-        original = image if output_type == "pil" else _output(proc.postprocess(x, output_type=output_type), 1)
-        return EditResult(
-            image=_output(edited, k),
-            original=original,
-            caption=caption,
-            extra={"mode": mode, "strength": strength, "steps_run": n_run},
+    for name in ("num_images_per_prompt", "callback_steps", "num_inference_steps"):
+        v = getattr(o, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise OptionValueError(f"{name} must be a positive whole number, not {v!r}")
+    if o.output_type not in ("pil", "np", "pt", "latent"):
+        raise OptionValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', not {o.output_type!r}")
+    bad = [n for n in o.callback_on_step_end_tensor_inputs if n not in CALLBACK_TENSORS]
+    if bad:
+        raise OptionValueError(
+            f"callback_on_step_end_tensor_inputs may only hold {', '.join(CALLBACK_TENSORS)}, not {bad}"
         )
+
+
+def custom_strength_timesteps(
+    scheduler: Any, timesteps, sigmas, strength: float, device
+) -> tuple[torch.Tensor, int]:
+    """diffusers' ``retrieve_timesteps`` with custom ``timesteps`` / ``sigmas``, then img2img's strength rule."""
+    import inspect
+
+    if timesteps is not None and sigmas is not None:
+        raise ValueError("pass timesteps= or sigmas=, not both")
+    name = "timesteps" if timesteps is not None else "sigmas"
+    if name not in inspect.signature(scheduler.set_timesteps).parameters:
+        raise ValueError(f"{type(scheduler).__name__} does not take custom {name}; use num_inference_steps")
+    scheduler.set_timesteps(**{name: timesteps if timesteps is not None else sigmas}, device=device)
+    n = len(scheduler.timesteps)
+    t_start = max(n - min(int(n * strength), n), 0)
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(t_start * scheduler.order)
+    return scheduler.timesteps[t_start * scheduler.order :], n - t_start
+
+
+def _pil_list(image: Any, n: int) -> list[Any]:
+    """The input images as PIL, for a captioner (tensors in -1..1 shifted to 0..1 first)."""
+    if isinstance(image, list):
+        return image
+    if not hasattr(image, "shape"):
+        return [image]
+    if isinstance(image, torch.Tensor) and image.min() < 0:
+        image = (image + 1) / 2
+    return [imgs.load_image(image[i]) for i in range(n)]
+
+
+def _rows(embeds: torch.Tensor, o: SDEditOptions, caption: Any) -> torch.Tensor:
+    n = len(caption) if isinstance(caption, list) else 1
+    return embeds.expand(n, -1, -1) if embeds.shape[0] == 1 and n > 1 else embeds
+
+
+def _check_dim(pos: torch.Tensor, unet: Any) -> None:
+    dim = int(unet.config.cross_attention_dim)
+    if pos.shape[-1] != dim:
+        raise OptionValueError(
+            f"prompt embeddings have shape {list(pos.shape)}; this UNet takes [B, L, {dim}]"
+        )
+
+
+def vae_post(vae: Any, x: torch.Tensor, output_type: str) -> Any:
+    """The input pixels in ``output_type`` (the ``original`` of a result)."""
+    return S.image_processor(vae).postprocess(x.float(), output_type=output_type) if x.shape[1] == 3 else x
+
+
+def _one(images: Any) -> Any:
+    """One image (not a batch of one) when one was made."""
+    if (isinstance(images, list) or hasattr(images, "shape")) and len(images) == 1:
+        return images[0]
+    return images
 
 
 @hookimpl

@@ -211,21 +211,32 @@ def test_text_prompts_override_concepts_like_diffusers(sd1):
     assert np.abs(res.image - ref).max() < TOL
 
 
-def test_pure_functions_match_the_pipeline_pieces():
-    from diffusers.pipelines.deprecated.stable_diffusion_diffedit import (
-        pipeline_stable_diffusion_diffedit as ref,
-    )
-    from p2pz_plugins.diffedit import auto_corr_loss, kl_divergence, strength_timesteps, threshold_mask
+def test_pure_functions_match_the_pipeline_pieces(tiny_sd1):
+    from diffusers import DDIMInverseScheduler, DDIMScheduler
 
-    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    a = auto_corr_loss(x, torch.Generator().manual_seed(1))
-    b = ref.auto_corr_loss(x, torch.Generator().manual_seed(1))
-    assert a.item() == pytest.approx(b.item(), rel=1e-6)
-    assert kl_divergence(x).item() == pytest.approx(ref.kl_divergence(x).item(), rel=1e-6)
-    ts, start = strength_timesteps(torch.arange(50, 0, -1), 50, 0.8)
-    assert start == 10 and len(ts) == 40 and ts[0].item() == 40
+    from p2pz_directions.sampling.diffedit import (
+        diffedit_timesteps,
+        inverse_timesteps,
+        mask_guidance_map,
+        threshold_mask,
+    )
+
+    pipe = _reference_pipe(tiny_sd1)
+    for strength in (0.8, 1.0, 0.35):
+        pipe.scheduler.set_timesteps(50)
+        want, _ = pipe.get_timesteps(50, strength, "cpu")
+        assert torch.equal(
+            diffedit_timesteps(DDIMScheduler.from_config(pipe.scheduler.config), 50, strength), want
+        )
+        pipe.inverse_scheduler.set_timesteps(50)
+        want, _ = pipe.get_inverse_timesteps(50, strength, "cpu")
+        inv = DDIMInverseScheduler.from_config(pipe.scheduler.config)
+        assert torch.equal(inverse_timesteps(inv, 50, strength), want)
     m = threshold_mask(torch.tensor([[[0.0, 0.1], [0.9, 5.0]]]), 1.0)
     assert m.tolist() == [[[0.0, 0.0], [1.0, 1.0]]]
+    a, b = torch.randn(6, 4, 8, 8), torch.randn(6, 4, 8, 8)
+    gmap = mask_guidance_map(a, b, 3)
+    assert gmap.shape == (2, 8, 8) and torch.allclose(gmap[1], (b - a).abs()[3:].mean([0, 1]))
 
 
 # --- what users get ------------------------------------------------------------------------------
@@ -365,20 +376,13 @@ def test_user_mask_conversions(sd1, tmp_path):
 
 # --- CUDA graphs -------------------------------------------------------------------------------------
 def test_cuda_graphs_option_is_eager_on_cpu(sd1):
-    from p2pz_plugins.diffedit import CudaGraphUNet, unet_runner
-
     path, ed, d = sd1
     kw = dict(mask=np.ones((16, 16), np.float32), seed=0, num_inference_steps=STEPS, output_type="np")
     a = ed.edit(_image(32), d, **kw)
     b = ed.edit(_image(32), d, cuda_graphs=True, **kw)
     assert np.array_equal(a.image, b.image)
-    unet = ed.load_components(("unet",))["unet"]
-    assert unet_runner(ed, unet, True) is unet, "no CUDA device: the UNet itself"
-    runner = CudaGraphUNet(unet)
-    x, e = torch.randn(1, 4, 16, 16), torch.randn(1, 77, 32)
-    with torch.no_grad():
-        assert torch.equal(runner(x, 10, encoder_hidden_states=e)[0], unet(x, 10, encoder_hidden_states=e)[0])
-    assert runner.graphs == {} and runner.config is unet.config
+    assert ed.runner(True).mode == "eager", "no CUDA device: the UNet runs eagerly"
+    assert ed.runner(True) is ed.runner(None), "one runner per mode, kept by the editor"
 
 
 @pytest.mark.gpu
@@ -390,7 +394,7 @@ def test_cuda_graphs_match_eager_on_gpu(tiny_sd1):
     eager = ed.edit(_image(64), d, **kw)
     graphed = ed.edit(_image(64), d, cuda_graphs=True, **kw)
     again = ed.edit(_image(64), d, cuda_graphs=True, **kw)  # replays the graphs captured above
-    runner = ed.__dict__["_p2pz_graphed"]
-    assert runner.failed is None and len(runner.graphs) >= 1
+    runner = ed.runners["graphs"]
+    assert len(runner.graphs) >= 1 and all(g is not None for g in runner.graphs.values())
     assert np.abs(graphed.image - eager.image).max() < 1e-4
     assert np.array_equal(graphed.image, again.image)
