@@ -167,6 +167,11 @@ class Direction:
         return self._terms[0].source.encoder
 
     @property
+    def terms(self) -> tuple[tuple[float, Concept, Concept], ...]:
+        """``((weight, source, target), ...)``: the direction is ``sum_i weight_i * (target_i - source_i)``."""
+        return tuple((t.weight, t.source, t.target) for t in self._terms)
+
+    @property
     def is_simple(self) -> bool:
         """One term with weight 1: ``source_embeds`` / ``target_embeds`` are the stored concepts."""
         return len(self._terms) == 1 and self._terms[0].weight == 1.0

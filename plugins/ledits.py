@@ -1,0 +1,510 @@
+"""LEDITS++ (Brack et al., CVPR 2024, arXiv 2311.16711) with directions as edit concepts.
+
+A direction ``a->b`` is LEDITS++ with ``b`` as an edit concept and ``a`` as a *reverse* edit concept
+("add b, remove a"): for each term ``w * (target - source)`` of a direction, the concepts
+``[target, source]`` (in that order, directions in the order given) go into the UNet batch as
+``editing_prompt_embeds`` rows, with ``reverse_editing_direction`` ``[False, True]`` (flipped for
+``w < 0``) and ``edit_guidance_scale`` ``scale * |w|``. Per-direction options (lists, one value
+per direction) apply to both concepts of the direction; ``remove_source=False`` keeps only ``b``.
+
+The cross-attention mask (``use_cross_attn_mask``, and ``use_intersect_mask``, the default) sums
+each concept's attention over its tokens 1..n. Embeddings do not carry n; ``edit_tokens="all"``
+(default) takes what diffusers 0.42 computes for *any* prompt - its tokenizer call pads before
+counting, so n = 77 - 2 = 75 - and ``edit_tokens="captions"`` the longest of the concept's
+captions (refused, with a message, for a concept without captions); an int sets n.
+
+The loop is `p2pz_directions.sampling.ledits`: edit-friendly inversion (`invert`), then
+``eps = eps_uncond + semantic_guidance(...)`` and ``scheduler.step(..., variance_noise=zs[i])``.
+It equals diffusers' ``LEditsPPPipelineStableDiffusion.invert`` + ``__call__`` (tests/test_ledits.py).
+
+>>> ed = editors.get("ledits", model="stable-diffusion-v1-5/stable-diffusion-v1-5")         # doctest: +SKIP
+>>> res = ed.edit(img, ["cat->dog", "summer->winter"], edit_guidance_scale=[5, 3])           # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from p2pz_directions.concept import Direction
+from p2pz_directions.editors import Editor, EditorOptionError, EditResult
+from p2pz_directions.hookspecs import hookimpl
+from p2pz_directions.sampling import ledits as L
+
+__all__ = ["LEditsEditor", "LEditsOptions", "concept_rows"]
+
+PER_DIRECTION = (
+    "edit_guidance_scale",
+    "edit_warmup_steps",
+    "edit_cooldown_steps",
+    "edit_threshold",
+    "reverse_editing_direction",
+    "remove_source",
+    "edit_tokens",
+)
+
+
+def _h(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass(frozen=True)
+class LEditsOptions:
+    """The options of the ``ledits`` editor: diffusers' ``invert`` and ``__call__`` arguments, same
+    names and defaults. Those in `PER_DIRECTION` take one value or a list (one per direction)."""
+
+    edit_guidance_scale: Any = field(
+        default=5.0, metadata=_h("s_e: strength of each direction (list: per direction)")
+    )
+    edit_warmup_steps: Any = field(default=0, metadata=_h("steps before a direction's guidance starts"))
+    edit_cooldown_steps: Any = field(default=None, metadata=_h("step at which a direction's guidance stops"))
+    edit_threshold: Any = field(default=0.9, metadata=_h("lambda: quantile above which the mask is on"))
+    reverse_editing_direction: Any = field(default=False, metadata=_h("apply b->a instead of a->b"))
+    remove_source: Any = field(default=True, metadata=_h("also guide away from the source concept"))
+    edit_tokens: Any = field(default="all", metadata=_h("tokens of the attention mask: all, captions or N"))
+    use_intersect_mask: bool = field(default=True, metadata=_h("mask = attention mask * noise mask"))
+    use_cross_attn_mask: bool = field(default=False, metadata=_h("mask by cross-attention only"))
+    user_mask: Any = field(default=None, metadata=_h("a [1, 1, h, w] latent-size mask multiplied in"))
+    sem_guidance: Any = field(default=None, metadata=_h("precomputed guidance per step (replaces it)"))
+    guidance_rescale: float = field(default=0.0, metadata=_h("phi of Lin et al. 2023, sec. 3.4"))
+    negative_prompt: str | None = field(default=None, metadata=_h("the unconditional prompt (default '')"))
+    source_prompt: str = field(default="", metadata=_h("a caption of the image, for inversion"))
+    source_guidance_scale: float = field(
+        default=3.5, metadata=_h("guidance of the source prompt in inversion")
+    )
+    num_inversion_steps: int = field(default=30, metadata=_h("steps run (after skipping)"))
+    skip: float = field(default=0.15, metadata=_h("fraction of the noisiest steps not run"))
+    clip_skip: int | None = field(default=None, metadata=_h("CLIP layers skipped for prompts"))
+    seed: int | None = field(default=0, metadata=_h("seed of the inversion noise"))
+    generator: Any = field(default=None, metadata=_h("a torch.Generator (overrides seed)"))
+    output_type: str = field(default="pil", metadata=_h("pil, np, pt or latent"))
+    cuda_graphs: bool | None = field(
+        default=None, metadata=_h("replay UNet steps as CUDA graphs (default on CUDA)")
+    )
+
+
+def _per_direction(opts: LEditsOptions, name: str, n: int) -> list[Any]:
+    value = getattr(opts, name)
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise EditorOptionError(
+                f"{name} has {len(value)} values for {n} direction(s); give one value, or one per direction"
+            )
+        return list(value)
+    return [value] * n
+
+
+def _tokens(spec: Any, concept: Any, tokenizer: Any, seq_len: int) -> int:
+    if spec == "all" or spec is None:
+        return seq_len - 2
+    if isinstance(spec, int) and not isinstance(spec, bool) and 1 <= spec <= seq_len - 2:
+        return spec
+    if spec == "captions":
+        if not concept.captions:
+            raise EditorOptionError(
+                f"edit_tokens='captions': concept {concept.ref!r} has no captions, so the number of tokens its "
+                f"cross-attention mask sums over is unknown. Use edit_tokens='all' (diffusers' count), a number, "
+                f"or use_intersect_mask=False"
+            )
+        if tokenizer is None:
+            return max(len(c.split()) for c in concept.captions)
+        ids = tokenizer(list(concept.captions), truncation=True, max_length=seq_len).input_ids
+        return max(1, min(seq_len - 2, max(len(i) for i in ids) - 2))
+    raise EditorOptionError(
+        f"edit_tokens must be 'all', 'captions' or a number 1..{seq_len - 2}, not {spec!r}"
+    )
+
+
+def concept_rows(
+    directions: list[Direction], opts: LEditsOptions, tokenizer: Any = None
+) -> tuple[torch.Tensor, list[L.ConceptGuidance]]:
+    """The ``editing_prompt_embeds`` ``[E, 77, D]`` (float32) and per-concept settings of ``directions``
+    (the mapping described in the module docstring)."""
+    n = len(directions)
+    per = {k: _per_direction(opts, k, n) for k in PER_DIRECTION}
+    rows, guide = [], []
+    for j, d in enumerate(directions):
+        for w, source, target in d.terms:
+            reverse = bool(per["reverse_editing_direction"][j]) != (w < 0)
+            sides = [(target, reverse)] + ([(source, not reverse)] if per["remove_source"][j] else [])
+            for concept, rev in sides:
+                rows.append(concept.embedding.float())
+                seq = concept.embedding.shape[0]
+                guide.append(
+                    L.ConceptGuidance(
+                        scale=float(per["edit_guidance_scale"][j]) * abs(w),
+                        threshold=float(per["edit_threshold"][j]),
+                        reverse=rev,
+                        warmup=int(per["edit_warmup_steps"][j]),
+                        cooldown=per["edit_cooldown_steps"][j],
+                        tokens=_tokens(per["edit_tokens"][j], concept, tokenizer, seq),
+                    )
+                )
+    return torch.stack(rows), guide
+
+
+class _AttnStore:
+    """Cross-attention probabilities of the edit concepts at 1/4 of the latent size, per call."""
+
+    def __init__(self, pixels: int, n_concepts: int):
+        self.pixels, self.n = pixels, n_concepts
+        self.up: list[torch.Tensor] = []
+        self.down: list[torch.Tensor] = []
+
+    def maps(self, hw: tuple[int, int]) -> torch.Tensor:
+        """``[E, 1, h, w, K]``: the mean over layers and heads (up blocks first, as diffusers sums)."""
+        out = torch.cat(self.up + self.down, dim=1)  # [E, layers * heads, h*w, K]
+        self.up, self.down = [], []
+        return (out.sum(1) / out.shape[1]).reshape(self.n, 1, *hw, -1)
+
+
+def _edit_forward(unet: Any, store: _AttnStore | None, hw, x, t, embeds) -> tuple[torch.Tensor, torch.Tensor]:
+    """One edit step's UNet call: the noise predictions of ``[uncond, concepts...]`` and, with masks,
+    the concepts' cross-attention maps (an empty tensor without)."""
+    eps = unet(x, t, encoder_hidden_states=embeds).sample
+    maps = store.maps(hw) if store is not None else eps.new_zeros(0)
+    return eps, maps
+
+
+class Graphed:
+    """``fn(*tensors) -> tuple of tensors``, replayed from one CUDA graph per input shape when ``on``.
+
+    A Stable Diffusion UNet call at small batch is bound by the CPU launching kernels; a replayed
+    graph runs the same kernels without the launches, so results equal eager mode. ``fn`` is
+    captured whole (the UNet *and* the attention-map reduction), so the maps are graph outputs
+    too. Off (or after a failed capture, with a warning) it just calls ``fn``.
+    """
+
+    def __init__(self, fn: Any, on: bool, warmup: int = 2):
+        self.fn, self.on, self.warmup = fn, on, warmup
+        self.graphs: dict[tuple, tuple] = {}
+
+    def __call__(self, *args: torch.Tensor) -> Any:
+        if not self.on:
+            return self.fn(*args)
+        key = tuple((tuple(a.shape), a.stride(), a.dtype) for a in args)
+        if key not in self.graphs:
+            try:
+                self.graphs[key] = self._capture(args)
+            except Exception as e:  # noqa: BLE001 - any capture problem: run eagerly from now on
+                import warnings
+
+                warnings.warn(
+                    f"CUDA graph capture failed ({type(e).__name__}: {e}); running eagerly", stacklevel=2
+                )
+                torch.cuda.synchronize()
+                self.on = False
+                return self.fn(*args)
+        graph, inputs, outputs = self.graphs[key]
+        for dst, src in zip(inputs, args, strict=True):
+            dst.copy_(src)
+        graph.replay()
+        return tuple(o.clone() for o in outputs)
+
+    def _capture(self, args: tuple[torch.Tensor, ...]) -> tuple:
+        inputs = [a.clone() for a in args]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(self.warmup):
+                self.fn(*inputs)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs = self.fn(*inputs)
+        return graph, inputs, outputs
+
+
+class _CaptureProcessor:
+    """diffusers' classic attention (``AttnProcessor``) that also keeps the concept rows' probabilities."""
+
+    def __init__(self, store: _AttnStore, place: str):
+        self.store, self.place = store, place
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+        batch, seq, _ = encoder_hidden_states.shape
+        attention_mask = attn.prepare_attention_mask(attention_mask, seq, batch)
+        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        ehs = (
+            attn.norm_encoder_hidden_states(encoder_hidden_states)
+            if attn.norm_cross
+            else encoder_hidden_states
+        )
+        key = attn.head_to_batch_dim(attn.to_k(ehs))
+        value = attn.head_to_batch_dim(attn.to_v(ehs))
+        probs = attn.get_attention_scores(query, key, attention_mask)
+        if probs.shape[1] == self.store.pixels:
+            rows = probs.reshape(batch, -1, *probs.shape[1:])[
+                1:
+            ]  # [E, heads, q, K]: skip the unconditional row
+            getattr(self.store, self.place).append(rows)
+        out = attn.batch_to_head_dim(torch.bmm(probs, value))
+        out = attn.to_out[1](attn.to_out[0](out))
+        return out / attn.rescale_output_factor
+
+
+def _set_processors(unet: Any, store: _AttnStore | None, classic: bool) -> dict[str, Any]:
+    """Capture processors on the down/up cross-attention layers; classic attention elsewhere when
+    ``classic`` (what diffusers' LEDITS++ runs). Returns the processors to restore."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    old = dict(unet.attn_processors)
+    procs = {}
+    for name, proc in old.items():
+        place = "down" if name.startswith("down_blocks") else "up" if name.startswith("up_blocks") else None
+        if store is not None and place is not None and "attn2" in name:
+            procs[name] = _CaptureProcessor(store, place)
+        else:
+            procs[name] = AttnProcessor() if classic else proc
+    unet.set_attn_processor(procs)
+    return old
+
+
+def _check_mask_resolution(unet: Any, latent_hw: tuple[int, int]) -> None:
+    """The attention masks need cross-attention at 1/4 of the latent size (down/up blocks)."""
+    types = list(unet.config.down_block_types)
+    levels = [i for i, t in enumerate(types) if "CrossAttn" in t]
+    if 2 not in levels or latent_hw[0] % 4 or latent_hw[1] % 4:
+        raise EditorOptionError(
+            f"the cross-attention masks of LEDITS++ (use_intersect_mask / use_cross_attn_mask) need cross-"
+            f"attention layers at 1/4 of the latent size; this UNet has them at levels {levels} of {types} "
+            f"(diffusers fails here too). Pass use_intersect_mask=False"
+        )
+
+
+class LEditsEditor(Editor):
+    """LEDITS++: exact DDPM inversion, then several directions at once with implicit masks."""
+
+    name = "ledits"
+    description = "LEDITS++ (Brack et al. 2024): DDPM inversion, several directions at once, implicit masks"
+    phases = ("invert", "edit")
+    image_multiple = 32
+    options = LEditsOptions
+    #: one UNet batch holds 1 + 2 * (directions' terms) rows
+    max_directions = 8
+
+    # -- options and directions (checked before any model work) ----------------------------------
+    def option_names(self) -> list[str]:
+        return [f.name for f in dataclasses.fields(LEditsOptions)]
+
+    def _options(self, options: dict[str, Any]) -> LEditsOptions:
+        known = self.option_names()
+        bad = [k for k in options if k not in known]
+        if bad:
+            hints = [
+                f"{k!r}"
+                + (f" (did you mean {c[0]!r}?)" if (c := difflib.get_close_matches(k, known, 1)) else "")
+                for k in bad
+            ]
+            raise EditorOptionError(
+                f"editor 'ledits' does not take option {', '.join(hints)}; it takes: {', '.join(known)}"
+            )
+        opts = LEditsOptions(**options)
+        if not (isinstance(opts.num_inversion_steps, int) and opts.num_inversion_steps >= 1):
+            raise EditorOptionError(
+                f"num_inversion_steps must be a positive whole number, not {opts.num_inversion_steps!r}"
+            )
+        if not 0 <= float(opts.skip) < 1:
+            raise EditorOptionError(f"skip must be in [0, 1), not {opts.skip!r}")
+        if opts.output_type not in ("pil", "np", "pt", "latent"):
+            raise EditorOptionError(
+                f"output_type must be 'pil', 'np', 'pt' or 'latent', not {opts.output_type!r}"
+            )
+        for t in (
+            _per_direction(opts, "edit_threshold", 1)
+            if not isinstance(opts.edit_threshold, list)
+            else opts.edit_threshold
+        ):
+            if not 0.0 <= float(t) <= 1.0:
+                raise EditorOptionError(f"edit_threshold must be in [0, 1] (a quantile), not {t!r}")
+        return opts
+
+    def resolve_directions(self, direction: Any) -> list[Direction]:
+        items = list(direction) if isinstance(direction, (list, tuple)) else [direction]
+        if not items:
+            raise EditorOptionError("give at least one direction")
+        if len(items) > self.max_directions:
+            raise EditorOptionError(
+                f"editor 'ledits' takes at most {self.max_directions} directions at once, got {len(items)}; "
+                f"edit in two passes, or sum directions (d1 + d2) first"
+            )
+        return [self.resolve_direction(d) for d in items]
+
+    def edit(self, image: Any, direction: Any, *, progress: Any = None, **options: Any) -> EditResult:
+        """Edit ``image`` (or each image of a list) along one direction or a list of directions."""
+        dirs = self.resolve_directions(direction)  # wrong encoder / too many: refused before model work
+        opts = self._options(options)
+        concept_rows(dirs, opts)  # per-direction lists and token counts checked up front
+        if isinstance(image, (list, tuple)):
+            results = [self.edit(im, dirs, progress=progress, **options) for im in image]
+            first = results[0]
+            first.extra["results"] = results
+            return dataclasses.replace(
+                first, image=[r.image for r in results], original=[r.original for r in results]
+            )
+        return super().edit(image, _Many(dirs), progress=progress, **options)
+
+    def resolve_direction(self, direction: Any) -> Any:
+        if isinstance(direction, _Many):
+            return direction
+        return super().resolve_direction(direction)
+
+    def _check_options(self, options: dict[str, Any]) -> None:
+        self._options(options)
+
+    # -- the pipeline ----------------------------------------------------------------------------
+    def run(self, image: Any, direction: Any, **options: Any) -> EditResult:
+        """Invert ``image``, then edit it along the directions (LEDITS++; diffusers' steps in order)."""
+        from p2pz_plugins._common import decode_latents, encode_prompt, image_processor
+
+        # 1. options and edit concepts (editing_prompt_embeds rows, per-concept guidance)
+        opts, dirs = self._options(options), list(direction)
+        if image is None:
+            raise EditorOptionError("ledits edits an existing image: pass one")
+        comps = self.load_components()
+        unet, vae, tok = comps["unet"], comps["vae"], comps["tokenizer"]
+        rows, guide = concept_rows(dirs, opts, tok)
+        dev, dt = self.device, self.dtype
+        masks = opts.use_intersect_mask or opts.use_cross_attn_mask
+        # 2. scheduler: a copy with "leading" spacing (diffusers sets it on the pipeline's own)
+        scheduler = ledits_scheduler(comps["scheduler"])
+        timesteps = L.ledits_timesteps(scheduler, opts.num_inversion_steps, float(opts.skip))
+        # 3. image -> latents (the VAE's mode, as diffusers' invert)
+        proc = image_processor(vae)
+        pixels = proc.preprocess(image).to(device=dev, dtype=dt)
+        x0 = vae.encode(pixels).latent_dist.mode().to(dt) * vae.config.scaling_factor
+        hw = (x0.shape[-2] // 4, x0.shape[-1] // 4)
+        if masks:
+            _check_mask_resolution(unet, tuple(x0.shape[-2:]))
+        # 4. text: the source prompt for inversion, the unconditional prompt, the concepts
+        te = comps["text_encoder"]
+        enc = lambda s, skip: encode_prompt(tok, te, s, dev, clip_skip=skip, dtype=dt)  # noqa: E731
+        src = enc(opts.source_prompt, opts.clip_skip)
+        uncond = enc(opts.negative_prompt or "", None)
+        embeds = torch.cat([uncond, rows.to(device=dev, dtype=dt)])
+        gen = opts.generator if opts.generator is not None else _generator(opts.seed)
+        store = _AttnStore(hw[0] * hw[1], len(guide)) if masks else None
+        classic = dev.type != "cuda"
+        graphs = self._graphs(opts.cuda_graphs)
+        runner = Graphed(lambda x, t, e: (unet(x, t, encoder_hidden_states=e).sample,), graphs)
+        step_model = Graphed(lambda x, t, e: _edit_forward(unet, store, hw, x, t, e), graphs)
+        old = _set_processors(unet, None, classic)
+        try:
+            # 5. edit-friendly inversion: x_T and the noise maps zs
+            scheduler.set_timesteps(len(scheduler.timesteps))
+            model = _inversion_model(runner, src, enc("", None), opts)
+            x, zs = L.invert(model, scheduler, x0, timesteps, gen, lambda i, n: self.progress("invert", i, n))
+            # 6. edit: semantic guidance of every concept, DDPM steps with the stored noise maps
+            if store is not None:
+                _set_processors(unet, store, classic)
+            scheduler.set_timesteps(len(scheduler.timesteps))
+            x = x * scheduler.init_noise_sigma
+            kernel = L.gaussian_kernel(dev) if masks else None
+            step_kw = {"eta": 1.0} if "eta" in _step_params(scheduler) else {}
+            for i, t in enumerate(timesteps):
+                eps, maps = step_model(torch.cat([x] * (1 + len(guide))), t.to(dev), embeds)
+                eps = eps.chunk(1 + len(guide))
+                if opts.sem_guidance is not None and len(opts.sem_guidance) > i:
+                    g = torch.zeros_like(eps[0]) + opts.sem_guidance[i].to(dev)
+                else:
+                    attn = L.AttentionMaps(list(maps)) if store is not None else None
+                    g = L.semantic_guidance(
+                        eps[0], eps[1:], guide, i, t, attn=attn, use_cross_attn_mask=opts.use_cross_attn_mask,
+                        use_intersect_mask=opts.use_intersect_mask, user_mask=_mask(opts.user_mask, dev), kernel=kernel,
+                    )  # fmt: skip
+                noise_pred = eps[0] + g
+                if opts.guidance_rescale > 0.0:
+                    noise_pred = rescale(noise_pred, torch.stack(eps[1:]).mean(0), opts.guidance_rescale)
+                x = scheduler.step(noise_pred, t, x, variance_noise=zs[i], **step_kw).prev_sample
+                self.progress("edit", i + 1, len(timesteps))
+        finally:
+            unet.set_attn_processor(old)
+        # 7. decode
+        return EditResult(
+            image=_one(decode_latents(vae, x, opts.output_type)),
+            original=image,
+            inverted_latents=x0,
+            extra={"timesteps": [int(t) for t in timesteps], "concepts": len(guide)},
+        )
+
+    def _graphs(self, cuda_graphs: bool | None) -> bool:
+        return self.device.type == "cuda" and cuda_graphs is not False
+
+
+class _Many(list):
+    """Directions already resolved, passed through `Editor.edit` as one argument."""
+
+    name = property(lambda self: " & ".join(d.name for d in self))
+
+
+def _generator(seed: int | None) -> torch.Generator | None:
+    return None if seed is None else torch.Generator().manual_seed(int(seed))
+
+
+def _step_params(scheduler: Any) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(scheduler.step).parameters)
+
+
+def _mask(mask: Any, device: Any) -> torch.Tensor | None:
+    return None if mask is None else torch.as_tensor(mask).to(device)
+
+
+def _one(images: Any) -> Any:
+    """One image, not a batch of one (a PIL list, an array or a tensor)."""
+    return (
+        images[0] if (isinstance(images, list) or hasattr(images, "shape")) and len(images) == 1 else images
+    )
+
+
+def rescale(noise_cfg: torch.Tensor, noise_pred_text: torch.Tensor, guidance_rescale: float) -> torch.Tensor:
+    """Guidance rescale (Lin et al. 2023, sec. 3.4), as diffusers' ``rescale_noise_cfg``."""
+    std_text = noise_pred_text.std(dim=list(range(1, noise_pred_text.ndim)), keepdim=True)
+    std_cfg = noise_cfg.std(dim=list(range(1, noise_cfg.ndim)), keepdim=True)
+    return guidance_rescale * (noise_cfg * (std_text / std_cfg)) + (1 - guidance_rescale) * noise_cfg
+
+
+def ledits_scheduler(scheduler: Any) -> Any:
+    """A copy of ``scheduler`` with ``timestep_spacing="leading"``: DDIM or the 2nd-order SDE
+    DPM-Solver++ as given; any other class becomes that DPM-Solver++ (as diffusers' pipeline does)."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    config = dict(scheduler.config)
+    config.pop("_use_default_values", None)
+    config["timestep_spacing"] = "leading"
+    if isinstance(scheduler, DDIMScheduler):
+        return type(scheduler).from_config(config)
+    if isinstance(scheduler, DPMSolverMultistepScheduler):
+        out = type(scheduler).from_config(config)
+        if not L.supports_scheduler(out):
+            raise EditorOptionError(
+                f"LEDITS++ inverts with DPMSolverMultistepScheduler only for algorithm_type='sde-dpmsolver++' "
+                f"and solver_order=2, not {out.config.algorithm_type!r} / {out.config.solver_order}; set "
+                f"DPMSolverMultistepScheduler.from_config(config, algorithm_type='sde-dpmsolver++', solver_order=2)"
+            )
+        return out
+    return DPMSolverMultistepScheduler.from_config(config, algorithm_type="sde-dpmsolver++", solver_order=2)
+
+
+def _inversion_model(runner: Any, src: torch.Tensor, empty: torch.Tensor, opts: LEditsOptions) -> Any:
+    """The noise prediction of inversion, as diffusers' ``invert`` computes it: the source prompt's,
+    and with a source prompt ``eps_src + s * (eps("") - eps_src)`` (diffusers' order of terms)."""
+    dev = src.device
+    if opts.source_prompt == "" or opts.source_guidance_scale <= 1.0:
+        return lambda x, t: runner(x, t.to(dev), src)[0]
+
+    def model(x: torch.Tensor, t: Any) -> torch.Tensor:
+        e_src = runner(x, t.to(dev), src)[0]
+        return e_src + opts.source_guidance_scale * (runner(x, t.to(dev), empty)[0] - e_src)
+
+    return model
+
+
+@hookimpl
+def p2pz_register_editors() -> list[type[Editor]]:
+    return [LEditsEditor]
