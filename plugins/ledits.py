@@ -287,6 +287,11 @@ class LEditsEditor(Editor):
     #: one UNet batch holds 1 + 2 * (directions' terms) rows
     max_directions = 8
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: UNet callers (CUDA graphs, attention store) per (UNet, graphs on, phase, concepts, size)
+        self.models: dict[tuple, tuple[Graphed, Any]] = {}
+
     # -- options and directions (checked before any model work) ----------------------------------
     def option_names(self) -> list[str]:
         return [f.name for f in dataclasses.fields(LEditsOptions)]
@@ -387,11 +392,12 @@ class LEditsEditor(Editor):
         uncond = enc(opts.negative_prompt or "", None)
         embeds = torch.cat([uncond, rows.to(device=dev, dtype=dt)])
         gen = opts.generator if opts.generator is not None else _generator(opts.seed)
-        store = _AttnStore(hw[0] * hw[1], len(guide)) if masks else None
         classic = dev.type != "cuda"
-        graphs = self._graphs(opts.cuda_graphs)
-        runner = Graphed(lambda x, t, e: (unet(x, t, encoder_hidden_states=e).sample,), graphs)
-        step_model = Graphed(lambda x, t, e: _edit_forward(unet, store, hw, x, t, e), graphs)
+        runner, _ = self._model(unet, ("invert",), opts.cuda_graphs, lambda: None)
+        step_model, store = self._model(
+            unet, ("edit", len(guide), hw, masks), opts.cuda_graphs,
+            lambda: _AttnStore(hw[0] * hw[1], len(guide)) if masks else None,
+        )  # fmt: skip
         old = _set_processors(unet, None, classic)
         try:
             # 5. edit-friendly inversion: x_T and the noise maps zs
@@ -431,8 +437,21 @@ class LEditsEditor(Editor):
             extra={"timesteps": [int(t) for t in timesteps], "concepts": len(guide)},
         )
 
-    def _graphs(self, cuda_graphs: bool | None) -> bool:
-        return self.device.type == "cuda" and cuda_graphs is not False
+    def _model(self, unet: Any, key: tuple, cuda_graphs: bool | None, make_store: Any) -> tuple[Graphed, Any]:
+        """The UNet call of inversion (``key[0] == "invert"``) or of an edit step, and its attention
+        store; kept on the editor per UNet and shape, so CUDA graphs captured by one edit serve the next."""
+        on = self.device.type == "cuda" and cuda_graphs is not False
+        cache = self.models
+        full = (id(unet), on, *key)
+        if full not in cache:
+            store = make_store()
+            if key[0] == "invert":
+                fn = lambda x, t, e: (unet(x, t, encoder_hidden_states=e).sample,)  # noqa: E731
+            else:
+                hw = key[2]
+                fn = lambda x, t, e: _edit_forward(unet, store, hw, x, t, e)  # noqa: E731
+            cache[full] = (Graphed(fn, on), store)
+        return cache[full]
 
 
 class _Many(list):
