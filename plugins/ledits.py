@@ -87,8 +87,26 @@ class LEditsOptions:
     )
 
 
+def _item(text: str) -> Any:
+    low = text.strip().lower()
+    if low in ("true", "false", "none", "null"):
+        return {"true": True, "false": False}.get(low)
+    try:
+        return int(low)
+    except ValueError:
+        pass
+    try:
+        return float(low)
+    except ValueError:
+        return text.strip()
+
+
 def _per_direction(opts: LEditsOptions, name: str, n: int) -> list[Any]:
+    """One value per direction: a list as given, ``"6,4"`` (the CLI's ``--opt edit_guidance_scale=6,4``)
+    split at commas, or one value for all."""
     value = getattr(opts, name)
+    if isinstance(value, str) and "," in value:
+        value = [_item(v) for v in value.split(",")]
     if isinstance(value, (list, tuple)):
         if len(value) != n:
             raise EditorOptionError(
@@ -96,6 +114,16 @@ def _per_direction(opts: LEditsOptions, name: str, n: int) -> list[Any]:
             )
         return list(value)
     return [value] * n
+
+
+def _check_value(name: str, value: Any, kind: type, lo: float | None = None, hi: float | None = None) -> None:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float) if kind is float else int)
+    if ok and ((lo is not None and value < lo) or (hi is not None and value > hi)):
+        ok = False
+    if not ok:
+        what = {float: "a number", int: "a whole number"}[kind]
+        rng = f" in [{lo}, {hi}]" if hi is not None else (f" >= {lo}" if lo is not None else "")
+        raise EditorOptionError(f"{name} must be {what}{rng} (one, or one per direction), not {value!r}")
 
 
 def _tokens(spec: Any, concept: Any, tokenizer: Any, seq_len: int) -> int:
@@ -126,6 +154,12 @@ def concept_rows(
     (the mapping described in the module docstring)."""
     n = len(directions)
     per = {k: _per_direction(opts, k, n) for k in PER_DIRECTION}
+    for j in range(n):
+        _check_value("edit_guidance_scale", per["edit_guidance_scale"][j], float)
+        _check_value("edit_threshold", per["edit_threshold"][j], float, 0.0, 1.0)
+        _check_value("edit_warmup_steps", per["edit_warmup_steps"][j], int, 0)
+        if per["edit_cooldown_steps"][j] is not None:
+            _check_value("edit_cooldown_steps", per["edit_cooldown_steps"][j], int, 0)
     rows, guide = [], []
     for j, d in enumerate(directions):
         for w, source, target in d.terms:
@@ -319,13 +353,6 @@ class LEditsEditor(Editor):
             raise EditorOptionError(
                 f"output_type must be 'pil', 'np', 'pt' or 'latent', not {opts.output_type!r}"
             )
-        for t in (
-            _per_direction(opts, "edit_threshold", 1)
-            if not isinstance(opts.edit_threshold, list)
-            else opts.edit_threshold
-        ):
-            if not 0.0 <= float(t) <= 1.0:
-                raise EditorOptionError(f"edit_threshold must be in [0, 1] (a quantile), not {t!r}")
         return opts
 
     def resolve_directions(self, direction: Any) -> list[Direction]:

@@ -315,3 +315,36 @@ def test_masks_on_a_unet_without_quarter_resolution_attention(fresh, tiny_sd1):
     d = _direction(encoder_for(model=str(tiny_sd1)))
     with pytest.raises(EditorOptionError, match="use_intersect_mask=False"):
         fresh.edit(_image(), d, num_inversion_steps=2)
+
+
+def test_per_direction_values_from_the_cli_form(tiny_sd1):
+    """``--opt edit_guidance_scale=6,4`` reaches the editor as the string "6,4"."""
+    from p2pz_plugins.ledits import LEditsOptions, concept_rows
+
+    enc = encoder_for(model=str(tiny_sd1))
+    dirs = [_direction(enc), _direction(enc, ("summer", "winter"), seed=1)]
+    opts = LEditsOptions(
+        edit_guidance_scale="6,4", reverse_editing_direction="false,true", edit_cooldown_steps="3,none"
+    )
+    _, guide = concept_rows(dirs, opts)
+    assert [(g.scale, g.reverse, g.cooldown) for g in guide] == [
+        (6.0, False, 3), (6.0, True, 3), (4.0, True, None), (4.0, False, None),
+    ]  # fmt: skip
+    with pytest.raises(EditorOptionError, match="edit_warmup_steps must be a whole number"):
+        concept_rows(dirs, LEditsOptions(edit_warmup_steps="1,x"))
+
+
+def test_guidance_rescale_is_applied_where_diffusers_crashes(tiny_sd1):
+    """diffusers 0.42.1 takes ``.mean`` of a tuple for guidance_rescale > 0; ours rescales towards the
+    concepts' mean prediction (Lin et al. 2023, sec. 3.4) and changes the result."""
+    enc = encoder_for(model=str(tiny_sd1))
+    d, img = _direction(enc), _image(seed=7)
+    pipe = _pipe(tiny_sd1, "dpm")
+    pipe.invert(img, num_inversion_steps=STEPS, skip=0.2, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(AttributeError, match="tuple"):
+        pipe(editing_prompt_embeds=torch.stack([d.target.embedding, d.source.embedding]), guidance_rescale=0.7,
+             use_intersect_mask=False)  # fmt: skip
+    ed = _editor(tiny_sd1, "dpm")
+    a = _ours(ed, img, [d], use_intersect_mask=False, guidance_rescale=0.7)
+    b = _ours(ed, img, [d], use_intersect_mask=False)
+    assert np.isfinite(a).all() and np.abs(a - b).max() > 1e-4
