@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -298,16 +299,18 @@ def _set_processors(unet: Any, store: _AttnStore | None, classic: bool) -> dict[
     return old
 
 
-def _check_mask_resolution(unet: Any, latent_hw: tuple[int, int]) -> None:
-    """The attention masks need cross-attention at 1/4 of the latent size (down/up blocks)."""
+def _mask_problem(unet: Any, latent_hw: tuple[int, ...]) -> str | None:
+    """Why the attention masks cannot run on ``unet`` (they need cross-attention at 1/4 of the latent
+    size, in the down/up blocks: every SD 1.x / 2.x UNet has it), or None."""
     types = list(unet.config.down_block_types)
     levels = [i for i, t in enumerate(types) if "CrossAttn" in t]
-    if 2 not in levels or latent_hw[0] % 4 or latent_hw[1] % 4:
-        raise EditorOptionError(
-            f"the cross-attention masks of LEDITS++ (use_intersect_mask / use_cross_attn_mask) need cross-"
-            f"attention layers at 1/4 of the latent size; this UNet has them at levels {levels} of {types} "
-            f"(diffusers fails here too). Pass use_intersect_mask=False"
-        )
+    if 2 in levels and latent_hw[0] % 4 == 0 and latent_hw[1] % 4 == 0:
+        return None
+    return (
+        f"the cross-attention masks of LEDITS++ (use_intersect_mask / use_cross_attn_mask) need cross-"
+        f"attention layers at 1/4 of the latent size; this UNet has them at levels {levels} of {types} "
+        f"(diffusers fails here too). Pass use_intersect_mask=False"
+    )
 
 
 class LEditsEditor(Editor):
@@ -401,7 +404,6 @@ class LEditsEditor(Editor):
         unet, vae, tok = comps["unet"], comps["vae"], comps["tokenizer"]
         rows, guide = concept_rows(dirs, opts, tok)
         dev, dt = self.device, self.dtype
-        masks = opts.use_intersect_mask or opts.use_cross_attn_mask
         # 2. scheduler: a copy with "leading" spacing (diffusers sets it on the pipeline's own)
         scheduler = ledits_scheduler(comps["scheduler"])
         timesteps = L.ledits_timesteps(scheduler, opts.num_inversion_steps, float(opts.skip))
@@ -410,8 +412,8 @@ class LEditsEditor(Editor):
         pixels = proc.preprocess(image).to(device=dev, dtype=dt)
         x0 = vae.encode(pixels).latent_dist.mode().to(dt) * vae.config.scaling_factor
         hw = (x0.shape[-2] // 4, x0.shape[-1] // 4)
-        if masks:
-            _check_mask_resolution(unet, tuple(x0.shape[-2:]))
+        opts, notes = _usable_masks(opts, options, unet, tuple(x0.shape[-2:]))
+        masks = opts.use_intersect_mask or opts.use_cross_attn_mask
         # 4. text: the source prompt for inversion, the unconditional prompt, the concepts
         te = comps["text_encoder"]
         enc = lambda s, skip: encode_prompt(tok, te, s, dev, clip_skip=skip, dtype=dt)  # noqa: E731
@@ -461,7 +463,7 @@ class LEditsEditor(Editor):
             image=_one(decode_latents(vae, x, opts.output_type)),
             original=image,
             inverted_latents=x0,
-            extra={"timesteps": [int(t) for t in timesteps], "concepts": len(guide)},
+            extra={"timesteps": [int(t) for t in timesteps], "concepts": len(guide), "notes": notes},
         )
 
     def _model(self, unet: Any, key: tuple, cuda_graphs: bool | None, make_store: Any) -> tuple[Graphed, Any]:
@@ -535,6 +537,25 @@ def ledits_scheduler(scheduler: Any) -> Any:
             )
         return out
     return DPMSolverMultistepScheduler.from_config(config, algorithm_type="sde-dpmsolver++", solver_order=2)
+
+
+def _usable_masks(
+    opts: LEditsOptions, given: dict[str, Any], unet: Any, latent_hw: tuple[int, ...]
+) -> tuple[LEditsOptions, list[str]]:
+    """The options with masks the UNet can run: a mask asked for explicitly is an error if it cannot
+    run; the default intersect mask falls back to the noise mask alone, with a warning."""
+    if not (opts.use_intersect_mask or opts.use_cross_attn_mask):
+        return opts, []
+    why = _mask_problem(unet, latent_hw)
+    if why is None:
+        return opts, []
+    if given.get("use_intersect_mask") or given.get("use_cross_attn_mask"):
+        raise EditorOptionError(why)
+    note = why.replace(
+        "Pass use_intersect_mask=False", "editing with the noise mask alone (use_intersect_mask=False)"
+    )
+    warnings.warn(note, UserWarning, stacklevel=4)
+    return dataclasses.replace(opts, use_intersect_mask=False, use_cross_attn_mask=False), [note]
 
 
 def _inversion_model(runner: Any, src: torch.Tensor, empty: torch.Tensor, opts: LEditsOptions) -> Any:

@@ -312,9 +312,17 @@ def test_too_many_directions_and_wrong_list_lengths(fresh, tiny_sd1):
 
 
 def test_masks_on_a_unet_without_quarter_resolution_attention(fresh, tiny_sd1):
+    """Asked for: a clear error. By default: the noise mask alone, with a warning and a note."""
     d = _direction(encoder_for(model=str(tiny_sd1)))
+    kw = dict(num_inversion_steps=2, output_type="np")
     with pytest.raises(EditorOptionError, match="use_intersect_mask=False"):
-        fresh.edit(_image(), d, num_inversion_steps=2)
+        fresh.edit(_image(), d, use_intersect_mask=True, **kw)
+    with pytest.warns(UserWarning, match="noise mask alone"):
+        res = fresh.edit(_image(), d, **kw)
+    assert (
+        res.extra["notes"]
+        and np.abs(res.image - fresh.edit(_image(), d, use_intersect_mask=False, **kw).image).max() == 0
+    )
 
 
 def test_per_direction_values_from_the_cli_form(tiny_sd1):
