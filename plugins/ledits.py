@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from p2pz_directions import sampling as S
 from p2pz_directions.concept import Direction
 from p2pz_directions.editors import Editor, EditorOptionError, EditResult
 from p2pz_directions.hookspecs import hookimpl
@@ -83,6 +84,12 @@ class LEditsOptions:
     seed: int | None = field(default=0, metadata=_h("seed of the inversion noise"))
     generator: Any = field(default=None, metadata=_h("a torch.Generator (overrides seed)"))
     output_type: str = field(default="pil", metadata=_h("pil, np, pt or latent"))
+    callback_on_step_end: Any = field(
+        default=None, metadata=_h("f(pipe, i, t, tensors) after each edit step")
+    )
+    callback_on_step_end_tensor_inputs: Any = field(
+        default=("latents",), metadata=_h("tensors it gets: latents, negative_prompt_embeds")
+    )
     cuda_graphs: bool | None = field(
         default=None, metadata=_h("replay UNet steps as CUDA graphs (default on CUDA)")
     )
@@ -205,55 +212,6 @@ def _edit_forward(unet: Any, store: _AttnStore | None, hw, x, t, embeds) -> tupl
     return eps, maps
 
 
-class Graphed:
-    """``fn(*tensors) -> tuple of tensors``, replayed from one CUDA graph per input shape when ``on``.
-
-    A Stable Diffusion UNet call at small batch is bound by the CPU launching kernels; a replayed
-    graph runs the same kernels without the launches, so results equal eager mode. ``fn`` is
-    captured whole (the UNet *and* the attention-map reduction), so the maps are graph outputs
-    too. Off (or after a failed capture, with a warning) it just calls ``fn``.
-    """
-
-    def __init__(self, fn: Any, on: bool, warmup: int = 2):
-        self.fn, self.on, self.warmup = fn, on, warmup
-        self.graphs: dict[tuple, tuple] = {}
-
-    def __call__(self, *args: torch.Tensor) -> Any:
-        if not self.on:
-            return self.fn(*args)
-        key = tuple((tuple(a.shape), a.stride(), a.dtype) for a in args)
-        if key not in self.graphs:
-            try:
-                self.graphs[key] = self._capture(args)
-            except Exception as e:  # noqa: BLE001 - any capture problem: run eagerly from now on
-                import warnings
-
-                warnings.warn(
-                    f"CUDA graph capture failed ({type(e).__name__}: {e}); running eagerly", stacklevel=2
-                )
-                torch.cuda.synchronize()
-                self.on = False
-                return self.fn(*args)
-        graph, inputs, outputs = self.graphs[key]
-        for dst, src in zip(inputs, args, strict=True):
-            dst.copy_(src)
-        graph.replay()
-        return tuple(o.clone() for o in outputs)
-
-    def _capture(self, args: tuple[torch.Tensor, ...]) -> tuple:
-        inputs = [a.clone() for a in args]
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(self.warmup):
-                self.fn(*inputs)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            outputs = self.fn(*inputs)
-        return graph, inputs, outputs
-
-
 class _CaptureProcessor:
     """diffusers' classic attention (``AttnProcessor``) that also keeps the concept rows' probabilities."""
 
@@ -326,8 +284,8 @@ class LEditsEditor(Editor):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        #: UNet callers (CUDA graphs, attention store) per (UNet, graphs on, phase, concepts, size)
-        self.models: dict[tuple, tuple[Graphed, Any]] = {}
+        #: the UNet runners (eager, CUDA graphs), which own the graphs and attention stores of the edits
+        self.runners: dict[str, S.UNetRunner] = {}
 
     # -- options and directions (checked before any model work) ----------------------------------
     def option_names(self) -> list[str]:
@@ -394,93 +352,75 @@ class LEditsEditor(Editor):
     # -- the pipeline ----------------------------------------------------------------------------
     def run(self, image: Any, direction: Any, **options: Any) -> EditResult:
         """Invert ``image``, then edit it along the directions (LEDITS++; diffusers' steps in order)."""
-        from p2pz_plugins._common import decode_latents, encode_prompt, image_processor
-
         # 1. options and edit concepts (editing_prompt_embeds rows, per-concept guidance)
         opts, dirs = self._options(options), list(direction)
         if image is None:
             raise EditorOptionError("ledits edits an existing image: pass one")
         comps = self.load_components()
-        unet, vae, tok = comps["unet"], comps["vae"], comps["tokenizer"]
+        unet, vae, tok, te = comps["unet"], comps["vae"], comps["tokenizer"], comps["text_encoder"]
         rows, guide = concept_rows(dirs, opts, tok)
         dev, dt = self.device, self.dtype
         # 2. scheduler: a copy with "leading" spacing (diffusers sets it on the pipeline's own)
         scheduler = ledits_scheduler(comps["scheduler"])
         timesteps = L.ledits_timesteps(scheduler, opts.num_inversion_steps, float(opts.skip))
-        # 3. image -> latents (the VAE's mode, as diffusers' invert)
-        proc = image_processor(vae)
-        pixels = proc.preprocess(image).to(device=dev, dtype=dt)
+        # 3. image -> latents (the VAE's mode, as diffusers' invert); masks this UNet can run
+        pixels = S.image_processor(vae).preprocess(image).to(device=dev, dtype=dt)
         x0 = vae.encode(pixels).latent_dist.mode().to(dt) * vae.config.scaling_factor
         hw = (x0.shape[-2] // 4, x0.shape[-1] // 4)
         opts, notes = _usable_masks(opts, options, unet, tuple(x0.shape[-2:]))
         masks = opts.use_intersect_mask or opts.use_cross_attn_mask
-        # 4. text: the source prompt for inversion, the unconditional prompt, the concepts
-        te = comps["text_encoder"]
-        enc = lambda s, skip: encode_prompt(tok, te, s, dev, clip_skip=skip, dtype=dt)  # noqa: E731
-        src = enc(opts.source_prompt, opts.clip_skip)
+        # 4. text: the source prompt for inversion (clip_skip), the unconditional prompt, the concepts
+        enc = lambda s, skip: S.encode_text(tok, te, s, dev, skip).to(dt)  # noqa: E731
         uncond = enc(opts.negative_prompt or "", None)
         embeds = torch.cat([uncond, rows.to(device=dev, dtype=dt)])
-        gen = opts.generator if opts.generator is not None else _generator(opts.seed)
-        classic = dev.type != "cuda"
-        runner, _ = self._model(unet, ("invert",), opts.cuda_graphs, lambda: None)
-        step_model, store = self._model(
+        # 5. UNet callers (CUDA graphs on CUDA), the attention store of the masks
+        run_unet, _ = self._model(unet, ("invert",), opts.cuda_graphs, lambda: None)
+        run_edit, store = self._model(
             unet, ("edit", len(guide), hw, masks), opts.cuda_graphs,
             lambda: _AttnStore(hw[0] * hw[1], len(guide)) if masks else None,
         )  # fmt: skip
-        old = _set_processors(unet, None, classic)
+        old = _set_processors(unet, None, classic=dev.type != "cuda")
         try:
-            # 5. edit-friendly inversion: x_T and the noise maps zs
+            # 6. edit-friendly inversion: x_T and the noise maps zs
             scheduler.set_timesteps(len(scheduler.timesteps))
-            model = _inversion_model(runner, src, enc("", None), opts)
+            model = _inversion_model(run_unet, enc(opts.source_prompt, opts.clip_skip), enc("", None), opts)
+            gen = opts.generator if opts.generator is not None else _generator(opts.seed)
             x, zs = L.invert(model, scheduler, x0, timesteps, gen, lambda i, n: self.progress("invert", i, n))
-            # 6. edit: semantic guidance of every concept, DDPM steps with the stored noise maps
+            # 7. edit: semantic guidance of every concept, DDPM steps with the stored noise maps
             if store is not None:
-                _set_processors(unet, store, classic)
+                _set_processors(unet, store, classic=dev.type != "cuda")
             scheduler.set_timesteps(len(scheduler.timesteps))
-            x = x * scheduler.init_noise_sigma
-            kernel = L.gaussian_kernel(dev) if masks else None
-            step_kw = {"eta": 1.0} if "eta" in _step_params(scheduler) else {}
-            for i, t in enumerate(timesteps):
-                eps, maps = step_model(torch.cat([x] * (1 + len(guide))), t.to(dev), embeds)
-                eps = eps.chunk(1 + len(guide))
-                if opts.sem_guidance is not None and len(opts.sem_guidance) > i:
-                    g = torch.zeros_like(eps[0]) + opts.sem_guidance[i].to(dev)
-                else:
-                    attn = L.AttentionMaps(list(maps)) if store is not None else None
-                    g = L.semantic_guidance(
-                        eps[0], eps[1:], guide, i, t, attn=attn, use_cross_attn_mask=opts.use_cross_attn_mask,
-                        use_intersect_mask=opts.use_intersect_mask, user_mask=_mask(opts.user_mask, dev), kernel=kernel,
-                    )  # fmt: skip
-                noise_pred = eps[0] + g
-                if opts.guidance_rescale > 0.0:
-                    noise_pred = rescale(noise_pred, torch.stack(eps[1:]).mean(0), opts.guidance_rescale)
-                x = scheduler.step(noise_pred, t, x, variance_noise=zs[i], **step_kw).prev_sample
-                self.progress("edit", i + 1, len(timesteps))
+            x = S.denoise(
+                _edit_predictor(run_edit, embeds, guide, opts, masks, dev), x * scheduler.init_noise_sigma,
+                _WithNoiseMaps(scheduler, zs), timesteps=timesteps, tensors={"negative_prompt_embeds": uncond},
+                extra_step_kwargs=S.extra_step_kwargs(scheduler, None, eta=1.0),
+                callback_on_step_end=opts.callback_on_step_end,
+                callback_on_step_end_tensor_inputs=opts.callback_on_step_end_tensor_inputs,
+                progress=lambda i, n: self.progress("edit", i, n),
+            )  # fmt: skip
         finally:
             unet.set_attn_processor(old)
-        # 7. decode
+        # 8. decode
         return EditResult(
-            image=_one(decode_latents(vae, x, opts.output_type)),
+            image=_one(S.decode_latents(vae, x, opts.output_type)),
             original=image,
             inverted_latents=x0,
             extra={"timesteps": [int(t) for t in timesteps], "concepts": len(guide), "notes": notes},
         )
 
-    def _model(self, unet: Any, key: tuple, cuda_graphs: bool | None, make_store: Any) -> tuple[Graphed, Any]:
-        """The UNet call of inversion (``key[0] == "invert"``) or of an edit step, and its attention
-        store; kept on the editor per UNet and shape, so CUDA graphs captured by one edit serve the next."""
-        on = self.device.type == "cuda" and cuda_graphs is not False
-        cache = self.models
-        full = (id(unet), on, *key)
-        if full not in cache:
-            store = make_store()
-            if key[0] == "invert":
-                fn = lambda x, t, e: (unet(x, t, encoder_hidden_states=e).sample,)  # noqa: E731
-            else:
-                hw = key[2]
-                fn = lambda x, t, e: _edit_forward(unet, store, hw, x, t, e)  # noqa: E731
-            cache[full] = (Graphed(fn, on), store)
-        return cache[full]
+    def _model(self, unet: Any, key: tuple, cuda_graphs: bool | None, make_store: Any) -> tuple[Any, Any]:
+        """``(call(x, t, embeds), attention store)`` for inversion (``key[0] == "invert"``) or an edit
+        step, through the editor's `UNetRunner` (CUDA graphs by default on CUDA): the graphs it
+        captures, and the store they write into, serve every later edit of the same shape."""
+        mode = "graphs" if self.device.type == "cuda" and cuda_graphs is not False else "eager"
+        runner = self.runners.setdefault(mode, S.UNetRunner(mode))
+        full = (id(unet), *key)
+        store = runner.resource(("ledits-store", *full), make_store)
+        if key[0] == "invert":
+            fn = lambda x, t, e: (unet(x, t, encoder_hidden_states=e).sample,)  # noqa: E731
+        else:
+            fn = lambda x, t, e: _edit_forward(unet, store, key[2], x, t, e)  # noqa: E731
+        return (lambda x, t, e: runner(f"ledits-{key[0]}", fn, x, t, e, key=full)), store
 
 
 class _Many(list):
@@ -493,12 +433,6 @@ def _generator(seed: int | None) -> torch.Generator | None:
     return None if seed is None else torch.Generator().manual_seed(int(seed))
 
 
-def _step_params(scheduler: Any) -> set[str]:
-    import inspect
-
-    return set(inspect.signature(scheduler.step).parameters)
-
-
 def _mask(mask: Any, device: Any) -> torch.Tensor | None:
     return None if mask is None else torch.as_tensor(mask).to(device)
 
@@ -508,13 +442,6 @@ def _one(images: Any) -> Any:
     return (
         images[0] if (isinstance(images, list) or hasattr(images, "shape")) and len(images) == 1 else images
     )
-
-
-def rescale(noise_cfg: torch.Tensor, noise_pred_text: torch.Tensor, guidance_rescale: float) -> torch.Tensor:
-    """Guidance rescale (Lin et al. 2023, sec. 3.4), as diffusers' ``rescale_noise_cfg``."""
-    std_text = noise_pred_text.std(dim=list(range(1, noise_pred_text.ndim)), keepdim=True)
-    std_cfg = noise_cfg.std(dim=list(range(1, noise_cfg.ndim)), keepdim=True)
-    return guidance_rescale * (noise_cfg * (std_text / std_cfg)) + (1 - guidance_rescale) * noise_cfg
 
 
 def ledits_scheduler(scheduler: Any) -> Any:
@@ -556,6 +483,49 @@ def _usable_masks(
     )
     warnings.warn(note, UserWarning, stacklevel=4)
     return dataclasses.replace(opts, use_intersect_mask=False, use_cross_attn_mask=False), [note]
+
+
+class _WithNoiseMaps:
+    """``scheduler`` whose ``step`` at the i-th call uses ``variance_noise=zs[i]``: the DDPM step of an
+    edit-friendly inversion's noise maps (everything else is the scheduler's own)."""
+
+    def __init__(self, scheduler: Any, zs: torch.Tensor):
+        self.scheduler, self.zs, self.i = scheduler, zs, 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["scheduler"], name)
+
+    def step(self, model_output: torch.Tensor, t: Any, x: torch.Tensor, **kw: Any) -> Any:
+        out = self.scheduler.step(model_output, t, x, variance_noise=self.zs[self.i], **kw)
+        self.i += 1
+        return out
+
+
+def _edit_predictor(
+    run_edit: Any, embeds: torch.Tensor, guide: list, opts: LEditsOptions, masks: bool, dev: Any
+):
+    """``predict(x, t, i, tensors)`` of one edit step: the UNet on ``[uncond, concepts...]``, then
+    ``eps_uncond + semantic_guidance`` (or ``sem_guidance[i]``), guidance-rescaled if asked."""
+    kernel = L.gaussian_kernel(dev) if masks else None
+    user_mask = _mask(opts.user_mask, dev)
+
+    def predict(x: torch.Tensor, t: Any, i: int, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        eps, maps = run_edit(torch.cat([x] * (1 + len(guide))), t.to(dev), embeds)
+        eps = eps.chunk(1 + len(guide))
+        if opts.sem_guidance is not None and len(opts.sem_guidance) > i:
+            g = torch.zeros_like(eps[0]) + opts.sem_guidance[i].to(dev)
+        else:
+            attn = L.AttentionMaps(list(maps)) if masks else None
+            g = L.semantic_guidance(
+                eps[0], eps[1:], guide, i, t, attn=attn, use_cross_attn_mask=opts.use_cross_attn_mask,
+                use_intersect_mask=opts.use_intersect_mask, user_mask=user_mask, kernel=kernel,
+            )  # fmt: skip
+        noise_pred = eps[0] + g
+        if opts.guidance_rescale > 0.0:
+            noise_pred = S.rescale_noise_cfg(noise_pred, torch.stack(eps[1:]).mean(0), opts.guidance_rescale)
+        return noise_pred
+
+    return predict
 
 
 def _inversion_model(runner: Any, src: torch.Tensor, empty: torch.Tensor, opts: LEditsOptions) -> Any:

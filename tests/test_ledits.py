@@ -356,3 +356,19 @@ def test_guidance_rescale_is_applied_where_diffusers_crashes(tiny_sd1):
     a = _ours(ed, img, [d], use_intersect_mask=False, guidance_rescale=0.7)
     b = _ours(ed, img, [d], use_intersect_mask=False)
     assert np.isfinite(a).all() and np.abs(a - b).max() > 1e-4
+
+
+def test_callback_on_step_end_equals_diffusers(tiny_sd2):
+    """A callback that rescales the latents at step 1 changes both runs alike."""
+    enc = encoder_for(model=str(tiny_sd2))
+    d, img = _direction(enc), _image(seed=8)
+    seen = []
+
+    def cb(pipe, i, t, kw):
+        seen.append(i)
+        return {"latents": kw["latents"] * 0.9} if i == 1 else kw
+
+    ref = _reference(_pipe(tiny_sd2, "ddim"), img, [d], use_intersect_mask=False, callback_on_step_end=cb)
+    ours = _ours(_editor(tiny_sd2, "ddim"), img, [d], use_intersect_mask=False, callback_on_step_end=cb)
+    assert seen == list(range(STEPS)) * 2
+    assert np.abs(ours - ref).max() < TOL
