@@ -372,3 +372,35 @@ def test_callback_on_step_end_equals_diffusers(tiny_sd2):
     ours = _ours(_editor(tiny_sd2, "ddim"), img, [d], use_intersect_mask=False, callback_on_step_end=cb)
     assert seen == list(range(STEPS)) * 2
     assert np.abs(ours - ref).max() < TOL
+
+
+def test_cli_edit_with_per_direction_opt_and_one_line_errors(capsys, tiny_sd1, tmp_path):
+    from p2pz_directions.cli import main
+    from p2pz_directions.store import LocalStore
+
+    enc = encoder_for(model=str(tiny_sd1))
+    g = torch.Generator().manual_seed(0)
+    for name in ("cat", "dog"):
+        LocalStore().publish(Concept(name, torch.randn(77, enc.hidden_size, generator=g), enc))
+    src, dst = tmp_path / "cat.png", tmp_path / "dog.png"
+    _image(64).save(src)
+    common = [
+        "edit",
+        str(src),
+        "-d",
+        "cat->dog",
+        "--editor",
+        "ledits",
+        "-m",
+        str(tiny_sd1),
+        "--device",
+        "cpu",
+    ]
+    code = main([*common, "--opt", "edit_guidance_scale=6", "--opt", "num_inversion_steps=2", "--opt",
+                 "use_intersect_mask=false", "-o", str(dst)])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    assert Image.open(dst).size == (64, 64)
+    capsys.readouterr()
+    code = main([*common, "--steps", "2", "-o", str(dst)])
+    err = capsys.readouterr().err
+    assert code == 2 and "num_inversion_steps" in err and len(err.strip().splitlines()) == 1
