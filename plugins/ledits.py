@@ -113,8 +113,9 @@ def _per_direction(opts: LEditsOptions, name: str, n: int) -> list[Any]:
     """One value per direction: a list as given, ``"6,4"`` (the CLI's ``--opt edit_guidance_scale=6,4``)
     split at commas, or one value for all."""
     value = getattr(opts, name)
-    if isinstance(value, str) and "," in value:
-        value = [_item(v) for v in value.split(",")]
+    if isinstance(value, str):
+        items = [_item(v) for v in value.split(",")]
+        value = items if len(items) > 1 else items[0]
     if isinstance(value, (list, tuple)):
         if len(value) != n:
             raise EditorOptionError(
@@ -303,6 +304,11 @@ class LEditsEditor(Editor):
             raise EditorOptionError(
                 f"editor 'ledits' does not take option {', '.join(hints)}; it takes: {', '.join(known)}"
             )
+        for flag in ("use_intersect_mask", "use_cross_attn_mask", "cuda_graphs"):
+            if isinstance(options.get(flag), str):  # "False" from a command line
+                options = {**options, flag: _item(options[flag])}
+            if flag in options and not isinstance(options[flag], bool) and options[flag] is not None:
+                raise EditorOptionError(f"{flag} must be true or false, not {options[flag]!r}")
         opts = LEditsOptions(**options)
         if not (isinstance(opts.num_inversion_steps, int) and opts.num_inversion_steps >= 1):
             raise EditorOptionError(
@@ -476,7 +482,9 @@ def _usable_masks(
     why = _mask_problem(unet, latent_hw)
     if why is None:
         return opts, []
-    if given.get("use_intersect_mask") or given.get("use_cross_attn_mask"):
+    if ("use_intersect_mask" in given and opts.use_intersect_mask) or (
+        "use_cross_attn_mask" in given and opts.use_cross_attn_mask
+    ):
         raise EditorOptionError(why)
     note = why.replace(
         "Pass use_intersect_mask=False", "editing with the noise mask alone (use_intersect_mask=False)"

@@ -404,3 +404,17 @@ def test_cli_edit_with_per_direction_opt_and_one_line_errors(capsys, tiny_sd1, t
     code = main([*common, "--steps", "2", "-o", str(dst)])
     err = capsys.readouterr().err
     assert code == 2 and "num_inversion_steps" in err and len(err.strip().splitlines()) == 1
+
+
+def test_string_values_from_a_command_line_are_parsed(tiny_sd1):
+    from p2pz_plugins.ledits import LEditsOptions, concept_rows
+
+    enc = encoder_for(model=str(tiny_sd1))
+    _, guide = concept_rows(
+        [_direction(enc)], LEditsOptions(reverse_editing_direction="False", edit_tokens="12")
+    )
+    assert [(g.reverse, g.tokens) for g in guide] == [(False, 12), (True, 12)]
+    ed = editors.get("ledits", model=str(tiny_sd1), device="cpu", dtype=torch.float32)
+    assert ed._options({"use_intersect_mask": "False"}).use_intersect_mask is False
+    with pytest.raises(EditorOptionError, match="true or false"):
+        ed._options({"use_intersect_mask": "maybe"})
