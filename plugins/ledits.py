@@ -24,7 +24,6 @@ It equals diffusers' ``LEditsPPPipelineStableDiffusion.invert`` + ``__call__`` (
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -68,7 +67,9 @@ class LEditsOptions:
     reverse_editing_direction: Any = field(default=False, metadata=_h("apply b->a instead of a->b"))
     remove_source: Any = field(default=True, metadata=_h("also guide away from the source concept"))
     edit_tokens: Any = field(default="all", metadata=_h("tokens of the attention mask: all, captions or N"))
-    use_intersect_mask: bool = field(default=True, metadata=_h("mask = attention mask * noise mask"))
+    use_intersect_mask: bool | None = field(
+        default=None, metadata=_h("mask = attention mask * noise mask (None: on where the UNet can)")
+    )
     use_cross_attn_mask: bool = field(default=False, metadata=_h("mask by cross-attention only"))
     user_mask: Any = field(default=None, metadata=_h("a [1, 1, h, w] latent-size mask multiplied in"))
     sem_guidance: Any = field(default=None, metadata=_h("precomputed guidance per step (replaces it)"))
@@ -278,7 +279,6 @@ class LEditsEditor(Editor):
     name = "ledits"
     description = "LEDITS++ (Brack et al. 2024): DDPM inversion, several directions at once, implicit masks"
     phases = ("invert", "edit")
-    image_multiple = 32
     options = LEditsOptions
     #: one UNet batch holds 1 + 2 * (directions' terms) rows
     max_directions = 8
@@ -289,27 +289,16 @@ class LEditsEditor(Editor):
         self.runners: dict[str, S.UNetRunner] = {}
 
     # -- options and directions (checked before any model work) ----------------------------------
-    def option_names(self) -> list[str]:
-        return [f.name for f in dataclasses.fields(LEditsOptions)]
-
-    def _options(self, options: dict[str, Any]) -> LEditsOptions:
-        known = self.option_names()
-        bad = [k for k in options if k not in known]
-        if bad:
-            hints = [
-                f"{k!r}"
-                + (f" (did you mean {c[0]!r}?)" if (c := difflib.get_close_matches(k, known, 1)) else "")
-                for k in bad
-            ]
-            raise EditorOptionError(
-                f"editor 'ledits' does not take option {', '.join(hints)}; it takes: {', '.join(known)}"
-            )
+    def make_options(self, **options: Any) -> LEditsOptions:
+        """`LEditsOptions` from keyword options: command-line strings for the flags (``"False"``), the
+        base class's name and type checks, then the values (per-direction lists are checked in `run`,
+        which knows the directions, before any model work)."""
         for flag in ("use_intersect_mask", "use_cross_attn_mask", "cuda_graphs"):
-            if isinstance(options.get(flag), str):  # "False" from a command line
+            if isinstance(options.get(flag), str):
                 options = {**options, flag: _item(options[flag])}
-            if flag in options and not isinstance(options[flag], bool) and options[flag] is not None:
+            if options.get(flag) is not None and not isinstance(options[flag], bool):
                 raise EditorOptionError(f"{flag} must be true or false, not {options[flag]!r}")
-        opts = LEditsOptions(**options)
+        opts = super().make_options(**options)
         if not (isinstance(opts.num_inversion_steps, int) and opts.num_inversion_steps >= 1):
             raise EditorOptionError(
                 f"num_inversion_steps must be a positive whole number, not {opts.num_inversion_steps!r}"
@@ -322,46 +311,35 @@ class LEditsEditor(Editor):
             )
         return opts
 
-    def resolve_directions(self, direction: Any) -> list[Direction]:
-        items = list(direction) if isinstance(direction, (list, tuple)) else [direction]
-        if not items:
-            raise EditorOptionError("give at least one direction")
-        if len(items) > self.max_directions:
+    def combine_directions(self, directions: list[Direction]) -> _Many:
+        """Several directions stay apart: each is its own pair of edit concepts (LEDITS++ multi-edit)."""
+        if len(directions) > self.max_directions:
             raise EditorOptionError(
-                f"editor 'ledits' takes at most {self.max_directions} directions at once, got {len(items)}; "
-                f"edit in two passes, or sum directions (d1 + d2) first"
+                f"editor 'ledits' takes at most {self.max_directions} directions at once, got "
+                f"{len(directions)}; edit in two passes, or sum directions (d1 + d2) first"
             )
-        return [self.resolve_direction(d) for d in items]
-
-    def edit(self, image: Any, direction: Any, *, progress: Any = None, **options: Any) -> EditResult:
-        """Edit ``image`` (or each image of a list) along one direction or a list of directions."""
-        dirs = self.resolve_directions(direction)  # wrong encoder / too many: refused before model work
-        opts = self._options(options)
-        concept_rows(dirs, opts)  # per-direction lists and token counts checked up front
-        if isinstance(image, (list, tuple)):
-            results = [self.edit(im, dirs, progress=progress, **options) for im in image]
-            first = results[0]
-            first.extra["results"] = results
-            return dataclasses.replace(
-                first, image=[r.image for r in results], original=[r.original for r in results]
-            )
-        return super().edit(image, _Many(dirs), progress=progress, **options)
-
-    def resolve_direction(self, direction: Any) -> Any:
-        if isinstance(direction, _Many):
-            return direction
-        return super().resolve_direction(direction)
-
-    def _check_options(self, options: dict[str, Any]) -> None:
-        self._options(options)
+        return _Many(directions)
 
     # -- the pipeline ----------------------------------------------------------------------------
-    def run(self, image: Any, direction: Any, **options: Any) -> EditResult:
-        """Invert ``image``, then edit it along the directions (LEDITS++; diffusers' steps in order)."""
-        # 1. options and edit concepts (editing_prompt_embeds rows, per-concept guidance)
-        opts, dirs = self._options(options), list(direction)
-        if image is None:
-            raise EditorOptionError("ledits edits an existing image: pass one")
+    def run(self, images: list[Any] | None, direction: Any, opts: LEditsOptions) -> EditResult:
+        """Edit each image (one at a time, as diffusers' pipeline edits one) along the directions."""
+        dirs = list(direction) if isinstance(direction, _Many) else [direction]
+        concept_rows(dirs, opts)  # per-direction lists and values: refused before any model work
+        if not images:
+            raise EditorOptionError("ledits edits an existing image: pass one (or a list)")
+        results = [self._edit_one(im, dirs, opts) for im in images]
+        if len(results) == 1:
+            return results[0]
+        return EditResult(
+            image=[r.image for r in results],
+            original=[r.original for r in results],
+            inverted_latents=torch.cat([r.inverted_latents for r in results]),
+            extra={"results": results, "notes": [n for r in results for n in r.extra["notes"]]},
+        )
+
+    def _edit_one(self, image: Any, dirs: list[Direction], opts: LEditsOptions) -> EditResult:
+        """Invert ``image``, then edit it along ``dirs`` (LEDITS++; diffusers' steps in order)."""
+        # 1. model, edit concepts (editing_prompt_embeds rows, per-concept guidance)
         comps = self.load_components()
         unet, vae, tok, te = comps["unet"], comps["vae"], comps["tokenizer"], comps["text_encoder"]
         rows, guide = concept_rows(dirs, opts, tok)
@@ -370,10 +348,11 @@ class LEditsEditor(Editor):
         scheduler = ledits_scheduler(comps["scheduler"])
         timesteps = L.ledits_timesteps(scheduler, opts.num_inversion_steps, float(opts.skip))
         # 3. image -> latents (the VAE's mode, as diffusers' invert); masks this UNet can run
-        pixels = S.image_processor(vae).preprocess(image).to(device=dev, dtype=dt)
-        x0 = vae.encode(pixels).latent_dist.mode().to(dt) * vae.config.scaling_factor
+        pixels, notes = _pixels(S.image_processor(vae), image)
+        x0 = vae.encode(pixels.to(device=dev, dtype=dt)).latent_dist.mode().to(dt) * vae.config.scaling_factor
         hw = (x0.shape[-2] // 4, x0.shape[-1] // 4)
-        opts, notes = _usable_masks(opts, options, unet, tuple(x0.shape[-2:]))
+        opts, more = _usable_masks(opts, unet, tuple(x0.shape[-2:]))
+        notes += more
         masks = opts.use_intersect_mask or opts.use_cross_attn_mask
         # 4. text: the source prompt for inversion (clip_skip), the unconditional prompt, the concepts
         enc = lambda s, skip: S.encode_text(tok, te, s, dev, skip).to(dt)  # noqa: E731
@@ -402,7 +381,7 @@ class LEditsEditor(Editor):
                 extra_step_kwargs=S.extra_step_kwargs(scheduler, None, eta=1.0),
                 callback_on_step_end=opts.callback_on_step_end,
                 callback_on_step_end_tensor_inputs=opts.callback_on_step_end_tensor_inputs,
-                progress=lambda i, n: self.progress("edit", i, n),
+                progress=lambda i, n: self.progress("edit", i, n), pipe=self,
             )  # fmt: skip
         finally:
             unet.set_attn_processor(old)
@@ -473,24 +452,38 @@ def ledits_scheduler(scheduler: Any) -> Any:
 
 
 def _usable_masks(
-    opts: LEditsOptions, given: dict[str, Any], unet: Any, latent_hw: tuple[int, ...]
+    opts: LEditsOptions, unet: Any, latent_hw: tuple[int, ...]
 ) -> tuple[LEditsOptions, list[str]]:
-    """The options with masks the UNet can run: a mask asked for explicitly is an error if it cannot
-    run; the default intersect mask falls back to the noise mask alone, with a warning."""
-    if not (opts.use_intersect_mask or opts.use_cross_attn_mask):
-        return opts, []
+    """The options with the masks resolved for this UNet: ``use_intersect_mask=None`` (default) is on
+    where the UNet can run it and otherwise falls back to the noise mask, with a warning; a mask asked
+    for explicitly (``True``) that cannot run is an error."""
+    want = opts.use_intersect_mask is not False
+    if not (want or opts.use_cross_attn_mask):
+        return dataclasses.replace(opts, use_intersect_mask=False), []
     why = _mask_problem(unet, latent_hw)
     if why is None:
-        return opts, []
-    if ("use_intersect_mask" in given and opts.use_intersect_mask) or (
-        "use_cross_attn_mask" in given and opts.use_cross_attn_mask
-    ):
+        return dataclasses.replace(opts, use_intersect_mask=want), []
+    if opts.use_intersect_mask or opts.use_cross_attn_mask:
         raise EditorOptionError(why)
     note = why.replace(
         "Pass use_intersect_mask=False", "editing with the noise mask alone (use_intersect_mask=False)"
     )
     warnings.warn(note, UserWarning, stacklevel=4)
     return dataclasses.replace(opts, use_intersect_mask=False, use_cross_attn_mask=False), [note]
+
+
+def _pixels(proc: Any, image: Any) -> tuple[torch.Tensor, list[str]]:
+    """``[1, 3, H, W]`` in [-1, 1] with sides a multiple of 32 (LEDITS++ needs them; diffusers raises):
+    a larger image is resized down to the nearest multiple, with a note."""
+    h, w = proc.get_default_height_width(image)
+    h32, w32 = h - h % 32, w - w % 32
+    if not (h32 and w32):
+        raise EditorOptionError(f"the image is {w}x{h}; LEDITS++ needs sides of at least 32 pixels")
+    if (h32, w32) == (h, w):
+        return proc.preprocess(image), []
+    return proc.preprocess(image, height=h32, width=w32), [
+        f"resized {w}x{h} -> {w32}x{h32} (multiples of 32)"
+    ]
 
 
 class _WithNoiseMaps:

@@ -415,6 +415,6 @@ def test_string_values_from_a_command_line_are_parsed(tiny_sd1):
     )
     assert [(g.reverse, g.tokens) for g in guide] == [(False, 12), (True, 12)]
     ed = editors.get("ledits", model=str(tiny_sd1), device="cpu", dtype=torch.float32)
-    assert ed._options({"use_intersect_mask": "False"}).use_intersect_mask is False
+    assert ed.make_options(use_intersect_mask="False").use_intersect_mask is False
     with pytest.raises(EditorOptionError, match="true or false"):
-        ed._options({"use_intersect_mask": "maybe"})
+        ed.make_options(use_intersect_mask="maybe")
