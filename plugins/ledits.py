@@ -233,9 +233,8 @@ class _CaptureProcessor:
         value = attn.head_to_batch_dim(attn.to_v(ehs))
         probs = attn.get_attention_scores(query, key, attention_mask)
         if probs.shape[1] == self.store.pixels:
-            rows = probs.reshape(batch, -1, *probs.shape[1:])[
-                1:
-            ]  # [E, heads, q, K]: skip the unconditional row
+            # [E, heads, q, K]: the concept rows (the unconditional one is row 0)
+            rows = probs.reshape(batch, -1, *probs.shape[1:])[1:]
             getattr(self.store, self.place).append(rows)
         out = attn.batch_to_head_dim(torch.bmm(probs, value))
         out = attn.to_out[1](attn.to_out[0](out))
