@@ -279,6 +279,7 @@ class LEditsEditor(Editor):
     description = "LEDITS++ (Brack et al. 2024): DDPM inversion, several directions at once, implicit masks"
     phases = ("invert", "edit")
     options = LEditsOptions
+    image_multiple = 32
     #: one UNet batch holds 1 + 2 * (directions' terms) rows
     max_directions = 8
 
