@@ -172,6 +172,11 @@ class Direction:
         return self._terms[0].source.encoder
 
     @property
+    def terms(self) -> tuple[tuple[float, Concept, Concept], ...]:
+        """``((weight, source, target), ...)``: the direction is ``sum_i weight_i * (target_i - source_i)``."""
+        return tuple((t.weight, t.source, t.target) for t in self._terms)
+
+    @property
     def is_simple(self) -> bool:
         """One term with weight 1: ``source_embeds`` / ``target_embeds`` are the stored concepts."""
         return len(self._terms) == 1 and self._terms[0].weight == 1.0
@@ -244,6 +249,91 @@ class Direction:
             return NotImplemented
         return self + (-other)
 
+    # -- hand-offs to diffusers' pipelines ---------------------------------------------------------
+    def diffusers_kwargs(self, pipe_or_class: Any, method: str = "__call__") -> dict[str, Any]:
+        """Keyword arguments that make a diffusers pipeline apply this direction.
+
+        ``pipe_or_class`` is a pipeline (tensors are moved to its device and dtype, and its text
+        encoder is checked against the direction's) or a pipeline class (float32 on the CPU).
+        ``method`` names the pipeline method the arguments are for (DiffEdit has three).
+
+        >>> d = directions.load("cat->dog", model=pipe)                     # doctest: +SKIP
+        >>> pipe(prompt, **d.diffusers_kwargs(pipe))                         # doctest: +SKIP
+
+        ==================================== =============== ==================================================
+        pipeline                             method          arguments
+        ==================================== =============== ==================================================
+        StableDiffusionPix2PixZeroPipeline   ``__call__``    ``source_embeds``, ``target_embeds``
+        LEditsPPPipelineStableDiffusion      ``__call__``    ``editing_prompt_embeds`` ``[target, source]`` per
+                                                             term, ``reverse_editing_direction`` ``[False,
+                                                             True]`` (flipped for negative weights),
+                                                             ``edit_guidance_scale`` ``5 * |w|`` each, and
+                                                             ``use_intersect_mask=False`` (diffusers' masks
+                                                             fail on embeddings; the ``ledits`` editor has them)
+        StableDiffusionImg2ImgPipeline       ``__call__``    ``prompt_embeds`` = target, ``negative_prompt_embeds``
+                                                             = source (the ``sdedit`` editor's ``mode="target",
+                                                             source_as_negative=True``)
+        StableDiffusionDiffEditPipeline      ``generate_mask`` ``source_prompt_embeds``, ``target_prompt_embeds``
+                                             ``invert``      ``prompt_embeds`` = source
+                                             ``__call__``    ``prompt_embeds`` = target, ``negative_prompt_embeds``
+                                                             = source
+        ==================================== =============== ==================================================
+        """
+        cls = pipe_or_class if isinstance(pipe_or_class, type) else type(pipe_or_class)
+        kind = next((k for k in _HANDOFFS if k in {c.__name__ for c in cls.__mro__}), None)
+        if kind is None:
+            raise FormatError(
+                f"Direction.diffusers_kwargs does not know {cls.__name__}; it supports {', '.join(_HANDOFFS)}. "
+                f"For another pipeline pass d.source_embeds / d.target_embeds (or d.delta) yourself"
+            )
+        methods = _HANDOFFS[kind]
+        if method not in methods:
+            raise FormatError(f"{kind} takes the direction in {', '.join(methods)}, not {method!r}")
+        device, dtype = torch.device("cpu"), torch.float32
+        if not isinstance(pipe_or_class, type):
+            device = getattr(pipe_or_class, "device", device)
+            dtype = getattr(pipe_or_class, "dtype", dtype)
+            self._check_pipe(pipe_or_class)
+
+        def put(x: torch.Tensor) -> torch.Tensor:
+            return x.to(device=device, dtype=dtype)
+
+        src, tgt = put(self.source_embeds), put(self.target_embeds)
+        if kind == "StableDiffusionPix2PixZeroPipeline":
+            return {"source_embeds": src, "target_embeds": tgt}
+        if kind == "LEditsPPPipelineStableDiffusion":
+            rows, reverse, scale = [], [], []
+            for w, s, t in self.terms:
+                rows += [t.embedding, s.embedding]
+                reverse += [w < 0, w >= 0]
+                scale += [5.0 * abs(w)] * 2
+            embeds = put(torch.stack([r.float() for r in rows]))
+            return {
+                "editing_prompt_embeds": embeds,
+                "reverse_editing_direction": reverse,
+                "edit_guidance_scale": scale,
+                "use_intersect_mask": False,
+            }
+        if kind == "StableDiffusionDiffEditPipeline" and method == "generate_mask":
+            return {"source_prompt_embeds": src, "target_prompt_embeds": tgt}
+        if kind == "StableDiffusionDiffEditPipeline" and method == "invert":
+            return {"prompt_embeds": src}
+        return {"prompt_embeds": tgt, "negative_prompt_embeds": src}
+
+    def _check_pipe(self, pipe: Any) -> None:
+        """Refuse a pipeline whose text encoder is not this direction's (EncoderMismatchError)."""
+        from .editors import _encoder_of_pipe  # noqa: PLC0415 - editors imports this module
+
+        enc = _encoder_of_pipe(pipe)
+        if enc.id.startswith("unknown/"):
+            if enc.hidden_size and enc.hidden_size != self.encoder.hidden_size:
+                raise EncoderMismatchError(
+                    f"direction {self.name!r} has D={self.encoder.hidden_size} embeddings but the pipeline's text "
+                    f"encoder has D={enc.hidden_size}. Load it with directions.load(name, model=pipe)"
+                )
+            return
+        self.check_model(enc, f"the pipeline {getattr(pipe, 'name_or_path', '') or type(pipe).__name__}")
+
     def check_model(self, encoder: EncoderInfo, model: str = "the model") -> None:
         """Refuse (EncoderMismatchError) before any model work if ``encoder`` is not ours."""
         if self.encoder.id != encoder.id or self.encoder.hidden_size != encoder.hidden_size:
@@ -264,3 +354,12 @@ def _term_name(t: _Term) -> str:
     if t.weight == 1.0:
         return base
     return f"{t.weight:g}*({base})"
+
+
+#: the pipelines `Direction.diffusers_kwargs` hands a direction to, and the methods that take it
+_HANDOFFS: dict[str, tuple[str, ...]] = {
+    "StableDiffusionPix2PixZeroPipeline": ("__call__",),
+    "LEditsPPPipelineStableDiffusion": ("__call__",),
+    "StableDiffusionImg2ImgPipeline": ("__call__",),
+    "StableDiffusionDiffEditPipeline": ("__call__", "generate_mask", "invert"),
+}

@@ -20,6 +20,7 @@ import fnmatch
 import os
 import re
 from collections import defaultdict
+from typing import Any
 
 from . import naming
 from .concept import Concept, Direction
@@ -30,13 +31,22 @@ from .store import Entry, LocalStore, default_store
 __all__ = ["load", "load_concept", "list", "concepts", "resolve_encoder_id", "resolve_entries"]
 
 
-def resolve_encoder_id(
-    model: str | os.PathLike | None = None, encoder: str | os.PathLike | None = None
-) -> str | None:
-    """The encoder id that ``model=`` / ``encoder=`` select, or None when neither is given."""
+def _encoder_info(model: Any = None, encoder: str | os.PathLike | None = None):
+    """The `EncoderInfo` of ``model`` (an id, a folder, or a loaded diffusers pipeline) or ``encoder``."""
+    if model is not None and encoder is None and not isinstance(model, (str, os.PathLike)):
+        from .editors import _encoder_of_pipe  # noqa: PLC0415 - editors imports this module's users
+
+        return _encoder_of_pipe(model)
+    return encoder_for(model=model, encoder=encoder)
+
+
+def resolve_encoder_id(model: Any = None, encoder: str | os.PathLike | None = None) -> str | None:
+    """The encoder id that ``model=`` (an id, a folder or a loaded pipeline) / ``encoder=`` select,
+    or None when neither is given (or a pipeline's encoder cannot be identified)."""
     if model is None and encoder is None:
         return None
-    return encoder_for(model=model, encoder=encoder).id
+    info = _encoder_info(model, encoder)
+    return None if info.id.startswith("unknown/") else info.id
 
 
 def _scope_packs(store: LocalStore, pack: str | naming.PackRef | None) -> builtins.list[str] | None:
@@ -214,18 +224,20 @@ def _choose_encoder(
 def load(
     name: str | Direction,
     *,
-    model: str | os.PathLike | None = None,
+    model: str | os.PathLike | Any | None = None,
     encoder: str | os.PathLike | None = None,
     pack: str | None = None,
     store: LocalStore | None = None,
 ) -> Direction:
     """Load the direction ``name`` (``"cat->dog"``, ``"pack:cat@1->dog@2"``) from the registry.
 
-    ``model`` (a diffusers model id or folder) or ``encoder`` (a text encoder id) selects the text
-    encoder; ``pack`` limits the search to one pack (a prefix in the name does the same).
+    ``model`` (a diffusers model id or folder, or a loaded pipeline: ``model=pipe``) or ``encoder``
+    (a text encoder id) selects the text encoder; ``pack`` limits the search to one pack (a prefix in the name does the same).
     """
     if isinstance(name, Direction):
-        if model is not None or encoder is not None:
+        if model is not None and not isinstance(model, (str, os.PathLike)) and encoder is None:
+            name._check_pipe(model)
+        elif model is not None or encoder is not None:
             name.check_model(encoder_for(model=model, encoder=encoder), str(model or encoder))
         return name
     store = store or default_store()

@@ -31,6 +31,7 @@ A text-to-image sampler in six lines (docs/plugins.md has a whole editor)::
     image = decode_latents(vae, x, "pil")[0]
 """
 
+from . import ledits  # noqa: F401 - LEDITS++ functions, as sampling.ledits
 from .guidance import cfg, do_cfg, guidance_scale_embedding, rescale_noise_cfg
 from .latents import (
     decode_latents,
