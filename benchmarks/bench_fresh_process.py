@@ -187,7 +187,7 @@ def prepare(work: Path, tiny: bool, device: str) -> dict[str, Any]:
     test_picture(side).save(photo)
     env = dict(os.environ, P2PZ_HOME=str(work / "home"))
     build = [sys.executable, "-m", "p2pz_directions.cli", "build", "cat", "dog", "--model", str(model)]
-    build += ["--captioner", "templates", "--n", "16", "--device", device]
+    build += ["--captioner", "templates", "--n", "16", "--near-duplicates", "off", "--device", device]
     r = subprocess.run(build, env=env, capture_output=True, text=True)
     if r.returncode != 0:
         sys.exit(f"building the concepts failed: {r.stderr[-2000:]}")
