@@ -79,10 +79,22 @@ def child_ours(argv: list[str]) -> int:
 
         _editors.Editor.load_components = load_components
         _editors.Editor.progress = progress
+        prof = None
+        if os.environ.get("P2PZ_BENCH_PROFILE"):  # a cProfile of everything after the imports
+            import cProfile
+
+            prof = cProfile.Profile()
+            prof.enable()
         try:
             rc = int(cli.main(argv) or 0)
         except SystemExit as e:
             rc = int(e.code or 0)
+        if prof is not None:
+            import pstats
+
+            prof.disable()
+            with open(os.environ["P2PZ_BENCH_PROFILE"], "w") as f:
+                pstats.Stats(prof, stream=f).sort_stats("cumulative").print_stats(60)
     finally:
         marks.append(("exit", time.perf_counter()))
         Path(report).write_text(json.dumps({"t0": t_start, "marks": marks}))
@@ -262,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-diffusers", action="store_true")
     ap.add_argument("--cache-dir", default=None, help="P2PZ cache dir for compiled kernels (default: fresh)")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--profile", type=Path, default=None, help="also one cProfiled run per editor, into this folder")
     args = ap.parse_args(argv)
 
     import torch
@@ -291,6 +304,10 @@ def main(argv: list[str] | None = None) -> int:
                 row = run_ours(prep, editor, work / f"{editor}-{i}.png", steps, device, extra_env)
                 rows.append(row)
                 print(editor, i, json.dumps(row), flush=True)
+            if args.profile:
+                args.profile.mkdir(parents=True, exist_ok=True)
+                env = dict(extra_env, P2PZ_BENCH_PROFILE=str(args.profile / f"{editor}.txt"))
+                run_ours(prep, editor, work / f"{editor}-prof.png", steps, device, env)
             ok = [r for r in rows if "error" not in r]
             results["ours"][editor] = {
                 "first_run_s": rows[0]["wall_s"],
