@@ -1,0 +1,357 @@
+"""Benchmark: what a user waits for — `p2pz edit` once, in a fresh process, start to PNG written.
+
+A model folder of SD-1.4 sizes (random weights, float16, written with ``save_pretrained`` as a user's
+local copy would be) and the concepts ``cat`` / ``dog`` for its text encoder (built with the templates
+captioner) are prepared once, untimed. Then, each in a new Python process:
+
+- ours: ``p2pz edit photo.png -d "cat->dog" --editor E --model DIR --prompt ... -o out.png`` for each
+  editor, run ``--runs`` times. The first run on a machine also fills the persistent caches (compiled
+  kernels under the p2pz cache dir); it is reported on its own, the later runs as a median.
+- diffusers (pix2pix-zero only; diffusers has no CLI): a script that imports diffusers, loads
+  ``StableDiffusionPix2PixZeroPipeline.from_pretrained(DIR, torch_dtype=float16)`` onto the GPU, inverts
+  and edits the same picture with the same embeddings, and writes the PNG.
+
+Each of our runs also records where its time went (a per-phase breakdown: interpreter + imports,
+loading the model, each sampling phase, writing the PNG), read from the editor's progress callback
+by a small wrapper around the CLI's own entry point (`--child`). Also timed: ``p2pz --help``,
+``p2pz list`` and ``p2pz show`` in fresh processes (the CLI start-up target: <= 0.5 s).
+
+Usage::
+
+    python benchmarks/bench_fresh_process.py --json $OUT/fresh.json        # GPU, SD-1.4 sizes
+    python benchmarks/bench_fresh_process.py --tiny                         # CPU smoke test, tiny models
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+CAPTION = "a photography of a cat sitting on the grass"
+
+
+# ----------------------------------------------------------------------------------------------
+# child processes
+# ----------------------------------------------------------------------------------------------
+
+
+def child_ours(argv: list[str]) -> int:
+    """Run the real CLI entry point, noting when each phase of the edit starts and ends."""
+    t_start = time.perf_counter()
+    marks: list[tuple[str, float]] = [("python", t_start)]
+    report = os.environ["P2PZ_BENCH_REPORT"]
+    try:
+        from p2pz_directions import cli  # noqa: F401  (the import the user pays for)
+
+        marks.append(("imported cli", time.perf_counter()))
+        from p2pz_directions import editors as _editors
+
+        orig_load = _editors.Editor.load_components
+        orig_progress = _editors.Editor.progress
+        seen: set[str] = set()
+
+        def load_components(self, *a, **kw):
+            marks.append(("load start", time.perf_counter()))
+            out = orig_load(self, *a, **kw)
+            marks.append(("load end", time.perf_counter()))
+            return out
+
+        def progress(self, phase, step, total):
+            if phase not in seen:
+                seen.add(phase)
+                marks.append((f"{phase} start", time.perf_counter()))
+            if step == total:
+                _sync()
+                marks.append((f"{phase} end", time.perf_counter()))
+            return orig_progress(self, phase, step, total)
+
+        _editors.Editor.load_components = load_components
+        _editors.Editor.progress = progress
+        prof = None
+        if os.environ.get("P2PZ_BENCH_PROFILE"):  # a cProfile of everything after the imports
+            import cProfile
+
+            prof = cProfile.Profile()
+            prof.enable()
+        try:
+            rc = int(cli.main(argv) or 0)
+        except SystemExit as e:
+            rc = int(e.code or 0)
+        if prof is not None:
+            import pstats
+
+            prof.disable()
+            with open(os.environ["P2PZ_BENCH_PROFILE"], "w") as f:
+                pstats.Stats(prof, stream=f).sort_stats("cumulative").print_stats(60)
+    finally:
+        marks.append(("exit", time.perf_counter()))
+        Path(report).write_text(json.dumps({"t0": t_start, "marks": marks}))
+    return rc
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def child_diffusers(model: str, image: str, embeds: str, out: str, steps: int, device: str) -> int:
+    """The same edit with diffusers' pipeline, loaded from the same folder, in a fresh process."""
+    t0 = time.perf_counter()
+    import torch
+    from diffusers import DDIMInverseScheduler, StableDiffusionPix2PixZeroPipeline
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    t_import = time.perf_counter()
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    pipe = StableDiffusionPix2PixZeroPipeline.from_pretrained(
+        model,
+        torch_dtype=dtype,
+        inverse_scheduler=DDIMInverseScheduler.from_pretrained(model, subfolder="scheduler"),
+        caption_generator=None,
+        caption_processor=None,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    ).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    _sync()
+    t_load = time.perf_counter()
+    e = load_file(embeds)
+    g = torch.Generator().manual_seed(0)
+    photo = Image.open(image).convert("RGB")
+    inv = pipe.invert(CAPTION, image=photo, num_inference_steps=steps, generator=g).latents
+    _sync()
+    t_inv = time.perf_counter()
+    img = pipe(
+        CAPTION,
+        source_embeds=e["source"].to(device, dtype),
+        target_embeds=e["target"].to(device, dtype),
+        num_inference_steps=steps,
+        cross_attention_guidance_amount=0.1,
+        generator=g,
+        latents=inv,
+        negative_prompt=CAPTION,
+    ).images[0]
+    _sync()
+    t_edit = time.perf_counter()
+    img.save(out)
+    t_end = time.perf_counter()
+    print(
+        json.dumps(
+            {
+                "import_s": t_import - t0,
+                "load_s": t_load - t_import,
+                "invert_s": t_inv - t_load,
+                "edit_s": t_edit - t_inv,
+                "save_s": t_end - t_edit,
+            }
+        )
+    )
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# preparation
+# ----------------------------------------------------------------------------------------------
+
+
+def prepare(work: Path, tiny: bool, device: str) -> dict[str, Any]:
+    """Model folder, concepts for its encoder in a fresh P2PZ_HOME, a test picture, the embeddings."""
+    import torch
+    from bench_pix2pix_zero import build_pipeline, test_picture
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import save_file
+
+    dev = torch.device(device)
+    dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    t0 = time.perf_counter()
+    p = build_pipeline("tiny" if tiny else "sd14", dev, dtype, "small", work)
+    sd = StableDiffusionPipeline(
+        vae=p.vae,
+        text_encoder=p.text_encoder,
+        tokenizer=p.tokenizer,
+        unet=p.unet,
+        scheduler=p.scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    model = work / "model"
+    sd.save_pretrained(model, safe_serialization=True)
+    del p, sd
+    side = 64 if tiny else 512
+    photo = work / "photo.png"
+    test_picture(side).save(photo)
+    env = dict(os.environ, P2PZ_HOME=str(work / "home"))
+    build = [sys.executable, "-m", "p2pz_directions.cli", "build", "cat", "dog", "--model", str(model)]
+    build += ["--captioner", "templates", "--n", "16", "--near-duplicates", "off", "--device", device]
+    r = subprocess.run(build, env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"building the concepts failed: {r.stderr[-2000:]}")
+    # the same embeddings for diffusers' side
+    code = (
+        "from p2pz_directions import directions; from safetensors.torch import save_file; import sys;"
+        f"d = directions.load('cat->dog', model={str(model)!r});"
+        "save_file({'source': d.source_embeds.contiguous(), 'target': d.target_embeds.contiguous()}, sys.argv[1])"
+    )
+    embeds = work / "embeds.safetensors"
+    subprocess.run([sys.executable, "-c", code, str(embeds)], check=True, env=env)
+    _ = save_file  # imported above so a missing safetensors fails here, not in a child
+    return {"model": model, "photo": photo, "embeds": embeds, "env": env, "prepare_s": time.perf_counter() - t0}
+
+
+# ----------------------------------------------------------------------------------------------
+# timing
+# ----------------------------------------------------------------------------------------------
+
+
+def run_ours(prep: dict, editor: str, out: Path, steps: int, device: str, extra_env: dict) -> dict[str, Any]:
+    report = out.with_suffix(".json")
+    argv = ["edit", str(prep["photo"]), "-d", "cat->dog", "--editor", editor, "--model", str(prep["model"])]
+    argv += ["--prompt", CAPTION, "--steps", str(steps), "--device", device, "-o", str(out), "--quiet"]
+    env = dict(prep["env"], P2PZ_BENCH_REPORT=str(report), **extra_env)
+    t0 = time.perf_counter()
+    r = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--child", *argv], env=env, capture_output=True, text=True
+    )
+    wall = time.perf_counter() - t0
+    row: dict[str, Any] = {"wall_s": wall, "rc": r.returncode}
+    if r.returncode != 0 or not out.is_file():
+        row["error"] = (r.stderr or r.stdout)[-2000:]
+        return row
+    rep = json.loads(report.read_text())
+    marks = rep["marks"]
+    # phases: time between consecutive marks, named by the later one; interpreter start = wall - inside
+    inside = marks[-1][1] - marks[0][1]
+    phases = {"interpreter start": wall - inside}
+    for (_, a), (name, b) in zip(marks, marks[1:]):
+        phases[name] = phases.get(name, 0.0) + (b - a)
+    row["phases"] = phases
+    return row
+
+
+def time_cli(prep: dict, runs: int) -> dict[str, float]:
+    out = {}
+    for args in (["--help"], ["list"], ["show", "cat->dog"]):
+        ts = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            subprocess.run(
+                [sys.executable, "-m", "p2pz_directions.cli", *args], env=prep["env"], capture_output=True, check=False
+            )
+            ts.append(time.perf_counter() - t0)
+        out["p2pz " + " ".join(args)] = statistics.median(ts)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--child"]:
+        return child_ours(argv[1:])
+    if argv[:1] == ["--child-diffusers"]:
+        return child_diffusers(*argv[1:5], int(argv[5]), argv[6])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tiny", action="store_true", help="tiny models on the CPU (smoke test)")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--steps", type=int, default=None, help="default 50 (3 with --tiny)")
+    ap.add_argument("--runs", type=int, default=3, help="fresh processes per editor (the first reported alone)")
+    ap.add_argument("--editors", default="pix2pix-zero,diffedit,sdedit")
+    ap.add_argument("--skip-diffusers", action="store_true")
+    ap.add_argument("--cache-dir", default=None, help="P2PZ cache dir for compiled kernels (default: fresh)")
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--profile", type=Path, default=None, help="also one cProfiled run per editor, into this folder")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    steps = args.steps or (3 if args.tiny else 50)
+    results: dict[str, Any] = {
+        "info": {
+            "device": torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu",
+            "torch": torch.__version__,
+            "steps": steps,
+            "models": "tiny" if args.tiny else "sd14 (random weights, float16 folder)",
+            "date": time.strftime("%Y-%m-%d"),
+        },
+        "ours": {},
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        prep = prepare(work, args.tiny, device)
+        results["info"]["prepare_s"] = prep["prepare_s"]
+        cache = args.cache_dir or str(work / "p2pz-cache")
+        extra_env = {"P2PZ_CACHE_DIR": cache}
+        print(json.dumps(results["info"]), flush=True)
+        for editor in args.editors.split(","):
+            rows = []
+            for i in range(args.runs):
+                row = run_ours(prep, editor, work / f"{editor}-{i}.png", steps, device, extra_env)
+                rows.append(row)
+                print(editor, i, json.dumps(row), flush=True)
+            if args.profile:
+                args.profile.mkdir(parents=True, exist_ok=True)
+                env = dict(extra_env, P2PZ_BENCH_PROFILE=str(args.profile / f"{editor}.txt"))
+                run_ours(prep, editor, work / f"{editor}-prof.png", steps, device, env)
+            ok = [r for r in rows if "error" not in r]
+            results["ours"][editor] = {
+                "first_run_s": rows[0]["wall_s"],
+                "median_later_s": statistics.median(r["wall_s"] for r in ok[1:]) if len(ok) > 1 else None,
+                "runs": rows,
+            }
+        if not args.skip_diffusers:
+            ts, parts = [], None
+            for i in range(max(1, args.runs - 1)):
+                t0 = time.perf_counter()
+                r = subprocess.run(
+                    [sys.executable, str(Path(__file__).resolve()), "--child-diffusers", str(prep["model"]),
+                     str(prep["photo"]), str(prep["embeds"]), str(work / f"diffusers-{i}.png"), str(steps), device],
+                    capture_output=True, text=True,
+                )  # fmt: skip
+                ts.append(time.perf_counter() - t0)
+                if r.returncode != 0:
+                    results["diffusers"] = {"error": r.stderr[-2000:]}
+                    break
+                parts = json.loads(r.stdout.strip().splitlines()[-1])
+            else:
+                results["diffusers"] = {"median_s": statistics.median(ts), "all_s": ts, "phases_last": parts}
+            print("diffusers", json.dumps(results.get("diffusers")), flush=True)
+        results["cli_startup_s"] = time_cli(prep, 3)
+        print("cli", json.dumps(results["cli_startup_s"]), flush=True)
+
+    print("\n| what | first run s | median later s | where the time goes (last run) |")
+    print("| --- | --- | --- | --- |")
+    for editor, r in results["ours"].items():
+        last = next((x for x in reversed(r["runs"]) if "phases" in x), None)
+        where = ", ".join(f"{k} {v:.2f}" for k, v in (last or {}).get("phases", {}).items() if v >= 0.05)
+        med = r["median_later_s"]
+        print(f"| ours `p2pz edit --editor {editor}` | {r['first_run_s']:.2f} | {med if med is None else f'{med:.2f}'} | {where} |")
+    d = results.get("diffusers")
+    if d and "median_s" in d:
+        where = ", ".join(f"{k[:-2]} {v:.2f}" for k, v in d["phases_last"].items())
+        print(f"| diffusers pix2pix-zero script | - | {d['median_s']:.2f} | {where} |")
+    for k, v in results["cli_startup_s"].items():
+        print(f"| `{k}` | - | {v:.2f} | |")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
