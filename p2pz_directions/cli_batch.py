@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from rich.console import Console
 
@@ -39,23 +38,21 @@ def _parse_opt(pairs: list[str] | None) -> dict[str, Any]:
     return opts
 
 
-def relaunch_args(ctx: click.Context, drop: tuple[str, ...] = ("gpus",)) -> list[str]:
+def relaunch_args(ctx: typer.Context, drop: tuple[str, ...] = ("gpus",)) -> list[str]:
     """The command line this command was given (what the user typed), without ``drop``.
 
     >>> relaunch_args(ctx)                      # doctest: +SKIP
     ['photos/', '--direction', 'cat->dog', '--out', 'edited']
     """
-    from click.core import ParameterSource
-
     args: list[str] = []
     for p in ctx.command.params:
-        if p.name in drop or ctx.get_parameter_source(p.name) is not ParameterSource.COMMANDLINE:
+        source = ctx.get_parameter_source(p.name)  # typer may vendor its own click: compare by name
+        if p.name in drop or getattr(source, "name", None) != "COMMANDLINE":
             continue
         value = ctx.params.get(p.name)
-        if isinstance(p, click.Argument):
+        if p.param_type_name == "argument":
             args.extend(str(v) for v in (value or ()))
             continue
-        assert isinstance(p, click.Option)
         flag = p.opts[0]
         if p.is_flag:
             if value:

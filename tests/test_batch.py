@@ -333,3 +333,31 @@ def test_journal_ignores_a_cut_line(tmp_path):
     (d / "journal-0.jsonl").write_text(json.dumps(good) + "\n" + '{"job_id": "b", "err', "utf-8")
     assert list(read_journals(tmp_path)) == ["a"]
     assert math.isfinite(read_journals(tmp_path)["a"]["finished_at"])
+
+
+def test_gpus_launches_accelerate_with_the_same_arguments(capsys, monkeypatch, tmp_path):
+    from p2pz_directions import cli_batch
+
+    picture(tmp_path / "x.png", 0)
+    seen = {}
+
+    def fake_call(cmd):
+        seen["cmd"] = cmd
+        return 0
+
+    monkeypatch.setattr(cli_batch.subprocess, "call", fake_call)
+    code, _, err = run(
+        capsys, "batch", tmp_path / "x.png", "-d", "cat->dog", "-d", "cat->horse", "--out", tmp_path / "o",
+        "--gpus", "4", "--steps", "3", "--no-check-batch", "-q",
+    )  # fmt: skip
+    assert code == 0, err
+    cmd = seen["cmd"]
+    i = cmd.index("accelerate.commands.launch")
+    assert cmd[i + 1 : i + 4] == ["--multi_gpu", "--num_processes", "4"]
+    assert cmd[cmd.index("-m", i) + 1] == "p2pz_directions.batch"
+    tail = cmd[cmd.index("p2pz_directions.batch") + 1 :]
+    assert tail == [
+        str(tmp_path / "x.png"), "--out", str(tmp_path / "o"), "--direction", "cat->dog", "--direction", "cat->horse",
+        "--steps", "3", "--no-check-batch", "--quiet",
+    ]  # fmt: skip
+    assert "--gpus" not in tail and not (tmp_path / "o").exists()  # nothing ran here

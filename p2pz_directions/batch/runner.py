@@ -16,7 +16,8 @@ The steps of a run (every process):
 5. process 0 merges every journal into ``results.parquet`` and ``metadata.jsonl``.
 
 A job that fails (unreadable image, unknown direction, NaN edit, ...) is recorded with its error and
-printed on stderr; the others go on. Ctrl-C stops after the batch in flight: what is done is saved.
+printed on stderr; the others go on. Ctrl-C stops after the batch in flight (a second one at once):
+what is done is saved, and the same command again finishes the rest.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import io
 import json
 import os
 import queue
+import signal
 import threading
 import time
 import uuid
@@ -466,6 +468,18 @@ def run_jobs(
 
         pending: deque[tuple[list[Job], Future]] = deque()
         it = iter(mine)
+        stop = threading.Event()
+        current: list[Job] | None = None
+        old_handler = None
+        if threading.current_thread() is threading.main_thread():
+
+            def on_sigint(signum: int, frame: Any) -> None:
+                if stop.is_set():
+                    raise KeyboardInterrupt
+                stop.set()
+                err.print("stopping after the batch in flight (Ctrl-C again to stop now)", markup=False)
+
+            old_handler = signal.signal(signal.SIGINT, on_sigint)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ImageResizedWarning)
@@ -475,8 +489,9 @@ def run_jobs(
                     pending.append((unit, loader.submit(load, unit)))
                     if len(pending) >= 3:
                         break
-                while pending:
+                while pending and not stop.is_set():
                     unit, fut = pending.popleft()
+                    current = unit
                     nxt = next(it, None)
                     if nxt is not None:
                         pending.append((nxt, loader.submit(load, nxt)))
@@ -499,11 +514,15 @@ def run_jobs(
                             saver.put(record(j, result, seconds, bs), None if failed else result)
                             n_failed += failed
                             n_done += not failed
+                    current = None
         except KeyboardInterrupt:
-            report.interrupted = True
+            stop.set()
+        finally:
+            if old_handler is not None:
+                signal.signal(signal.SIGINT, old_handler)
+            report.interrupted = stop.is_set() and (bool(pending) or current is not None)
             for _, fut in pending:
                 fut.cancel()
-        finally:
             loader.shutdown(wait=False, cancel_futures=True)
             saver.close()
             journal.close()
