@@ -361,3 +361,14 @@ def test_gpus_launches_accelerate_with_the_same_arguments(capsys, monkeypatch, t
         "--steps", "3", "--no-check-batch", "--quiet",
     ]  # fmt: skip
     assert "--gpus" not in tail and not (tmp_path / "o").exists()  # nothing ran here
+
+
+def test_a_second_run_on_the_same_folder_is_refused(capsys, tmp_path):
+    from filelock import FileLock
+
+    picture(tmp_path / "x.png", 0)
+    out = tmp_path / "o"
+    (out / STATE_DIR).mkdir(parents=True)
+    with FileLock(str(out / STATE_DIR / "lock-0")):
+        code, _, err = run(capsys, "batch", tmp_path / "x.png", "-d", "a->b", "--out", out, "-e", "toy", "-q")
+    assert code == 2 and "another p2pz batch is writing to" in err
