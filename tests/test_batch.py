@@ -324,6 +324,11 @@ def test_push_to_hub_loads_as_a_dataset(tmp_path, fake_hub):
     ds = datasets.load_dataset("alice/edits", split="train")
     assert ds.num_rows == 2 and sorted(ds["job_id"]) == sorted(r["job_id"] for r in rep.records)
     assert ds[0]["image"].size == (32, 32)
+    # and a Hub dataset is an input: its images, by row, hashed by their bytes
+    plan = batch.plan_jobs(dataset="alice/edits", directions=["a->b"], editor="toy", model="m")
+    assert [j.input.name for j in plan] == ["alice/edits:train[0]", "alice/edits:train[1]"]
+    by_job = {r["job_id"]: r["sha256"] for r in rep.records}
+    assert sorted(j.input.sha256 for j in plan) == sorted(by_job[i] for i in ds["job_id"])
 
 
 def test_journal_ignores_a_cut_line(tmp_path):
@@ -372,3 +377,23 @@ def test_a_second_run_on_the_same_folder_is_refused(capsys, tmp_path):
     with FileLock(str(out / STATE_DIR / "lock-0")):
         code, _, err = run(capsys, "batch", tmp_path / "x.png", "-d", "a->b", "--out", out, "-e", "toy", "-q")
     assert code == 2 and "another p2pz batch is writing to" in err
+
+
+def test_one_progress_bar_with_done_failed_and_eta(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    folder = tmp_path / "in"
+    for i in range(3):
+        picture(folder / f"{i}.png", i)
+    (folder / "bad.png").write_text("text", "utf-8")
+    buf = io.StringIO()
+    plan = batch.plan_jobs(folder, directions=["a->b"], editor="toy", model="m")
+    rep = batch.run_jobs(
+        plan, tmp_path / "o", editors={"toy": ToyEditor()}, err_console=Console(file=buf, width=150)
+    )
+    text = buf.getvalue()
+    assert rep.done == 3 and rep.failed == 1
+    assert "batch" in text and "4/4" in text and "1 failed" in text and "ETA" in text
+    assert "error: job " in text and "bad.png" in text
