@@ -169,6 +169,13 @@ def register(app: typer.Typer) -> None:
                 help="Prove once per kind of job that a batched edit equals the job alone (else edit singly).",
             ),
         ] = True,
+        batch_tolerance: Annotated[
+            int,
+            typer.Option(
+                "--batch-tolerance",
+                help="8-bit levels a batched edit may differ from the job alone (0: equal pixels).",
+            ),
+        ] = 0,
         push_to_hub: Annotated[
             str | None, typer.Option("--push-to-hub", help="Publish the output folder as this Hub dataset.")
         ] = None,
@@ -228,6 +235,7 @@ def register(app: typer.Typer) -> None:
             device=device,
             dtype=dtype,
             check_batch=check_batch,
+            batch_tolerance=batch_tolerance,
             progress=not quiet and not as_json,
             err_console=err,
         )

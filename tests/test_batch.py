@@ -279,29 +279,42 @@ class ToyEditor:
         return EditResult(image=self._one(image, torch.Generator().manual_seed(seed), scale))
 
 
-@pytest.mark.parametrize("kind", ["batched", "lying", "singles"])
+@pytest.mark.parametrize("kind", ["batched", "lying", "singles", "tolerated"])
 def test_batches_only_when_proven_equal(tmp_path, kind):
     folder = tmp_path / "in"
     for i in range(3):
         picture(folder / f"{i}.png", i)
     picture(folder / "big.png", 7, size=48)  # another size: its own batch
-    toy = ToyEditor(batched=kind != "singles", lie=kind == "lying")
+    toy = ToyEditor(batched=kind != "singles", lie=kind in ("lying", "tolerated"))
     kw = dict(directions=["a->b", "a?b"], seeds=[0, 1], editor="toy", model="m", progress=False)
-    rep = batch.run(folder, out=tmp_path / "o", batch_size=4, editors={"toy": toy}, **kw)
+    tol = 1 if kind == "tolerated" else 0
+    rep = batch.run(folder, out=tmp_path / "o", batch_size=4, editors={"toy": toy}, batch_tolerance=tol, **kw)
     rows = rep.records
     assert rep.failed == 8 and rep.done == 8 and len(rows) == 16
     assert all("no direction" in r["error"] for r in rows if r["direction"] == "a?b")
     sizes = sorted(r["batch_size"] for r in rows if not r["error"])
-    if kind == "batched":
+    if kind in ("batched", "tolerated"):
         # 8 jobs of one group, batches of 4: [4 small], then [2 small] + [2 big]; one proof edit alone
         assert sizes == [2, 2, 2, 2, 4, 4, 4, 4] and toy.calls == [4, 1, 2, 2]
     else:
         assert sizes == [1] * 8
-        assert rep.notes and ("differs" in rep.notes[0]) == (kind == "lying")
+        assert rep.notes and (
+            "differs from the same job alone (by 1 levels, tolerance 0)" in rep.notes[0]
+        ) == (kind == "lying")
     single = ToyEditor(batched=False)
     ref = batch.run(folder, out=tmp_path / "ref", batch_size=1, editors={"toy": single}, **kw)
     for r, s in zip(rows, ref.records, strict=True):
-        assert r["job_id"] == s["job_id"] and r["sha256"] == s["sha256"]  # same bytes as one by one
+        assert r["job_id"] == s["job_id"]
+        if kind == "tolerated":  # off by at most the tolerance
+            assert (r["sha256"] == s["sha256"]) == (r["error"] is not None)
+            if r["error"] is None:
+                diff = np.abs(
+                    pixels(tmp_path / "o" / r["file_name"]).astype(int)
+                    - pixels(tmp_path / "ref" / s["file_name"])
+                )
+                assert diff.max() == 1
+        else:
+            assert r["sha256"] == s["sha256"]  # same bytes as one by one
 
 
 # -- the Hub -------------------------------------------------------------------------------------------
