@@ -345,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--strength", type=float, default=0.75)
     ap.add_argument("--size", type=int, default=None, help="image side (default 512; tiny 32)")
     ap.add_argument("--batch-sizes", default="1,4,8")
+    ap.add_argument("--batch-tolerance", type=int, default=0, help="levels a batched edit may differ (0)")
     ap.add_argument(
         "--gpus", default=None, help="process counts to compare, e.g. 1,2 (default: 1,2 when 2+ GPUs)"
     )
