@@ -569,8 +569,13 @@ def run_jobs(
         res_mod.atomic_write(
             out / res_mod.STATE_DIR / f"stats-{run_id}-{rank}.json", json.dumps(stats).encode("utf-8")
         )
-        if not report.interrupted:
-            state.wait_for_everyone()
+        if is_main and not report.interrupted:
+            # wait for every process's stats file, not a collective barrier: a process whose shard
+            # was quick must not time out while another is still editing
+            while not all(
+                (out / res_mod.STATE_DIR / f"stats-{run_id}-{r}.json").is_file() for r in range(world)
+            ):
+                time.sleep(0.2)
         if is_main:
             records = res_mod.read_journals(out)
             rows = [records[j.id] for j in plan if j.id in records]
