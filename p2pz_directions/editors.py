@@ -19,21 +19,31 @@ What every editor shares lives in the base class `Editor`:
 - the model's text-encoder identity (`p2pz_directions.models.encoder_for`), against which a
   direction is checked *before* any model work (`EncoderMismatchError`);
 - a direction given by name resolves through `p2pz_directions.directions.load`;
-- images of any mode and size are converted (`p2pz_directions.images`);
-- options are checked against the editor's ``run`` signature, so a misspelt option is an error,
-  not silently ignored; CUDA out-of-memory becomes an `EditorError` that says what lowers memory.
+- ``edit(image_or_list, direction_or_list, **options)``: one image or a list (PIL, numpy HWC/NHWC
+  in 0..1, torch CHW/NCHW in -1..1 or 0..1, paths), one direction (a `Direction` or a name) or a
+  list of them (combined by `Editor.combine_directions`: summed by default);
+- options: an editor declares them as a frozen dataclass in ``options`` (each field with
+  ``metadata={"help": ...}``); `Editor.make_options` refuses an unknown name or a value of the
+  wrong type with an `EditorOptionError` naming the valid ones, before any model work;
+  CUDA out-of-memory becomes an `EditorError` that says what lowers memory.
 
-A plugin subclasses `Editor`, sets ``name``, and implements ``run(image, direction, **options)``.
+A plugin subclasses `Editor`, sets ``name`` and ``options``, and implements
+``run(images, direction, options)`` (docs/plugins.md has a whole editor in 40 lines). Editors
+without ``options`` implement ``run(image, direction, **options)`` with one RGB PIL image, as before.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import functools
 import importlib
 import inspect
 import json
 import os
 import time
+import types
+import typing
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -141,6 +151,8 @@ class Editor:
     )
     #: the components `load_components` loads by default
     component_names: ClassVar[tuple[str, ...]] = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+    #: the editor's options: a frozen dataclass (None: options read from ``run``'s signature)
+    options: ClassVar[type | None] = None
 
     def __init__(
         self,
@@ -181,6 +193,17 @@ class Editor:
         self._encoder_info: EncoderInfo | None = None
         self._components: dict[str, Any] = {}
         self._progress: ProgressCallback | None = None
+        self._interrupt = False
+
+    @property
+    def interrupt(self) -> bool:
+        """Set ``pipe._interrupt = True`` (or ``interrupt = True``) in a ``callback_on_step_end`` to stop
+        the current loop after this step, as with a diffusers pipeline."""
+        return self._interrupt
+
+    @interrupt.setter
+    def interrupt(self, value: bool) -> None:
+        self._interrupt = bool(value)
 
     # -- identity -------------------------------------------------------------------------------
     @property
@@ -316,19 +339,81 @@ class Editor:
     def edit(
         self,
         image: Any,
-        direction: Direction | str,
+        direction: Direction | str | list[Direction | str],
         *,
         progress: ProgressCallback | None = None,
         **options: Any,
     ) -> EditResult:
-        """Edit ``image`` (None for a generated image, where the editor supports it) along ``direction``.
+        """Edit ``image`` (one image or a list; None for a generated image, where the editor supports
+        it) along ``direction`` (one or a list, combined by `combine_directions`).
 
-        ``direction`` is a `Direction` or a name (``"cat->dog"``, ``"pack:cat@1->dog"``) resolved
-        for this model. ``options`` are the editor's own (see its ``run``). ``progress`` is called
-        as ``progress(phase, step, total)``.
+        A direction is a `Direction` or a name (``"cat->dog"``, ``"pack:cat@1->dog"``) resolved
+        for this model. ``options`` are the editor's own (``dataclasses.fields(editor.options)``),
+        checked before any model work. ``progress`` is called as ``progress(phase, step, total)``.
+        A list of images is edited as one batch; ``result.images`` holds one output per input.
         """
-        direction = self.resolve_direction(direction)  # refuse a wrong encoder before model work
+        many = isinstance(direction, (list, tuple))
+        resolved = [self.resolve_direction(d) for d in (direction if many else [direction])]
+        if not resolved:
+            raise EditorOptionError("give at least one direction")
+        direction = resolved[0] if len(resolved) == 1 else self.combine_directions(resolved)
+        if self.options is None:
+            return self._edit_legacy(image, direction, progress, options)
+        opts = self.make_options(**options)
+        images = None
+        if image is not None:
+            images = [self._load_image(i) for i in (image if isinstance(image, list) else [image])]
+        self._progress, self._interrupt = progress, False
+        t0 = time.perf_counter()
+        try:
+            result = self.run(images, direction, opts)
+        except torch.OutOfMemoryError as e:
+            raise self._oom(e) from None
+        finally:
+            self._progress = None
+        result.extra.setdefault("editor", self.name)
+        result.extra.setdefault("direction", direction.name)
+        result.extra.setdefault("seconds", time.perf_counter() - t0)
+        return result
+
+    def combine_directions(self, directions: list[Direction]) -> Direction:
+        """One direction from several (the sum of their deltas; all must share the encoder)."""
+        return functools.reduce(lambda a, b: a + b, directions)
+
+    @staticmethod
+    def _load_image(src: Any) -> Any:
+        """A path becomes an RGB PIL image, a PIL image of another mode RGB; arrays and tensors stay
+        as they are (diffusers' ``VaeImageProcessor`` takes them at full precision)."""
+        if isinstance(src, (str, os.PathLike)):
+            from .images import load_image
+
+            return load_image(src)
+        from PIL import Image
+
+        if isinstance(src, Image.Image) and src.mode != "RGB":
+            from .images import to_rgb
+
+            return to_rgb(src)
+        return src
+
+    def _oom(self, e: BaseException) -> EditorError:
+        return EditorError(
+            f"CUDA ran out of memory in editor {self.name!r} ({str(e).splitlines()[0]}). To lower memory: "
+            f"{self.memory_advice}"
+        )
+
+    def _edit_legacy(
+        self, image: Any, direction: Direction, progress: ProgressCallback | None, options: dict[str, Any]
+    ) -> EditResult:
+        """Editors without an ``options`` dataclass: ``run(image, direction, **options)``, one image at a time."""
         self._check_options(options)
+        if isinstance(image, list):
+            results = [self._edit_legacy(im, direction, progress, options) for im in image]
+            first = results[0]
+            first.image = [r.image for r in results]
+            first.original = [r.original for r in results]
+            first.extra["results"] = results
+            return first
         notes: list[str] = []
         if image is not None:
             from .images import prepare_image
@@ -341,10 +426,7 @@ class Editor:
         try:
             result = self.run(image, direction, **options)
         except torch.OutOfMemoryError as e:
-            raise EditorError(
-                f"CUDA ran out of memory in editor {self.name!r} ({str(e).splitlines()[0]}). To lower memory: "
-                f"{self.memory_advice}"
-            ) from None
+            raise self._oom(e) from None
         finally:
             self._progress = None
         result.extra.setdefault("editor", self.name)
@@ -354,17 +436,43 @@ class Editor:
             result.extra.setdefault("notes", []).extend(notes)
         return result
 
-    def run(self, image: Any, direction: Direction, **options: Any) -> EditResult:
-        """Do the edit. ``image`` is an RGB PIL image with sides a multiple of ``image_multiple``, or None."""
-        raise NotImplementedError(f"{type(self).__name__} must implement run(image, direction, **options)")
+    def run(self, image: Any, direction: Direction, *args: Any, **options: Any) -> EditResult:
+        """Do the edit: ``run(images, direction, options)`` with ``images`` a list (or None) and
+        ``options`` an instance of ``self.options``; for editors without ``options``,
+        ``run(image, direction, **options)`` with one RGB PIL image (sides a multiple of ``image_multiple``)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement run(images, direction, options)")
 
+    # -- options --------------------------------------------------------------------------------
     def option_names(self) -> list[str] | None:
-        """The options `run` takes (None when it takes any)."""
+        """The options this editor takes (None when it takes any)."""
+        if self.options is not None:
+            return [f.name for f in dataclasses.fields(self.options)]
         sig = inspect.signature(self.run)
         params = list(sig.parameters.values())[2:]  # after image, direction
         if any(p.kind is p.VAR_KEYWORD for p in params):
             return None
         return [p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+    def make_options(self, **options: Any) -> Any:
+        """An instance of ``self.options`` from keyword options, each name and type checked.
+
+        Raises `EditorOptionError` naming the valid options (and the closest one) for an unknown
+        name, and the expected type for a value of another type.
+        """
+        self._check_options(options)
+        if self.options is None:
+            return options
+        hints = _option_hints(self.options)
+        for k, v in options.items():
+            hint = hints.get(k, Any)
+            if not _is_instance(v, hint):
+                raise EditorOptionError(
+                    f"option {k!r} of editor {self.name!r} must be {_type_name(hint)}, not {type(v).__name__} ({v!r:.60})"
+                )
+        try:
+            return self.options(**options)
+        except (TypeError, ValueError) as e:
+            raise EditorOptionError(f"editor {self.name!r}: {e}") from None
 
     def _check_options(self, options: dict[str, Any]) -> None:
         known = self.option_names()
@@ -379,6 +487,43 @@ class Editor:
             raise EditorOptionError(
                 f"editor {self.name!r} does not take option {', '.join(hints)}; it takes: {', '.join(known)}"
             )
+
+
+@functools.lru_cache(maxsize=64)
+def _option_hints(cls: type) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:  # noqa: BLE001 - unresolvable annotations: no type checks
+        return {}
+
+
+def _is_instance(value: Any, hint: Any) -> bool:
+    """A lenient ``isinstance`` for option annotations (int for float, Optional, unions, Literal,
+    list[...] / tuple[...] by their outer type; anything else is accepted)."""
+    if hint is Any or hint is object:
+        return True
+    origin = typing.get_origin(hint)
+    if origin is typing.Union or origin is types.UnionType:
+        return any(_is_instance(value, h) for h in typing.get_args(hint))
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin in (list, tuple, dict):
+        return isinstance(value, origin) or (origin is tuple and isinstance(value, list))
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True  # callables, protocols, ... : not checked
+
+
+def _type_name(hint: Any) -> str:
+    if isinstance(hint, type):
+        return hint.__name__
+    return str(hint).replace("typing.", "")
 
 
 def _model_index(model: str | None, revision: str | None) -> dict[str, Any]:

@@ -1,0 +1,135 @@
+"""Images to latents and back, noise, and what a UNet output stands for (diffusers' conventions).
+
+>>> from p2pz_directions.sampling import make_generator, randn
+>>> x = randn((1, 4, 8, 8), make_generator(0), torch.device("cpu"), torch.float32)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+__all__ = [
+    "decode_latents",
+    "encode_image",
+    "epsilon_from_output",
+    "image_processor",
+    "make_generator",
+    "preprocess_images",
+    "randn",
+    "retrieve_latents",
+    "vae_scale_factor",
+]
+
+
+def make_generator(seed: int | None, device: str | torch.device = "cpu") -> torch.Generator | None:
+    """A ``torch.Generator`` seeded with ``seed`` (None for no seed; CPU by default, as diffusers advises)."""
+    if seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(int(seed))
+
+
+def randn(
+    shape: tuple[int, ...], generator: Any, device: torch.device | str, dtype: torch.dtype
+) -> torch.Tensor:
+    """Gaussian noise as diffusers' ``randn_tensor`` draws it: on the generator's device, then moved;
+    a list of generators draws one row each."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    return randn_tensor(shape, generator=generator, device=torch.device(device), dtype=dtype)
+
+
+def vae_scale_factor(vae: Any) -> int:
+    """How much the VAE downsamples: ``2 ** (len(block_out_channels) - 1)`` (8 for SD)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def image_processor(vae: Any) -> Any:
+    """diffusers' ``VaeImageProcessor`` for ``vae`` (as the SD pipelines build it)."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    return VaeImageProcessor(vae_scale_factor=vae_scale_factor(vae))
+
+
+def preprocess_images(
+    vae: Any, image: Any, height: int | None = None, width: int | None = None
+) -> torch.Tensor:
+    """``[B, 3, H, W]`` float32 in [-1, 1] from PIL / numpy (HWC, NHWC, 0..1) / torch (CHW, NCHW,
+    -1..1 or 0..1) images or lists of them, through ``VaeImageProcessor.preprocess`` at full
+    precision (nothing rounded to 8 bits). A ``[B, latent_channels, h, w]`` tensor is returned as is
+    (latents, as diffusers' pipelines accept them)."""
+    if isinstance(image, list) and image and isinstance(image[0], torch.Tensor) and image[0].ndim == 4:
+        image = torch.cat(image)
+    return image_processor(vae).preprocess(image, height=height, width=width)
+
+
+def retrieve_latents(encoder_output: Any, generator: Any = None, sample_mode: str = "sample") -> torch.Tensor:
+    """The latents of a VAE's ``encode`` output: a sample (or the mode, ``"argmax"``) of its
+    ``latent_dist``, or ``.latents`` for VAEs without a distribution (``AutoencoderTiny``)."""
+    if hasattr(encoder_output, "latent_dist") and sample_mode == "sample":
+        return encoder_output.latent_dist.sample(generator)
+    if hasattr(encoder_output, "latent_dist") and sample_mode == "argmax":
+        return encoder_output.latent_dist.mode()
+    if hasattr(encoder_output, "latents"):
+        return encoder_output.latents
+    raise AttributeError("could not access the latents of the VAE's encode output")
+
+
+@torch.no_grad()
+def encode_image(
+    vae: Any, image: Any, generator: Any = None, *, sample_mode: str = "sample", sample: bool | None = None
+) -> torch.Tensor:
+    """Scaled VAE latents ``scaling_factor * z`` of ``image`` (anything `preprocess_images` takes, or a
+    ``[B, 3, H, W]`` tensor in [-1, 1]). A list of generators encodes one image with each, as
+    diffusers' pipelines do. A tensor that already has ``latent_channels`` channels is returned as is.
+    ``sample=False`` is ``sample_mode="argmax"``.
+    """
+    if sample is not None:
+        sample_mode = "sample" if sample else "argmax"
+    if not isinstance(image, torch.Tensor) or image.ndim != 4:
+        image = preprocess_images(vae, image)
+    latent_channels = getattr(vae.config, "latent_channels", 4)
+    if image.shape[1] == latent_channels:
+        return image
+    image = image.to(device=vae.device, dtype=vae.dtype)
+    if isinstance(generator, list):
+        if len(generator) != image.shape[0]:
+            raise ValueError(
+                f"{len(generator)} generators for {image.shape[0]} images; pass one generator or one per image"
+            )
+        z = torch.cat(
+            [
+                retrieve_latents(vae.encode(image[i : i + 1]), generator[i], sample_mode)
+                for i in range(len(image))
+            ]
+        )
+    else:
+        z = retrieve_latents(vae.encode(image), generator, sample_mode)
+    return vae.config.scaling_factor * z
+
+
+@torch.no_grad()
+def decode_latents(vae: Any, latents: torch.Tensor, output_type: str = "pil") -> Any:
+    """Decode latents and post-process with ``VaeImageProcessor.postprocess``: ``"pil"`` (a list of
+    images), ``"np"``, ``"pt"`` (0..1), or ``"latent"`` (the latents themselves)."""
+    if output_type == "latent":
+        return latents
+    image = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+    return image_processor(vae).postprocess(image, output_type=output_type)
+
+
+def epsilon_from_output(
+    model_output: torch.Tensor, sample: torch.Tensor, alpha_prod_t: torch.Tensor | float, prediction_type: str
+) -> torch.Tensor:
+    """The noise ``eps`` a UNet output stands for (x_t = sqrt(a) x0 + sqrt(1 - a) eps, DDPM eq. 4):
+    ``epsilon``: itself; ``sample``: ``(x - sqrt(a) x0) / sqrt(1 - a)``; ``v_prediction``
+    (Salimans & Ho 2022, section 4): ``sqrt(a) v + sqrt(1 - a) x``."""
+    beta_prod_t = 1 - alpha_prod_t
+    if prediction_type == "epsilon":
+        return model_output
+    if prediction_type == "sample":
+        return (sample - alpha_prod_t**0.5 * model_output) / beta_prod_t**0.5
+    if prediction_type == "v_prediction":
+        return alpha_prod_t**0.5 * model_output + beta_prod_t**0.5 * sample
+    raise ValueError(f"prediction_type {prediction_type!r} must be one of epsilon, sample, v_prediction")

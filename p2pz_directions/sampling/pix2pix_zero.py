@@ -1,0 +1,534 @@
+"""pix2pix-zero's parts (Parmar et al., SIGGRAPH 2023, arXiv 2302.03027), as pure functions.
+
+- the inversion regularizers of section 3.2 ("noise regularization"): `auto_corr_loss` (pairwise
+  auto-correlation over a pyramid, eq. 3-4) and `kl_divergence` (the KL term), their gradients in
+  closed form (`auto_corr_grad`, `kl_grad`), and `regularize_noise_pred` (the gradient steps
+  diffusers' ``invert`` takes on each noise prediction);
+- cross-attention maps (`AttentionMaps`, installed by `attention_maps`): recorded during the
+  reference pass, compared during the edit;
+- the steps of the three passes as functions over tensors, so that a `UNetRunner` can replay
+  them as CUDA graphs: `inversion_step`, `reference_step` and `cross_attention_guided_step`
+  (section 3.3, eq. 5: ``x_t <- x_t - lambda_xa * grad ||M_edit - M_ref||^2``), and the predictors
+  that hand them to `denoise` / `invert`.
+
+>>> from p2pz_directions.sampling import auto_corr_loss, draw_roll_shifts
+>>> x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+>>> shifts = draw_roll_shifts(tuple(x.shape), torch.Generator().manual_seed(1))[0]
+>>> bool(auto_corr_loss(x, shifts) >= 0)
+True
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .guidance import cfg
+from .latents import epsilon_from_output
+from .loop import Predictor, unet_forward
+from .runner import UNetRunner
+
+__all__ = [
+    "AttentionMaps",
+    "Regularizer",
+    "attention_maps",
+    "auto_corr_grad",
+    "auto_corr_loss",
+    "cross_attention_guided_step",
+    "draw_roll_shifts",
+    "guided_predictor",
+    "inversion_predictor",
+    "inversion_step",
+    "kl_divergence",
+    "kl_grad",
+    "reference_predictor",
+    "reference_step",
+    "regularize_noise_pred",
+]
+
+
+# ---------------------------------------------------------------------------------------------------
+# inversion regularizers
+# ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Regularizer:
+    """The settings of the noise regularization during inversion (diffusers' ``invert`` arguments)."""
+
+    lambda_auto_corr: float = 20.0
+    lambda_kl: float = 20.0
+    num_reg_steps: int = 5
+    num_auto_corr_rolls: int = 5
+
+    @property
+    def active(self) -> bool:
+        return self.num_reg_steps > 0 and (self.lambda_auto_corr > 0 or self.lambda_kl > 0)
+
+    @property
+    def num_draws(self) -> int:
+        """Roll draws per inversion step (0 without the auto-correlation term)."""
+        return self.num_reg_steps * self.num_auto_corr_rolls if self.lambda_auto_corr > 0 else 0
+
+
+def _pyramid_sizes(h: int, w: int) -> list[tuple[int, int]]:
+    """Sizes the auto-correlation loss visits: halve (avg-pool 2) while the height is over 8."""
+    sizes = [(h, w)]
+    while sizes[-1][0] > 8:
+        sizes.append((sizes[-1][0] // 2, sizes[-1][1] // 2))
+    return sizes
+
+
+def _randint(high: int, generator: torch.Generator | None) -> int:
+    if generator is not None and generator.device.type != "cpu":
+        return int(torch.randint(high, (1,), generator=generator, device=generator.device).item())
+    return int(torch.randint(high, (1,), generator=generator).item())
+
+
+def draw_roll_shifts(shape: tuple[int, ...], generator: Any, rolls: int = 1) -> torch.Tensor:
+    """Random roll amounts for ``rolls`` evaluations of `auto_corr_loss` on latents of ``shape``.
+
+    Drawn on the host in the order of the reference implementation (per roll, per image, per
+    channel, per pyramid level, ``randint(height // 2)``), so a seeded generator gives the same
+    shifts; a list of generators draws image ``b``'s shifts from ``generator[b]``. Returns
+    ``[rolls, levels, B * C]`` int64 (CPU).
+    """
+    b, c, h, w = shape
+    sizes = _pyramid_sizes(h, w)
+    out = torch.empty(rolls, len(sizes), b * c, dtype=torch.int64)
+    for r in range(rolls):
+        for n in range(b * c):
+            g = generator[n // c] if isinstance(generator, list) else generator
+            for lvl, (lh, _) in enumerate(sizes):
+                out[r, lvl, n] = _randint(lh // 2, g)
+    return out
+
+
+def _roll_rows(x: torch.Tensor, shifts: torch.Tensor, dim: int) -> torch.Tensor:
+    """``torch.roll(x[n], shifts[n], dim)`` for every ``n`` of ``x`` ([N, 1, H, W]) at once (no host sync)."""
+    size = x.shape[dim]
+    idx = (torch.arange(size, device=x.device)[None, :] - shifts[:, None]) % size  # [N, size]
+    idx = idx[:, None, :, None] if dim == 2 else idx[:, None, None, :]
+    return x.gather(dim, idx.expand_as(x))
+
+
+def auto_corr_loss(eps: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    """Pairwise auto-correlation loss (pix2pix-zero eq. 3-4, after Karras et al.'s noise
+    regularization): ``sum over images, channels and pyramid levels of mean(e * roll(e, s))^2``
+    along both spatial axes. ``eps`` is ``[B, C, H, W]``; ``shifts`` ``[levels, B * C]`` (one row
+    of `draw_roll_shifts`). Zero for white noise in expectation.
+    """
+    b, c, h, w = eps.shape
+    x = eps.reshape(b * c, 1, h, w)
+    shifts = shifts.to(x.device)
+    total = x.new_zeros(())
+    for lvl in range(shifts.shape[0]):
+        s = shifts[lvl]
+        total = total + ((x * _roll_rows(x, s, 2)).mean(dim=(1, 2, 3)) ** 2).sum()
+        total = total + ((x * _roll_rows(x, s, 3)).mean(dim=(1, 2, 3)) ** 2).sum()
+        if x.shape[2] <= 8:
+            break
+        x = F.avg_pool2d(x, kernel_size=2)
+    return total
+
+
+def kl_divergence(eps: torch.Tensor) -> torch.Tensor:
+    """The KL term of pix2pix-zero's regularizer: ``var + mean^2 - 1 - log var`` over the whole
+    batch (2 KL(N(mean, var) || N(0, 1)) + const, as the reference implementation)."""
+    mean, var = eps.mean(), eps.var()
+    return var + mean**2 - 1 - torch.log(var + 1e-7)
+
+
+def auto_corr_grad(eps: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    """``d auto_corr_loss(eps, shifts) / d eps`` in closed form (no autograd graph, a few kernels).
+
+    For one level, ``d mean(x * roll(x, s))^2 / dx = 2 m (roll(x, s) + roll(x, -s)) / (H W)``; a
+    level's gradient reaches the finer one through the average pooling (nearest upsampling / 4).
+    """
+    b, c, h, w = eps.shape
+    x = eps.reshape(b * c, 1, h, w)
+    shifts = shifts.to(x.device)
+    grads: list[torch.Tensor] = []
+    for lvl in range(shifts.shape[0]):
+        s = shifts[lvl]
+        rh, rh_back = _roll_rows(x, s, 2), _roll_rows(x, -s, 2)
+        rw, rw_back = _roll_rows(x, s, 3), _roll_rows(x, -s, 3)
+        m_h = (x * rh).mean(dim=(1, 2, 3), keepdim=True)
+        m_w = (x * rw).mean(dim=(1, 2, 3), keepdim=True)
+        n = x.shape[2] * x.shape[3]
+        grads.append((m_h * (rh + rh_back) + m_w * (rw + rw_back)) * (2.0 / n))
+        if x.shape[2] <= 8:
+            break
+        x = F.avg_pool2d(x, kernel_size=2)
+    g = grads[-1]
+    for finer in reversed(grads[:-1]):
+        up = g.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3) / 4
+        up = F.pad(up, (0, finer.shape[3] - up.shape[3], 0, finer.shape[2] - up.shape[2]))
+        g = finer + up
+    return g.reshape(b, c, h, w)
+
+
+def kl_grad(eps: torch.Tensor) -> torch.Tensor:
+    """``d kl_divergence(eps) / d eps`` in closed form."""
+    n = eps.numel()
+    mean, var = eps.mean(), eps.var()
+    return (eps - mean) * (2.0 / (n - 1)) * (1 - 1 / (var + 1e-7)) + mean * (2.0 / n)
+
+
+def _d_eps_d_output(alpha_prod_t: torch.Tensor | float, prediction_type: str) -> torch.Tensor | float:
+    """How the epsilon of `epsilon_from_output` changes with the model output (a scalar)."""
+    if prediction_type == "epsilon":
+        return 1.0
+    if prediction_type == "v_prediction":
+        return alpha_prod_t**0.5
+    if prediction_type == "sample":
+        return -(alpha_prod_t**0.5) / (1 - alpha_prod_t) ** 0.5
+    raise ValueError(f"prediction_type {prediction_type!r} must be one of epsilon, sample, v_prediction")
+
+
+def regularize_noise_pred(
+    noise_pred: torch.Tensor,
+    sample: torch.Tensor,
+    alpha_prod_t: torch.Tensor | float,
+    prediction_type: str,
+    *,
+    lambda_auto_corr: float = 20.0,
+    lambda_kl: float = 20.0,
+    num_reg_steps: int = 5,
+    num_auto_corr_rolls: int = 5,
+    generator: Any = None,
+    shifts: torch.Tensor | None = None,
+    analytic: bool = True,
+) -> torch.Tensor:
+    """Gradient steps that pull a noise prediction toward i.i.d. standard normal noise (pix2pix-zero
+    section 3.2): ``num_reg_steps`` rounds of ``num_auto_corr_rolls`` steps on `auto_corr_loss`
+    (``lambda_auto_corr / rolls`` each) and one on `kl_divergence` (``lambda_kl``), in diffusers' order.
+
+    The losses are taken on the epsilon the output stands for (`epsilon_from_output`), so one code
+    serves epsilon, sample and v-prediction models. The roll amounts come from ``shifts``
+    (``[rolls, levels, B * C]``) or are drawn from ``generator`` (`draw_roll_shifts`). Gradients are
+    in closed form (`auto_corr_grad`, `kl_grad`); ``analytic=False`` takes them through autograd as
+    the reference implementation does (equal up to rounding; tests/test_sampling.py).
+    """
+    sample = sample.detach()
+    if shifts is None and lambda_auto_corr > 0 and num_reg_steps > 0:
+        shifts = draw_roll_shifts(tuple(noise_pred.shape), generator, num_reg_steps * num_auto_corr_rolls)
+        shifts = shifts.to(noise_pred.device)
+    d_out = _d_eps_d_output(alpha_prod_t, prediction_type)
+
+    def grad_of(loss_fn, grad_fn, x):
+        if analytic:
+            return grad_fn(epsilon_from_output(x, sample, alpha_prod_t, prediction_type)) * d_out
+        var = x.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            loss = loss_fn(epsilon_from_output(var, sample, alpha_prod_t, prediction_type))
+            return torch.autograd.grad(loss, var)[0]
+
+    k = 0
+    for _ in range(num_reg_steps):
+        if lambda_auto_corr > 0:
+            for _ in range(num_auto_corr_rolls):
+                s = shifts[k]
+                g = grad_of(
+                    lambda e, s=s: auto_corr_loss(e, s), lambda e, s=s: auto_corr_grad(e, s), noise_pred
+                )
+                noise_pred = noise_pred - lambda_auto_corr * (g / num_auto_corr_rolls)
+                k += 1
+        if lambda_kl > 0:
+            noise_pred = noise_pred - lambda_kl * grad_of(kl_divergence, kl_grad, noise_pred)
+        noise_pred = noise_pred.detach()
+    return noise_pred
+
+
+# ---------------------------------------------------------------------------------------------------
+# cross-attention maps
+# ---------------------------------------------------------------------------------------------------
+class AttentionMaps:
+    """Cross-attention probabilities of every step, kept in one ``[num_steps, ...]`` buffer per layer.
+
+    ``mode``: ``"off"`` (plain attention), ``"record"`` (write each layer's map at ``step_index``),
+    ``"guide"`` (add ``sum((p - ref) ** 2, (1, 2)).mean(0)`` per layer to ``loss``, ``ref`` the map
+    recorded at ``step_index`` - diffusers' ``Pix2PixZeroL2Loss``). ``step_index`` is a device
+    tensor, so a step writes and reads without allocating or syncing the host, and a whole UNet pass
+    can be captured as a CUDA graph. ``store_device="cpu"`` keeps the buffers in host memory
+    (lower GPU memory, eager only). ``exact=True`` makes every attention layer use an explicit
+    softmax as diffusers' processor does (bit-equal on the CPU); otherwise layers whose maps are
+    not needed use PyTorch's fused attention.
+    """
+
+    def __init__(
+        self, num_steps: int, *, store_device: torch.device | str | None = None, exact: bool = False
+    ) -> None:
+        self.num_steps = num_steps
+        self.store_device = torch.device(store_device) if store_device is not None else None
+        self.exact = exact
+        self.mode = "off"
+        self.buffers: list[torch.Tensor] = []
+        self.step_index: torch.Tensor = torch.zeros((), dtype=torch.int64)
+        self.loss: torch.Tensor | float = 0.0
+        self._next = 0
+
+    @contextlib.contextmanager
+    def recording(self, step_index: torch.Tensor) -> Iterator[AttentionMaps]:
+        self.mode, self.step_index, self._next = "record", step_index, 0
+        try:
+            yield self
+        finally:
+            self.mode = "off"
+
+    @contextlib.contextmanager
+    def guiding(self, step_index: torch.Tensor) -> Iterator[AttentionMaps]:
+        self.mode, self.step_index, self.loss, self._next = "guide", step_index, 0.0, 0
+        try:
+            yield self
+        finally:
+            self.mode = "off"
+
+    def __call__(self, probs: torch.Tensor) -> None:
+        i, self._next = self._next, self._next + 1
+        host = self.store_device is not None and self.store_device != probs.device
+        if self.mode == "record":
+            if i == len(self.buffers):  # first pass: allocate (in a runner's warm-up, never in a capture)
+                self.buffers.append(
+                    torch.empty(
+                        (self.num_steps, *probs.shape),
+                        dtype=probs.dtype,
+                        device=self.store_device or probs.device,
+                    )
+                )
+            if host:
+                self.buffers[i][int(self.step_index)].copy_(probs.detach(), non_blocking=True)
+            else:
+                self.buffers[i].index_copy_(0, self.step_index.reshape(1), probs.detach().unsqueeze(0))
+        elif self.mode == "guide":
+            if host:
+                ref = self.buffers[i][int(self.step_index)].to(probs.device, non_blocking=True)
+            else:
+                ref = self.buffers[i].index_select(0, self.step_index.reshape(1))[0]
+            self.loss = self.loss + ((probs - ref) ** 2).sum((1, 2)).mean(0)
+
+
+class _Processor:
+    """Attention processor: explicit softmax probabilities where maps are recorded or compared (or
+    everywhere with ``exact``), PyTorch's fused attention otherwise."""
+
+    def __init__(self, maps: AttentionMaps, cross: bool) -> None:
+        self.maps = maps
+        self.cross = cross
+
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        temb=None,
+        **kw,
+    ):
+        residual = hidden_states
+        batch, seq, _ = hidden_states.shape
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        if self.maps.exact or (self.cross and self.maps.mode != "off"):
+            mask = attn.prepare_attention_mask(attention_mask, seq, batch)
+            q, k, v = (
+                attn.head_to_batch_dim(query),
+                attn.head_to_batch_dim(key),
+                attn.head_to_batch_dim(value),
+            )
+            probs = attn.get_attention_scores(q, k, mask)
+            if self.cross and self.maps.mode != "off":
+                self.maps(probs)
+            hidden_states = attn.batch_to_head_dim(torch.bmm(probs, v))
+        else:
+            mask = None
+            if attention_mask is not None:
+                mask = attn.prepare_attention_mask(attention_mask, key.shape[1], batch)
+                mask = mask.view(batch, attn.heads, -1, mask.shape[-1])
+            head_dim = query.shape[-1] // attn.heads
+            q = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+            k = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+            v = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+            hidden_states = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale)
+            hidden_states = (
+                hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(q.dtype)
+            )
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+@contextlib.contextmanager
+def attention_maps(unet: Any, maps: AttentionMaps) -> Iterator[AttentionMaps]:
+    """Install ``maps``' processors on every attention layer of ``unet`` (``attn2``: cross-attention)
+    for the duration; the UNet's own processors come back after.
+
+    >>> maps = AttentionMaps(num_steps=50)                          # doctest: +SKIP
+    >>> with attention_maps(unet, maps), maps.recording(torch.tensor(0)):   # doctest: +SKIP
+    ...     unet(x, t, encoder_hidden_states=emb)
+    """
+    old = unet.attn_processors
+    unet.set_attn_processor({name: _Processor(maps, cross="attn2" in name) for name in old})
+    try:
+        yield maps
+    finally:
+        unet.set_attn_processor(old)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the three steps (pure functions over tensors) and their predictors
+# ---------------------------------------------------------------------------------------------------
+def _eps(
+    unet: Any, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, guidance_scale: float
+) -> torch.Tensor:
+    guided = guidance_scale > 1.0
+    out = unet_forward(unet, torch.cat([x] * 2) if guided else x, t, embeds)
+    return cfg(out, guidance_scale) if guided else out
+
+
+def inversion_step(
+    unet: Any,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    embeds: torch.Tensor,
+    alpha_prod_t: torch.Tensor,
+    shifts: torch.Tensor,
+    *,
+    guidance_scale: float,
+    regularizer: Regularizer | None,
+    prediction_type: str,
+) -> torch.Tensor:
+    """One inversion model evaluation: the (guided) noise prediction, regularized
+    (`regularize_noise_pred`) when ``regularizer`` is active. ``shifts``: ``[num_draws, levels, B * C]``."""
+    eps = _eps(unet, x, t, embeds, guidance_scale)
+    if regularizer is None or not regularizer.active:
+        return eps
+    return regularize_noise_pred(
+        eps, x, alpha_prod_t, prediction_type, lambda_auto_corr=regularizer.lambda_auto_corr,
+        lambda_kl=regularizer.lambda_kl, num_reg_steps=regularizer.num_reg_steps,
+        num_auto_corr_rolls=regularizer.num_auto_corr_rolls, shifts=shifts if shifts.numel() else None,
+    )  # fmt: skip
+
+
+def reference_step(
+    unet: Any, maps: AttentionMaps, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, step_index: torch.Tensor,
+    *, guidance_scale: float,
+) -> torch.Tensor:  # fmt: skip
+    """The (guided) noise prediction of the reference pass, recording its cross-attention maps at ``step_index``."""
+    with maps.recording(step_index):
+        return _eps(unet, x, t, embeds, guidance_scale)
+
+
+def cross_attention_guided_step(
+    unet: Any, maps: AttentionMaps, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, step_index: torch.Tensor,
+    *, amount: float, guidance_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Cross-attention guidance (pix2pix-zero eq. 5): one gradient step of size ``amount`` on the
+    model input toward the reference maps of ``step_index``, then the (guided) noise prediction at
+    the moved input. Returns ``(noise_pred, latents)``, the latents being the moved input's
+    unconditional half, as diffusers' pipeline continues from it."""
+    guided = guidance_scale > 1.0
+    x_in = (torch.cat([x] * 2) if guided else x).detach().clone().requires_grad_(True)
+    with torch.enable_grad(), maps.guiding(step_index):
+        unet_forward(unet, x_in, t, embeds.detach())
+        (grad,) = torch.autograd.grad(maps.loss, x_in)
+    x_in = x_in.detach().add(grad, alpha=-amount)  # torch.optim.SGD's update, as diffusers takes it
+    out = unet_forward(unet, x_in, t, embeds)
+    if guided:
+        return cfg(out, guidance_scale), x_in.chunk(2)[0]
+    return out, x_in
+
+
+def _device_t(t: Any, device: torch.device) -> torch.Tensor:
+    t = torch.as_tensor(t)
+    return torch.full((), t.item(), dtype=t.dtype, device=device)
+
+
+def inversion_predictor(
+    unet: Any,
+    inverse_scheduler: Any,
+    *,
+    guidance_scale: float = 1.0,
+    regularizer: Regularizer | None = None,
+    generator: Any = None,
+    runner: UNetRunner | None = None,
+    embeds_key: str = "prompt_embeds",
+    compile_regularizer: bool = False,
+) -> Predictor:
+    """The predictor of pix2pix-zero's inversion (`inversion_step` through ``runner``). The roll
+    amounts are drawn on the host from ``generator`` each step, in diffusers' order."""
+    runner = runner or UNetRunner("eager")
+    pred_type = inverse_scheduler.config.prediction_type
+    reg = regularizer if regularizer is not None and regularizer.active else None
+    key = (id(unet), guidance_scale, reg, pred_type, compile_regularizer)
+    fn = lambda *a: inversion_step(  # noqa: E731
+        unet, *a, guidance_scale=guidance_scale, regularizer=reg, prediction_type=pred_type
+    )
+    if compile_regularizer and reg is not None:
+        fn = runner.resource(("compiled-inversion", key), lambda: torch.compile(fn, dynamic=False))
+
+    def predict(x: torch.Tensor, t: Any, i: int, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        dev = x.device
+        alpha = torch.full(
+            (), float(inverse_scheduler.alphas_cumprod[int(t)]), dtype=torch.float32, device=dev
+        )
+        draws = reg.num_draws if reg is not None else 0
+        if draws:
+            shifts = draw_roll_shifts(tuple(x.shape), generator, draws)
+            shifts = (shifts.pin_memory() if dev.type == "cuda" else shifts).to(dev, non_blocking=True)
+        else:
+            shifts = torch.zeros(0, dtype=torch.int64, device=dev)
+        return runner("invert", fn, x, _device_t(t, dev), tensors[embeds_key], alpha, shifts, key=key)
+
+    return predict
+
+
+def reference_predictor(
+    unet: Any, maps: AttentionMaps, *, guidance_scale: float = 7.5, runner: UNetRunner | None = None,
+    embeds_key: str = "prompt_embeds",
+) -> Predictor:  # fmt: skip
+    """The predictor of the reference pass (`reference_step`): step ``i`` records into ``maps`` at ``i``."""
+    runner = runner or UNetRunner("eager")
+    key = (id(unet), id(maps), guidance_scale)
+
+    def fn(x, t, embeds, step_index):
+        return reference_step(unet, maps, x, t, embeds, step_index, guidance_scale=guidance_scale)
+
+    def predict(x: torch.Tensor, t: Any, i: int, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        dev = x.device
+        idx = torch.full((), i, dtype=torch.int64, device=dev)
+        return runner("reference", fn, x, _device_t(t, dev), tensors[embeds_key], idx, key=key)
+
+    return predict
+
+
+def guided_predictor(
+    unet: Any, maps: AttentionMaps, *, amount: float = 0.1, guidance_scale: float = 7.5,
+    runner: UNetRunner | None = None, embeds_key: str = "prompt_embeds",
+) -> Predictor:  # fmt: skip
+    """The predictor of the edit pass (`cross_attention_guided_step` against the maps of step ``i``)."""
+    runner = runner or UNetRunner("eager")
+    key = (id(unet), id(maps), amount, guidance_scale)
+
+    def fn(x, t, embeds, step_index):
+        return cross_attention_guided_step(
+            unet, maps, x, t, embeds, step_index, amount=amount, guidance_scale=guidance_scale
+        )
+
+    def predict(x: torch.Tensor, t: Any, i: int, tensors: dict[str, torch.Tensor]):
+        dev = x.device
+        idx = torch.full((), i, dtype=torch.int64, device=dev)
+        return runner("edit", fn, x, _device_t(t, dev), tensors[embeds_key], idx, key=key)
+
+    return predict

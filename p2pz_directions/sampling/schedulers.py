@@ -1,0 +1,126 @@
+"""Schedulers: copy one without losing its settings, check it against a pipeline's list, and the
+small rules diffusers' pipelines apply around ``scheduler.step`` (extra step arguments, strength).
+
+Why copies lose settings: diffusers records the init arguments a scheduler was built with
+*without* a value in ``config["_use_default_values"]``, and ``from_config`` drops those keys so
+that they take the class default again. A Stable Diffusion pipeline that "fixes" an old
+``steps_offset=0`` rewrites ``config["steps_offset"] = 1`` but leaves ``"steps_offset"`` in that
+list, so ``DDIMScheduler.from_config(pipe.scheduler.config)`` silently goes back to
+``steps_offset=0`` (timesteps 500, 0 instead of 501, 1 for 2 steps). `copy_scheduler` builds
+the copy from every key the config holds.
+
+>>> from diffusers import DDIMScheduler
+>>> s = copy_scheduler(DDIMScheduler(steps_offset=1))
+>>> s.config.steps_offset
+1
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+
+from ..editors import EditorOptionError
+
+__all__ = [
+    "UnsupportedSchedulerError",
+    "check_scheduler",
+    "copy_scheduler",
+    "extra_step_kwargs",
+    "is_inverse_scheduler",
+    "strength_timesteps",
+]
+
+
+class UnsupportedSchedulerError(EditorOptionError):
+    """A scheduler that the editor's diffusers pipeline does not accept (the message names those it does)."""
+
+
+def copy_scheduler(scheduler: Any, cls: type | None = None) -> Any:
+    """A fresh scheduler of ``cls`` (default: the same class) with every setting of ``scheduler``.
+
+    Unlike ``cls.from_config(scheduler.config)``, values a pipeline patched into the config
+    (``steps_offset=1``) are kept. Keys that still hold the source class's own default are left
+    out, so that ``cls`` uses *its* default for them, as ``from_config`` does (``PNDMScheduler``
+    and ``DDIMScheduler`` differ on ``set_alpha_to_one``, say).
+    """
+    config = dict(scheduler.config)
+    used_defaults = set(config.pop("_use_default_values", None) or ())
+    params = inspect.signature(type(scheduler).__init__).parameters
+    for k in used_defaults:
+        p = params.get(k)
+        if p is not None and p.default is not inspect.Parameter.empty and _same(config.get(k), p.default):
+            config.pop(k, None)
+    return (cls or type(scheduler)).from_config(config)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return list(a) == list(b)
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - arrays and the like: treat as set on purpose
+        return False
+
+
+def _names(classes: tuple[type, ...] | tuple[str, ...]) -> list[str]:
+    return [c if isinstance(c, str) else c.__name__ for c in classes]
+
+
+def check_scheduler(
+    scheduler: Any,
+    supported: tuple[type | str, ...],
+    *,
+    role: str = "scheduler",
+    pipeline: str = "the pipeline",
+) -> Any:
+    """Return ``scheduler`` if it is one of ``supported`` (classes or class names), else raise
+    `UnsupportedSchedulerError` naming them. Never substitutes another scheduler."""
+    names = _names(supported)
+    if scheduler is None:
+        raise UnsupportedSchedulerError(
+            f"{pipeline} needs a {role}; give one of {', '.join(names)} (e.g. "
+            f"{names[0]}.from_config(pipe.scheduler.config))"
+        )
+    mro = {c.__name__ for c in type(scheduler).__mro__}
+    if not mro & set(names):
+        raise UnsupportedSchedulerError(
+            f"{pipeline} does not support {type(scheduler).__name__} as its {role}; supported: "
+            f"{', '.join(names)}. Set one, e.g. {role} = {names[0]}.from_config(pipe.{role}.config)"
+        )
+    return scheduler
+
+
+def is_inverse_scheduler(scheduler: Any) -> bool:
+    """Whether ``scheduler`` walks from data to noise (``*InverseScheduler``, e.g. DDIMInverseScheduler)."""
+    return type(scheduler).__name__.endswith("InverseScheduler")
+
+
+def extra_step_kwargs(scheduler: Any, generator: Any = None, eta: float = 0.0) -> dict[str, Any]:
+    """``eta`` and ``generator`` for ``scheduler.step``, each only if the step takes it (diffusers'
+    ``prepare_extra_step_kwargs``; eta is DDIM's eta, Song et al. 2021, eq. 16)."""
+    params = set(inspect.signature(scheduler.step).parameters)
+    out: dict[str, Any] = {}
+    if "eta" in params:
+        out["eta"] = eta
+    if "generator" in params:
+        out["generator"] = generator
+    return out
+
+
+def strength_timesteps(
+    scheduler: Any, num_inference_steps: int, strength: float, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, int]:
+    """SDEdit (Meng et al. 2022) start: set ``num_inference_steps`` timesteps and keep the last
+    ``strength`` fraction, as diffusers' img2img ``get_timesteps`` (``order`` aware, sets the
+    scheduler's begin index). Returns ``(timesteps, number of denoising steps)``.
+    """
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    init_timestep = min(int(num_inference_steps * strength), num_inference_steps)
+    t_start = max(num_inference_steps - init_timestep, 0)
+    timesteps = scheduler.timesteps[t_start * scheduler.order :]
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(t_start * scheduler.order)
+    return timesteps, num_inference_steps - t_start

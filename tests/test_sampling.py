@@ -1,0 +1,340 @@
+"""p2pz_directions.sampling: each piece against what diffusers' pipelines compute (tiny models, CPU fp32)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from p2pz_directions import sampling as S
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    from p2pz_directions.demo import make_components, make_tokenizer
+
+    comps = make_components("sd1")
+    comps["tokenizer"] = make_tokenizer(tmp_path_factory.mktemp("tok"))
+    return comps
+
+
+def _sd_pipe(parts, scheduler=None, unet=None):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=parts["vae"], text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"],
+        unet=unet or parts["unet"], scheduler=scheduler or parts["scheduler"], safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# -- schedulers ----------------------------------------------------------------------------------
+def test_copy_scheduler_keeps_settings_a_pipeline_patched_in(parts):
+    """SD pipelines patch steps_offset=1 into an old config but leave it in _use_default_values, so
+    from_config drops it (timesteps 500/0 instead of 501/1); copy_scheduler keeps it."""
+    from diffusers import DDIMInverseScheduler, DDIMScheduler
+
+    pipe = _sd_pipe(parts, scheduler=DDIMScheduler())  # steps_offset=0 -> patched to 1 by the pipeline
+    assert pipe.scheduler.config.steps_offset == 1
+    lost = DDIMScheduler.from_config(pipe.scheduler.config)
+    lost.set_timesteps(2)
+    assert lost.timesteps.tolist() == [500, 0]  # the bug this helper exists for
+    kept = S.copy_scheduler(pipe.scheduler)
+    kept.set_timesteps(2)
+    assert kept.timesteps.tolist() == [501, 1] and kept is not pipe.scheduler
+    inv = S.copy_scheduler(pipe.scheduler, DDIMInverseScheduler)
+    assert isinstance(inv, DDIMInverseScheduler) and inv.config.steps_offset == 1
+    # a setting left at the source class's default takes the target class's default, as from_config does
+    from diffusers import PNDMScheduler
+
+    pndm = PNDMScheduler.from_config(PNDMScheduler().config)
+    assert (
+        S.copy_scheduler(pndm, DDIMScheduler).config.set_alpha_to_one
+        == DDIMScheduler.from_config(pndm.config).config.set_alpha_to_one
+    )
+
+
+def test_check_scheduler_names_the_supported_ones():
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    ok = DDIMScheduler()
+    assert S.check_scheduler(ok, ("DDIMScheduler", "LMSDiscreteScheduler")) is ok
+    with pytest.raises(
+        S.UnsupportedSchedulerError, match="DPMSolverMultistepScheduler.*DDIMScheduler, LMSDiscreteScheduler"
+    ):
+        S.check_scheduler(
+            DPMSolverMultistepScheduler(), ("DDIMScheduler", "LMSDiscreteScheduler"), pipeline="pix2pix-zero"
+        )
+    with pytest.raises(S.UnsupportedSchedulerError, match="needs a inverse_scheduler"):
+        S.check_scheduler(None, ("DDIMInverseScheduler",), role="inverse_scheduler")
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["DDIMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler", "HeunDiscreteScheduler"],
+)
+@pytest.mark.parametrize("strength", [0.3, 0.75, 1.0])
+def test_strength_timesteps_equal_img2img(parts, name, strength):
+    import diffusers
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    cls = getattr(diffusers, name)
+    a, b = cls.from_config(parts["scheduler"].config), cls.from_config(parts["scheduler"].config)
+    pipe = StableDiffusionImg2ImgPipeline(
+        vae=parts["vae"], text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"], unet=parts["unet"],
+        scheduler=a, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    pipe.scheduler.set_timesteps(10)
+    expected, n_exp = pipe.get_timesteps(10, strength, "cpu")
+    got, n = S.strength_timesteps(b, 10, strength)
+    assert n == n_exp and torch.equal(got, expected)
+    assert getattr(a, "_begin_index", None) == getattr(b, "_begin_index", None)
+
+
+def test_extra_step_kwargs_only_what_the_step_takes():
+    from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler, LMSDiscreteScheduler
+
+    g = torch.Generator()
+    assert S.extra_step_kwargs(DDIMScheduler(), g, 0.3) == {"eta": 0.3, "generator": g}
+    assert S.extra_step_kwargs(LMSDiscreteScheduler(), g, 0.3) == {}
+    assert S.extra_step_kwargs(EulerAncestralDiscreteScheduler(), g, 0.3) == {"generator": g}
+
+
+# -- guidance ------------------------------------------------------------------------------------
+def test_cfg_and_rescale_equal_diffusers():
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+    g = torch.Generator().manual_seed(0)
+    pred = torch.randn(4, 4, 8, 8, generator=g)
+    u, c = pred.chunk(2)
+    plain = u + 7.5 * (c - u)
+    assert torch.equal(S.cfg(pred, 7.5), plain)
+    assert torch.allclose(S.cfg(pred, 7.5, 0.7), rescale_noise_cfg(plain, c, 0.7))
+    assert not torch.allclose(S.cfg(pred, 7.5, 0.7), plain)
+
+
+def test_guidance_scale_embedding_equals_diffusers(parts):
+    pipe = _sd_pipe(parts)
+    w = torch.tensor([6.5])
+    assert torch.allclose(S.guidance_scale_embedding(w, 33), pipe.get_guidance_scale_embedding(w, 33))
+
+
+# -- the denoising loop against StableDiffusionPipeline ------------------------------------------
+SCHEDULERS = ["DDIMScheduler", "DDPMScheduler", "EulerAncestralDiscreteScheduler", "LMSDiscreteScheduler",
+              "DPMSolverMultistepScheduler", "EulerDiscreteScheduler", "PNDMScheduler", "HeunDiscreteScheduler"]  # fmt: skip
+
+
+def _our_txt2img(parts, scheduler, prompt, steps, gs, seed, *, rescale=0.0, eta=0.0, unet=None, **loop_kw):
+    unet = unet or parts["unet"]
+    guided = S.do_cfg(unet, gs)
+    pos, neg = S.encode_prompt(
+        parts["tokenizer"], parts["text_encoder"], prompt, "cpu", do_classifier_free_guidance=guided
+    )
+    g = torch.Generator().manual_seed(seed)
+    scheduler.set_timesteps(steps, device="cpu")
+    x = S.randn((pos.shape[0], 4, 32, 32), g, "cpu", torch.float32) * scheduler.init_noise_sigma
+    embeds = torch.cat([neg, pos]) if guided else pos
+    return S.denoise(
+        S.cfg_predictor(unet, guidance_scale=gs, guidance_rescale=rescale), x, scheduler,
+        tensors={"prompt_embeds": embeds}, extra_step_kwargs=S.extra_step_kwargs(scheduler, g, eta), **loop_kw,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_denoise_equals_stable_diffusion_pipeline(parts, name):
+    import diffusers
+
+    cls = getattr(diffusers, name)
+    pipe = _sd_pipe(parts, scheduler=cls.from_config(parts["scheduler"].config))
+    kw = dict(num_inference_steps=4, guidance_scale=6.0, output_type="latent", height=64, width=64)
+    expected = pipe(
+        ["a cat", "a dog"], generator=torch.Generator().manual_seed(0), guidance_rescale=0.3, eta=0.5, **kw
+    ).images
+    ours = _our_txt2img(
+        parts, S.copy_scheduler(pipe.scheduler), ["a cat", "a dog"], 4, 6.0, 0, rescale=0.3, eta=0.5
+    )
+    assert (ours - expected).abs().max().item() < 1e-5
+
+
+def test_denoise_callback_on_step_end_and_interrupt(parts):
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler.from_config(parts["scheduler"].config)
+    pipe = _sd_pipe(parts, scheduler=sched)
+    seen_theirs, seen_ours = [], []
+
+    def make_cb(seen):
+        def cb(p, i, t, kw):
+            seen.append((i, int(t), sorted(kw)))
+            if i == 1:
+                p._interrupt = True  # what diffusers' docs tell a callback to do
+            return {"latents": kw["latents"] * 0.5}
+
+        return cb
+
+    kw = dict(num_inference_steps=4, guidance_scale=6.0, output_type="latent", height=64, width=64)
+    expected = pipe(
+        "a cat", generator=torch.Generator().manual_seed(0), callback_on_step_end=make_cb(seen_theirs),
+        callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"], **kw,
+    ).images  # fmt: skip
+    ours = _our_txt2img(
+        parts, S.copy_scheduler(sched), "a cat", 4, 6.0, 0, callback_on_step_end=make_cb(seen_ours),
+        callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"],
+    )  # fmt: skip
+    assert seen_ours == seen_theirs and len(seen_ours) == 2
+    assert (ours - expected).abs().max().item() < 1e-5
+    with pytest.raises(ValueError, match="offers: latents, prompt_embeds"):
+        _our_txt2img(parts, S.copy_scheduler(sched), "a cat", 2, 6.0, 0, callback_on_step_end=make_cb([]),
+                     callback_on_step_end_tensor_inputs=["add_text_embeds"])  # fmt: skip
+
+
+def test_denoise_guidance_embedding_unet_equals_pipeline(parts):
+    """A UNet with ``time_cond_proj_dim`` (LCM): no classifier-free guidance, the scale goes in embedded."""
+    from diffusers import LCMScheduler, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, time_cond_proj_dim=64, norm_num_groups=32,
+    ).eval()  # fmt: skip
+    sched = LCMScheduler.from_config(parts["scheduler"].config)
+    pipe = _sd_pipe(parts, scheduler=sched, unet=unet)
+    kw = dict(num_inference_steps=2, guidance_scale=6.0, output_type="latent", height=64, width=64)
+    expected = pipe("a cat", generator=torch.Generator().manual_seed(0), **kw).images
+    ours = _our_txt2img(parts, S.copy_scheduler(sched), "a cat", 2, 6.0, 0, unet=unet)
+    assert (ours - expected).abs().max().item() < 1e-5
+    other = _our_txt2img(parts, S.copy_scheduler(sched), "a cat", 2, 2.0, 0, unet=unet)
+    assert (other - expected).abs().max().item() > 1e-4  # the embedded scale matters
+
+
+# -- inversion -------------------------------------------------------------------------------------
+def test_invert_is_the_ddim_update_backwards(parts):
+    from diffusers import DDIMInverseScheduler, DDIMScheduler
+
+    inv = S.copy_scheduler(parts["scheduler"], DDIMInverseScheduler)
+    inv.set_timesteps(3)
+    x0 = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    emb = torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(1))
+    steps: list[torch.Tensor] = []
+    xt = S.invert(S.cfg_predictor(parts["unet"], guidance_scale=1.0), x0, inv, tensors={"prompt_embeds": emb},
+                  intermediates=steps)  # fmt: skip
+    assert len(steps) == 3 and torch.equal(steps[-1], xt)
+    # by hand: x_{t+1} = sqrt(a_{t+1}) x0_pred + sqrt(1 - a_{t+1}) eps
+    x = x0
+    a = inv.alphas_cumprod
+    for t in inv.timesteps:
+        eps = parts["unet"](x, t, encoder_hidden_states=emb).sample
+        prev = int(t) - inv.config.num_train_timesteps // 3
+        a_prev = a[prev] if prev >= 0 else inv.initial_alpha_cumprod
+        x0_pred = (x - (1 - a_prev) ** 0.5 * eps) / a_prev**0.5
+        x = a[int(t)] ** 0.5 * x0_pred + (1 - a[int(t)]) ** 0.5 * eps
+    assert (xt - x).abs().max().item() < 1e-4
+    with pytest.raises(ValueError, match="needs an inverse scheduler"):
+        S.invert(
+            S.cfg_predictor(parts["unet"], guidance_scale=1.0),
+            x0,
+            DDIMScheduler(),
+            tensors={"prompt_embeds": emb},
+        )
+
+
+def test_invert_dpm_solver_inverse_scheduler_runs(parts):
+    from diffusers import DPMSolverMultistepInverseScheduler
+
+    inv = S.copy_scheduler(parts["scheduler"], DPMSolverMultistepInverseScheduler)
+    inv.set_timesteps(3)
+    x0 = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    emb = torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(1))
+    xt = S.invert(S.cfg_predictor(parts["unet"], guidance_scale=1.0), x0, inv, tensors={"prompt_embeds": emb})
+    assert xt.shape == x0.shape and torch.isfinite(xt).all() and (xt - x0).abs().max() > 1e-2
+
+
+# -- the runner ------------------------------------------------------------------------------------
+def test_runner_eager_and_errors():
+    r = S.UNetRunner("eager")
+    assert torch.equal(r("f", lambda x, y: x + y, torch.ones(2), torch.ones(2)), torch.full((2,), 2.0))
+    assert r.resource("k", lambda: [1]) is r.resource("k", lambda: [2])
+    r.clear()
+    assert r.resource("k", lambda: [2]) == [2]
+    with pytest.raises(ValueError, match="runner mode must be one of"):
+        S.UNetRunner("fast")
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        S.UNetRunner("graphs")("f", lambda x: x, torch.ones(1))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_runner_graphs_equal_eager_on_gpu(parts):
+    unet = parts["unet"].to("cuda")
+    x = torch.randn(2, 4, 32, 32, device="cuda")
+    emb = torch.randn(2, 77, 32, device="cuda")
+    t = torch.tensor(500, device="cuda")
+    fn = lambda x, t, e: S.unet_forward(unet, x, t, e)  # noqa: E731
+    eager = fn(x, t, emb)
+    r = S.UNetRunner("graphs")
+    a, b = r("unet", fn, x, t, emb), r("unet", fn, x * 2, t, emb)
+    assert len(r.graphs) == 1 and (a - eager).abs().max() < 1e-4
+    assert (b - fn(x * 2, t, emb)).abs().max() < 1e-4
+    unet.to("cpu")
+
+
+# -- pix2pix-zero regularizers ---------------------------------------------------------------------
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_closed_form_regularizer_equals_autograd(prediction_type):
+    g = torch.Generator().manual_seed(0)
+    for shape in [(1, 4, 64, 64), (2, 4, 30, 22)]:  # odd pyramid sizes too
+        x = torch.randn(shape, dtype=torch.float64, generator=g)
+        shifts = S.draw_roll_shifts(shape, torch.Generator().manual_seed(1))[0]
+        xv = x.clone().requires_grad_(True)
+        (expected,) = torch.autograd.grad(S.auto_corr_loss(xv, shifts), xv)
+        assert torch.allclose(S.auto_corr_grad(x, shifts), expected, rtol=1e-9, atol=1e-15)
+        (expected,) = torch.autograd.grad(S.kl_divergence(xv), xv)
+        assert torch.allclose(S.kl_grad(x), expected, rtol=1e-9, atol=1e-15)
+    npred, sample = torch.randn(1, 4, 32, 32, generator=g), torch.randn(1, 4, 32, 32, generator=g)
+    alpha = torch.tensor(0.3)
+    kw = dict(generator=torch.Generator().manual_seed(3))
+    a = S.regularize_noise_pred(npred, sample, alpha, prediction_type, analytic=False, **kw)
+    b = S.regularize_noise_pred(
+        npred, sample, alpha, prediction_type, generator=torch.Generator().manual_seed(3)
+    )
+    assert (a - npred).abs().max() > 1e-2  # it does something
+    assert (a - b).abs().max() < 1e-5
+
+
+def test_regularizers_equal_the_pipelines_own():
+    from diffusers import StableDiffusionPix2PixZeroPipeline
+
+    x = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    expected = StableDiffusionPix2PixZeroPipeline.auto_corr_loss(
+        None, x, generator=torch.Generator().manual_seed(5)
+    )
+    shifts = S.draw_roll_shifts(tuple(x.shape), torch.Generator().manual_seed(5))[0]
+    assert shifts.shape == (3, 8)  # levels 32, 16, 8 for 2 images x 4 channels
+    assert torch.allclose(S.auto_corr_loss(x, shifts), expected, rtol=1e-5)
+    assert torch.allclose(S.kl_divergence(x), StableDiffusionPix2PixZeroPipeline.kl_divergence(None, x))
+
+
+def test_attention_maps_record_and_guide(parts):
+    unet = parts["unet"]
+    before = {k: type(v) for k, v in unet.attn_processors.items()}
+    maps = S.AttentionMaps(2)
+    x = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    emb = torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor(501)
+    with S.attention_maps(unet, maps):
+        S.reference_step(unet, maps, x, t, emb, torch.tensor(1), guidance_scale=1.0)
+        n_layers = len(maps.buffers)
+        _, same = S.cross_attention_guided_step(
+            unet, maps, x, t, emb, torch.tensor(1), amount=0.1, guidance_scale=1.0
+        )
+        assert float(maps.loss) == 0.0 and torch.allclose(same, x)  # same input, same maps: no gradient
+        _, moved = S.cross_attention_guided_step(
+            unet, maps, x, t, emb + 1, torch.tensor(1), amount=0.1, guidance_scale=1.0
+        )
+        assert float(maps.loss) > 0 and not torch.allclose(moved, x)
+    assert n_layers == sum("attn2" in k for k in before) and maps.buffers[0].shape[0] == 2
+    assert {k: type(v) for k, v in unet.attn_processors.items()} == before
