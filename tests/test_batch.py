@@ -410,3 +410,24 @@ def test_one_progress_bar_with_done_failed_and_eta(tmp_path):
     assert rep.done == 3 and rep.failed == 1
     assert "batch" in text and "4/4" in text and "1 failed" in text and "ETA" in text
     assert "error: job " in text and "bad.png" in text
+
+
+def test_real_batched_editor_gets_one_generator_per_job(model, tmp_path):
+    """pix2pix-zero takes a list of images with one generator each: batched within the tolerance, each
+    job's seed its own (a batch that mixed up the seeds would differ by far more than one level)."""
+    from p2pz_directions import editors
+
+    if getattr(editors.get("pix2pix-zero", model=str(model)), "options", None) is None:
+        pytest.skip("this pix2pix-zero takes one image per call")
+    picture(tmp_path / "in" / "x.png", 3)
+    kw = dict(
+        directions=["cat->dog"], seeds=[0, 1], editor="pix2pix-zero", model=str(model), device="cpu", progress=False,
+        options={"prompt": "a cat", "num_inference_steps": 2, "num_reg_steps": 0, "cross_attention_guidance_amount": 0.05},
+    )  # fmt: skip
+    rep = batch.run(tmp_path / "in", out=tmp_path / "b", batch_size=2, batch_tolerance=2, **kw)
+    assert rep.ok and [r["batch_size"] for r in rep.records] == [2, 2], rep.notes
+    ref = batch.run(tmp_path / "in", out=tmp_path / "s", batch_size=1, **kw)
+    got = [pixels(tmp_path / "b" / r["file_name"]).astype(int) for r in rep.records]
+    want = [pixels(tmp_path / "s" / r["file_name"]).astype(int) for r in ref.records]
+    assert all(np.abs(g - w).max() <= 2 for g, w in zip(got, want, strict=True))
+    assert np.abs(want[0] - want[1]).max() > 10  # the two seeds do give other pictures
