@@ -164,10 +164,10 @@ def build_pipeline(size: str, device: torch.device, dtype: torch.dtype, init: st
     return pipe
 
 
-def test_picture(size: int):
+def test_picture(size: int, seed: int = 0):
     from PIL import Image
 
-    rng = np.random.RandomState(0)
+    rng = np.random.RandomState(seed)
     ramp = np.linspace(0, 255, size)
     base = np.stack(
         [ramp[None].repeat(size, 0), ramp[:, None].repeat(size, 1), np.full((size, size), 128.0)], -1
@@ -243,9 +243,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--variants",
         default=None,
-        help="comma list of ours: graphs, eager, static, eager-exact (explicit attention everywhere, as "
-        "diffusers); '+creg' compiles the inversion regularizer; '+fast' turns on channels_last and "
-        "cudnn.benchmark from that variant on; ':N' sets its repeats",
+        help="comma list of ours: graphs (CUDA graphs), eager, compile (torch.compile per step), eager-exact "
+        "(explicit attention everywhere, as diffusers); '+creg' compiles the inversion regularizer; '+fast' "
+        "turns on channels_last and cudnn.benchmark from that variant on; ':N' sets its repeats",
+    )
+    ap.add_argument(
+        "--batch",
+        type=int,
+        default=1,
+        help="also time ours on this many different images edited as one batch (seconds per image reported)",
     )
     ap.add_argument("--diffusers-repeats", type=int, default=None, help="default: --repeats")
     ap.add_argument("--skip-diffusers", action="store_true")
@@ -259,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     size_name = "tiny" if args.tiny else "sd14"
     steps = args.steps or (3 if args.tiny else 50)
     side = args.size or (64 if args.tiny else 512)
-    variants = (args.variants or ("graphs,eager" if device.type == "cuda" else "eager,static")).split(",")
+    variants = (args.variants or ("graphs,eager" if device.type == "cuda" else "eager")).split(",")
     caption = "a photography of a cat sitting on the grass"
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -327,11 +333,11 @@ def main(argv: list[str] | None = None) -> int:
         loops, attention = (base.split("-") + ["auto"])[:2]
         creg = "creg" in flags
 
-        def ours(loops=loops, attention=attention, ed=ed, creg=creg):
+        def ours(loops=loops, attention=attention, ed=ed, creg=creg, images=image):
             t0 = time.perf_counter()
             phase_times.clear()
             img = ed.edit(
-                image, d, prompt=caption, num_inference_steps=steps, cross_attention_guidance_amount=args.xa,
+                images, d, prompt=caption, num_inference_steps=steps, cross_attention_guidance_amount=args.xa,
                 generator=torch.Generator().manual_seed(0), output_type="np", loops=loops, attention=attention,
                 progress=phases, compile_regularizer=creg,
             ).image  # fmt: skip
@@ -371,10 +377,34 @@ def main(argv: list[str] | None = None) -> int:
             row["speedup_vs_diffusers"] = results["variants"]["diffusers"]["seconds"] / row["seconds"]
         results["variants"][f"ours-{variant}"] = row
         print(f"ours-{variant}", json.dumps(row), flush=True)
+        if args.batch > 1:  # one batched sampler over several images, against the single-image edit
+            batch = [test_picture(side, seed=k) for k in range(args.batch)]
+            ours(images=batch)  # warm-up (graphs for this batch size)
+            btimes = []
+            for _ in range(max(1, repeats)):
+                with Meter(device) as bm:
+                    bout, _ = ours(images=batch)
+                btimes.append(bm.seconds)
+            per_image = statistics.median(btimes) / args.batch
+            brow = {
+                "images": args.batch,
+                "seconds": statistics.median(btimes),
+                "seconds_per_image": per_image,
+                "per_image_vs_single": per_image / row["seconds"],
+                "peak_gb": bm.peak_gb,
+                "nan": bool(np.isnan(bout).any()),
+            }
+            results["variants"][f"ours-{variant}-batch{args.batch}"] = brow
+            print(f"ours-{variant}-batch{args.batch}", json.dumps(brow), flush=True)
 
     print("\n| variant | s / edit | first edit s | peak GB | max abs diff vs diffusers | speed-up |")
     print("| --- | --- | --- | --- | --- | --- |")
     for name, r in results["variants"].items():
+        if "images" in r:
+            print(
+                f"| {name} | {r['seconds_per_image']:.3f} per image ({r['per_image_vs_single']:.2f} of one) | | | | |"
+            )
+            continue
         if "error" in r:
             print(f"| {name} | failed: {r['error'][:60]} | | | | |")
             continue

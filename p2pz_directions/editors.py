@@ -40,6 +40,7 @@ import functools
 import importlib
 import inspect
 import json
+import numbers
 import os
 import time
 import types
@@ -360,9 +361,10 @@ class Editor:
         if self.options is None:
             return self._edit_legacy(image, direction, progress, options)
         opts = self.make_options(**options)
-        images = None
+        images, notes = None, []
         if image is not None:
             images = [self._load_image(i) for i in (image if isinstance(image, list) else [image])]
+            images, notes = self._fit_images(images)
         self._progress, self._interrupt = progress, False
         t0 = time.perf_counter()
         try:
@@ -374,7 +376,25 @@ class Editor:
         result.extra.setdefault("editor", self.name)
         result.extra.setdefault("direction", direction.name)
         result.extra.setdefault("seconds", time.perf_counter() - t0)
+        if notes:
+            result.extra.setdefault("notes", []).extend(notes)
         return result
+
+    def _fit_images(self, images: list[Any]) -> tuple[list[Any], list[str]]:
+        """PIL images with sides that are not a multiple of ``image_multiple`` are resized down (Lanczos,
+        as ``VaeImageProcessor`` does for SD's multiple of 8), with a note and an `ImageResizedWarning`."""
+        from PIL import Image
+
+        from .images import fit_to_multiple
+
+        out, notes = [], []
+        for im in images:
+            if isinstance(im, Image.Image):
+                im, note = fit_to_multiple(im, self.image_multiple)
+                if note:
+                    notes.append(note)
+            out.append(im)
+        return out, notes
 
     def combine_directions(self, directions: list[Direction]) -> Direction:
         """One direction from several (the sum of their deltas; all must share the encoder)."""
@@ -510,9 +530,9 @@ def _is_instance(value: Any, hint: Any) -> bool:
     if hint is type(None):
         return value is None
     if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
     if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
     if origin in (list, tuple, dict):
         return isinstance(value, origin) or (origin is tuple and isinstance(value, list))
     if isinstance(hint, type):

@@ -221,7 +221,7 @@ class Pix2PixZeroEditor(Editor):
         self._scheduler, self._inverse_scheduler = scheduler, inverse_scheduler
         #: one `UNetRunner` per loop mode; its graphs are kept between edits of the same settings
         self.runners: dict[str, S.UNetRunner] = {}
-        self._runner_key: Any = None
+        self._runner_keys: dict[str, Any] = {}
         #: the loop running now ("invert", "reference", "edit"), for ``callback_on_step_end``
         self.phase: str | None = None
 
@@ -359,7 +359,17 @@ class Pix2PixZeroEditor(Editor):
                 pixels = S.preprocess_images(vae, images)
             except (ValueError, TypeError) as e:
                 raise EditorOptionError(f"cannot use these images: {e}") from None
-        return pixels, gen, self.runners.setdefault(mode, S.UNetRunner(mode)), exact
+        runner = self.runners.setdefault(mode, S.UNetRunner(mode))
+        key = (
+            o.num_inference_steps, o.guidance_scale, o.cross_attention_guidance_amount, o.inversion_guidance_scale,
+            o.lambda_auto_corr, o.lambda_kl, o.num_reg_steps, o.num_auto_corr_rolls, o.num_images_per_prompt,
+            o.compile_regularizer, exact, None if pixels is None else tuple(pixels.shape), o.height, o.width,
+            len(o.prompt) if isinstance(o.prompt, list) else None,
+        )  # fmt: skip
+        if runner.mode != "eager" and key != self._runner_keys.get(mode):
+            runner.clear()  # free the graphs and map buffers of other settings first
+        self._runner_keys[mode] = key
+        return pixels, gen, runner, exact
 
     def _prompts(self, pixels: torch.Tensor | None, o: Pix2PixZeroOptions) -> tuple[Any, Any]:
         """``(prompts, negative prompts)``: BLIP captions for photos without a prompt, one prompt
@@ -462,9 +472,6 @@ class Pix2PixZeroEditor(Editor):
         """Step 4: the reference pass (maps recorded at each step) and the cross-attention-guided edit."""
         steps, gs = len(sched.timesteps), o.guidance_scale
         key = (steps, tuple(x_T.shape), x_T.dtype, gs, o.cross_attention_guidance_amount, exact)
-        if runner.mode != "eager" and key != self._runner_key:
-            runner.clear()  # free the graphs and map buffers of other settings first
-        self._runner_key = key
         make = lambda: S.AttentionMaps(steps, store_device=o.attention_maps_device, exact=exact)  # noqa: E731
         maps = make() if runner.mode == "eager" else runner.resource(("maps", key), make)
         common = dict(

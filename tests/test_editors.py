@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import sys
+import types
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -276,3 +280,121 @@ def test_side_by_side():
     s = side_by_side([a, b], gap=2)
     assert s.size == (10 + 2 + 10, 20)
     assert s.getpixel((15, 5)) == (0, 0, 255)
+
+
+# -- editors with an options dataclass -------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _Opts:
+    strength: float = dataclasses.field(default=0.5, metadata={"help": "how much"})
+    steps: int = dataclasses.field(default=10, metadata={"help": "steps"})
+    mode: str | None = dataclasses.field(default=None, metadata={"help": "a name"})
+
+
+class OptRecorder(Editor):
+    """Records what run() got (options dataclass style)."""
+
+    name = "opt-recorder"
+    options = _Opts
+
+    def run(self, images, direction, o):
+        return EditResult(image=images, extra={"got": (images, direction, o)})
+
+
+@pytest.fixture
+def opt_recorder():
+    class P:
+        @hookimpl
+        def p2pz_register_editors(self):
+            return [OptRecorder]
+
+    plugins.reset()
+    plugins.register(P(), name="opt-recorder-plugin")
+    yield
+    plugins.reset()
+
+
+def test_options_dataclass_names_and_types(tiny_sd1, opt_recorder):
+    d = publish_pair(tiny_sd1)
+    ed = editors.get("opt-recorder", model=str(tiny_sd1), device="cpu")
+    assert ed.option_names() == ["strength", "steps", "mode"]
+    assert {f.name: f.metadata["help"] for f in dataclasses.fields(ed.options)}["strength"] == "how much"
+    images, direction, o = ed.edit(Image.new("RGB", (16, 16)), d, strength=1, mode="x").extra["got"]
+    assert o == _Opts(strength=1, steps=10, mode="x") and len(images) == 1
+    with pytest.raises(
+        EditorOptionError, match=r"'strenght' \(did you mean 'strength'\?\); it takes: strength, steps, mode"
+    ):
+        ed.edit(None, d, strenght=0.3)
+    with pytest.raises(
+        EditorOptionError, match="option 'steps' of editor 'opt-recorder' must be int, not float"
+    ):
+        ed.edit(None, d, steps=2.5)
+    with pytest.raises(EditorOptionError, match="must be float, not str"):
+        ed.edit(None, d, strength="0.3")
+    with pytest.raises(EditorOptionError, match="must be str | None, not int"):
+        ed.edit(None, d, mode=3)
+
+
+def test_lists_of_images_and_directions(tiny_sd1, opt_recorder, tmp_path):
+    d = publish_pair(tiny_sd1)
+    e = publish_pair(tiny_sd1, names=("day", "night"), seed=1)
+    ed = editors.get("opt-recorder", model=str(tiny_sd1), device="cpu")
+    path = tmp_path / "p.png"
+    Image.new("RGBA", (16, 16), (0, 0, 0, 0)).save(path)
+    arr = np.zeros((16, 16, 3), np.float32)
+    images, direction, _ = ed.edit([path, arr, torch.zeros(3, 16, 16)], ["cat->dog", e]).extra["got"]
+    assert images[0].mode == "RGB" and images[1] is arr and images[2].shape == (3, 16, 16)  # arrays untouched
+    assert torch.equal(direction.delta, d.delta + e.delta)
+    with pytest.raises(EditorOptionError, match="at least one direction"):
+        ed.edit(None, [])
+
+
+def test_legacy_editor_edits_a_list_one_by_one(tiny_sd1, recorder):
+    d = publish_pair(tiny_sd1)
+    ed = editors.get("recorder", model=str(tiny_sd1), device="cpu")
+    res = ed.edit([Image.new("RGB", (16, 16)), Image.new("RGB", (24, 16))], d)
+    assert [im.size for im in res.image] == [(16, 16), (24, 16)] and len(res.images) == 2
+
+
+def _docs_example() -> str:
+    text = (Path(__file__).resolve().parent.parent / "docs" / "plugins.md").read_text("utf-8")
+    block = text.split("<!-- example: nudge-editor -->", 1)[1]
+    return block.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_docs_plugins_example_editor_runs_and_equals_img2img(tiny_sd1, monkeypatch):
+    """docs/plugins.md's 40-line editor on p2pz_directions.sampling: it runs as a plugin, and equals
+    diffusers' StableDiffusionImg2ImgPipeline given prompt + delta as its prompt embeddings."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    from p2pz_directions.sampling import encode_prompt
+
+    code = _docs_example()
+    body = code.split("class NudgeEditor", 1)[1]
+    assert len([ln for ln in body.splitlines() if ln.strip()]) <= 40
+    module = types.ModuleType("nudge_example")
+    monkeypatch.setitem(sys.modules, "nudge_example", module)  # dataclasses look their module up
+    exec(compile(code, "docs/plugins.md", "exec"), module.__dict__)  # noqa: S102 - our own docs
+    plugins.reset()
+    plugins.register(module, name="nudge-example")
+    try:
+        d = publish_pair(tiny_sd1)
+        ed = editors.get("nudge", model=str(tiny_sd1), device="cpu", dtype=torch.float32)
+        img = Image.fromarray((np.random.RandomState(0).rand(32, 32, 3) * 255).astype(np.uint8))
+        kw = dict(prompt="a cat", strength=0.7, num_inference_steps=4, seed=0, output_type="np")
+        res = ed.edit(img, "cat->dog", **kw)
+        pipe = StableDiffusionImg2ImgPipeline.from_pretrained(
+            str(tiny_sd1), safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
+        pipe.set_progress_bar_config(disable=True)
+        pos, neg = encode_prompt(
+            pipe.tokenizer, pipe.text_encoder, "a cat", "cpu", do_classifier_free_guidance=True
+        )
+        expected = pipe(
+            image=img, prompt_embeds=pos + d.delta, negative_prompt_embeds=neg, strength=0.7, num_inference_steps=4,
+            generator=torch.Generator().manual_seed(0), output_type="np",
+        ).images  # fmt: skip
+        assert res.image.shape == expected.shape == (1, 32, 32, 3)
+        assert float(np.abs(res.image - expected).max()) < 1e-4
+        assert float(np.abs(ed.edit(img, d * 0.0, **kw).image - expected).max()) > 1e-3  # the direction acts
+    finally:
+        plugins.reset()

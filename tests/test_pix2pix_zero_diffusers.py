@@ -111,7 +111,7 @@ def dummy_inversion_inputs(seed=0, input_image_type="pt", output_type="np"):
 
 
 def our_inversion_kwargs(inputs):
-    kw = dict(inputs)
+    kw = dict(inputs, generator=gen(0))  # a fresh generator: the pipeline used up the other one
     kw["inversion_guidance_scale"] = kw.pop("guidance_scale")
     kw.pop("image")
     return kw
