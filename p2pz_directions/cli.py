@@ -456,7 +456,7 @@ def verify_cmd(pack: PackOpt = None, as_json: JsonOpt = False) -> None:
 
 
 # --- optional command groups --------------------------------------------------------------------
-_OPTIONAL = ("cli_build", "cli_edit", "cli_mask", "cli_hub", "cli_app", "cli_eval")
+_OPTIONAL = ("cli_build", "cli_edit", "cli_mask", "cli_hub", "cli_app", "cli_eval", "cli_batch")
 for _mod in _OPTIONAL:
     try:
         _m = importlib.import_module(f"p2pz_directions.{_mod}")

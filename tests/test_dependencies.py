@@ -20,7 +20,7 @@ from packaging.requirements import Requirement
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ["p2pz_directions", "plugins", "registry"]
-OURS = {"p2pz_directions", "p2pz_plugins", "p2pz_registry", "tests", "hub_server", "tiny_sd", "tiny_t5"}
+OURS = {"p2pz_directions", "p2pz_plugins", "p2pz_registry", "tests"}
 
 
 def _norm(name: str) -> str:
@@ -47,8 +47,14 @@ def _imports(path: Path) -> set[str]:
     return names
 
 
+def _local_modules() -> set[str]:
+    """Helper modules that tests and benchmarks import from their own folder (conftest puts it on sys.path)."""
+    return {p.stem for d in ("tests", "benchmarks") for p in (REPO / d).glob("*.py")}
+
+
 def _third_party(names: set[str]) -> set[str]:
-    return {n for n in names if n not in sys.stdlib_module_names and n not in OURS and n != "__future__"}
+    ours = OURS | _local_modules()
+    return {n for n in names if n not in sys.stdlib_module_names and n not in ours and n != "__future__"}
 
 
 @functools.lru_cache(maxsize=1)
