@@ -31,7 +31,9 @@ def floors(pyproject: Path, extras: list[str]) -> list[str]:
             continue
         lows = [s.version for s in req.specifier if s.operator in (">=", "==", "~=")]
         if not lows:
-            sys.exit(f"{text!r} in pyproject.toml has no floor (>=X): declare the oldest version it works with")
+            sys.exit(
+                f"{text!r} in pyproject.toml has no floor (>=X): declare the oldest version it works with"
+            )
         name = req.name.lower().replace("_", "-")
         if name in NOT_INSTALLABLE:
             continue

@@ -212,7 +212,13 @@ def prepare(work: Path, tiny: bool, device: str) -> dict[str, Any]:
     embeds = work / "embeds.safetensors"
     subprocess.run([sys.executable, "-c", code, str(embeds)], check=True, env=env)
     _ = save_file  # imported above so a missing safetensors fails here, not in a child
-    return {"model": model, "photo": photo, "embeds": embeds, "env": env, "prepare_s": time.perf_counter() - t0}
+    return {
+        "model": model,
+        "photo": photo,
+        "embeds": embeds,
+        "env": env,
+        "prepare_s": time.perf_counter() - t0,
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -227,7 +233,10 @@ def run_ours(prep: dict, editor: str, out: Path, steps: int, device: str, extra_
     env = dict(prep["env"], P2PZ_BENCH_REPORT=str(report), **extra_env)
     t0 = time.perf_counter()
     r = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--child", *argv], env=env, capture_output=True, text=True
+        [sys.executable, str(Path(__file__).resolve()), "--child", *argv],
+        env=env,
+        capture_output=True,
+        text=True,
     )
     wall = time.perf_counter() - t0
     row: dict[str, Any] = {"wall_s": wall, "rc": r.returncode}
@@ -239,7 +248,7 @@ def run_ours(prep: dict, editor: str, out: Path, steps: int, device: str, extra_
     # phases: time between consecutive marks, named by the later one; interpreter start = wall - inside
     inside = marks[-1][1] - marks[0][1]
     phases = {"interpreter start": wall - inside}
-    for (_, a), (name, b) in zip(marks, marks[1:]):
+    for (_, a), (name, b) in zip(marks, marks[1:], strict=False):
         phases[name] = phases.get(name, 0.0) + (b - a)
     row["phases"] = phases
     return row
@@ -252,7 +261,10 @@ def time_cli(prep: dict, runs: int) -> dict[str, float]:
         for _ in range(runs):
             t0 = time.perf_counter()
             subprocess.run(
-                [sys.executable, "-m", "p2pz_directions.cli", *args], env=prep["env"], capture_output=True, check=False
+                [sys.executable, "-m", "p2pz_directions.cli", *args],
+                env=prep["env"],
+                capture_output=True,
+                check=False,
             )
             ts.append(time.perf_counter() - t0)
         out["p2pz " + " ".join(args)] = statistics.median(ts)
@@ -269,12 +281,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiny", action="store_true", help="tiny models on the CPU (smoke test)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--steps", type=int, default=None, help="default 50 (3 with --tiny)")
-    ap.add_argument("--runs", type=int, default=3, help="fresh processes per editor (the first reported alone)")
+    ap.add_argument(
+        "--runs", type=int, default=3, help="fresh processes per editor (the first reported alone)"
+    )
     ap.add_argument("--editors", default="pix2pix-zero,diffedit,sdedit")
     ap.add_argument("--skip-diffusers", action="store_true")
     ap.add_argument("--cache-dir", default=None, help="P2PZ cache dir for compiled kernels (default: fresh)")
     ap.add_argument("--json", type=Path, default=None)
-    ap.add_argument("--profile", type=Path, default=None, help="also one cProfiled run per editor, into this folder")
+    ap.add_argument(
+        "--profile", type=Path, default=None, help="also one cProfiled run per editor, into this folder"
+    )
     args = ap.parse_args(argv)
 
     import torch
@@ -340,7 +356,9 @@ def main(argv: list[str] | None = None) -> int:
         last = next((x for x in reversed(r["runs"]) if "phases" in x), None)
         where = ", ".join(f"{k} {v:.2f}" for k, v in (last or {}).get("phases", {}).items() if v >= 0.05)
         med = r["median_later_s"]
-        print(f"| ours `p2pz edit --editor {editor}` | {r['first_run_s']:.2f} | {med if med is None else f'{med:.2f}'} | {where} |")
+        print(
+            f"| ours `p2pz edit --editor {editor}` | {r['first_run_s']:.2f} | {med if med is None else f'{med:.2f}'} | {where} |"
+        )
     d = results.get("diffusers")
     if d and "median_s" in d:
         where = ", ".join(f"{k[:-2]} {v:.2f}" for k, v in d["phases_last"].items())

@@ -305,7 +305,8 @@ def show_cmd(
         info["evaluations"] = [r.summary() for r in recs]
         diag = None
         if with_diagnostics:  # needs torch (and MiniLM for caption diversity): only when asked
-            from . import diagnostics, directions as _directions
+            from . import diagnostics
+            from . import directions as _directions
 
             d = _directions.load(name, model=model, encoder=encoder, pack=pack, store=store)
             diag = diagnostics.diagnose(d, store) if d.is_simple else None

@@ -6,6 +6,7 @@ Progress bars (one per phase: caption, invert, reference, edit) go to stderr; th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import warnings
@@ -286,6 +287,19 @@ def register(app: typer.Typer) -> None:
         # 2. the editor (nothing loaded yet), its typed options, the directions by name
         quiet_loading()
         ed = editors.get(editor, model=model, device=device, dtype=dtype)
+        fields = (
+            {f.name for f in dataclasses.fields(ed.options)}
+            if dataclasses.is_dataclass(getattr(ed, "options", None))
+            else set()
+        )
+        if (
+            "num_inference_steps" in options
+            and "num_inference_steps" not in fields
+            and "num_inversion_steps" in fields
+        ):
+            options["num_inversion_steps"] = options.pop(
+                "num_inference_steps"
+            )  # LEDITS++: --steps are its inversion steps
         options.update(_parse_opt(opt, ed))
         ed._check_options(options)
         _check_captioner_reachable(ed, options, len(images))

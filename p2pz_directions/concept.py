@@ -286,6 +286,8 @@ class Direction:
                 f"Direction.diffusers_kwargs does not know {cls.__name__}; it supports {', '.join(_HANDOFFS)}. "
                 f"For another pipeline pass d.source_embeds / d.target_embeds (or d.delta) yourself"
             )
+        import torch
+
         methods = _HANDOFFS[kind]
         if method not in methods:
             raise FormatError(f"{kind} takes the direction in {', '.join(methods)}, not {method!r}")

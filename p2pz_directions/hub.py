@@ -38,7 +38,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -295,7 +295,7 @@ def _repo_url(repo_id: str) -> str:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _sha256(data: bytes) -> str:
@@ -903,7 +903,9 @@ def _pull(store, pr, repo_id, revision, source, offline, token, force, cache_dir
                         local_files_only=offline,
                     )
                 )
-        eval_rows = records.hub_pull_rows(repo_id, commit, sizes, cache_dir=cache_dir, token=token, offline=offline)
+        eval_rows = records.hub_pull_rows(
+            repo_id, commit, sizes, cache_dir=cache_dir, token=token, offline=offline
+        )
         for r in eval_rows:  # the evaluation records evals.parquet lists, by name
             snap[r["path"]] = Path(
                 hf_hub_download(

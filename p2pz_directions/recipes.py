@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import json
 import os
+import tomllib as _toml
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,8 +51,6 @@ from . import naming
 from .captioners import DEFAULT_FLAN_T5, DEFAULT_PROMPT, get_captioner
 from .concept import Concept
 from .errors import FormatError, NotFoundError
-
-import tomllib as _toml
 
 __all__ = [
     "OFFICIAL_PACK",

@@ -379,10 +379,14 @@ def list_records(
 
 def for_direction(direction: Any, store: Any = None, *, skip_damaged: bool = True) -> list[EvalRecord]:
     """The records measured on exactly this direction's two concept versions (any pack)."""
-    return for_hashes(direction.source.content_hash, direction.target.content_hash, store, skip_damaged=skip_damaged)
+    return for_hashes(
+        direction.source.content_hash, direction.target.content_hash, store, skip_damaged=skip_damaged
+    )
 
 
-def for_hashes(source_hash: str, target_hash: str, store: Any = None, *, skip_damaged: bool = True) -> list[EvalRecord]:
+def for_hashes(
+    source_hash: str, target_hash: str, store: Any = None, *, skip_damaged: bool = True
+) -> list[EvalRecord]:
     """The records measured on the concept versions with these content hashes (any pack)."""
     return [
         r
@@ -708,7 +712,9 @@ def hub_pull_rows(
     return rows
 
 
-def hub_verify(snap: Path | Mapping[str, Path], rows: list[dict[str, Any]], label: str, commit: str) -> list[EvalRecord]:
+def hub_verify(
+    snap: Path | Mapping[str, Path], rows: list[dict[str, Any]], label: str, commit: str
+) -> list[EvalRecord]:
     """sha256 and size of each downloaded record against ``evals.parquet``, then a full `read_record`."""
     out = []
     for r in rows:

@@ -65,7 +65,7 @@ def _skip_reason(cmd: str) -> str | None:
         return "weights: Flan-T5 (the default captioner)"
     if words[1] in ("reencode", "build-pack"):
         return "weights: a second text encoder / Flan-T5"
-    if words[1] in ("demo", "app"):
+    if words[1] in ("demo", "app", "eval", "batch"):
         return "covered by its own tests (minutes on a CPU)"
     return None
 
