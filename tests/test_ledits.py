@@ -401,7 +401,11 @@ def test_cli_edit_with_per_direction_opt_and_one_line_errors(capsys, tiny_sd1, t
     assert code == 0, capsys.readouterr().err
     assert Image.open(dst).size == (64, 64)
     capsys.readouterr()
-    code = main([*common, "--steps", "2", "-o", str(dst)])
+    # --steps are LEDITS++'s inversion steps (it has no num_inference_steps)
+    code = main([*common, "--steps", "2", "--opt", "use_intersect_mask=false", "-o", str(dst)])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    code = main([*common, "--opt", "num_inference_steps=2", "-o", str(dst)])
     err = capsys.readouterr().err
     assert code == 2 and "num_inversion_steps" in err and len(err.strip().splitlines()) == 1
 
