@@ -22,7 +22,16 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__, naming
-from .cli_options import EncoderOpt, JsonOpt, ModelOpt, PackOpt, check_encoder, cli_syntax, print_table
+from .cli_options import (
+    EncoderOpt,
+    JsonOpt,
+    ModelOpt,
+    PackOpt,
+    check_encoder,
+    cli_syntax,
+    pack_option,
+    print_table,
+)
 from .errors import P2PZError
 from .terminal import safe_text
 
@@ -57,90 +66,6 @@ def _root(
     if version:
         out.print(f"p2pz-directions {__version__}")
         raise typer.Exit(0)
-
-
-# --- list ---------------------------------------------------------------------------------------
-@app.command("list")
-def list_cmd(
-    pattern: Annotated[
-        str, typer.Argument(help="Shell-style pattern: 'cat*' or, with '->', directions.")
-    ] = "*",
-    model: ModelOpt = None,
-    encoder: EncoderOpt = None,
-    pack: PackOpt = None,
-    show_directions: Annotated[
-        bool, typer.Option("--directions", "-d", help="List directions, not concepts.")
-    ] = False,
-    as_json: JsonOpt = False,
-) -> None:
-    """List stored concepts (or, with --directions or a pattern containing '->', directions)."""
-    import fnmatch
-
-    from . import directions
-    from .directions import _norm_pattern, resolve_encoder_id
-
-    check_encoder(encoder)
-    store = _store()
-    if show_directions or naming.ARROW in pattern:
-        names = directions.list(pattern, model=model, encoder=encoder, pack=pack, store=store)
-        if as_json:
-            return print_json(names)
-        if not names:
-            err.print(f"no directions match {pattern!r} in {store.root}")
-            return
-        return _print_directions(store, names, model, encoder, pack)
-    enc_id = resolve_encoder_id(model, encoder)
-    pat = _norm_pattern(pattern)
-    entries = [
-        e
-        for e in (store.entries(pack=pack, encoder=enc_id, skip_damaged=True))
-        if fnmatch.fnmatchcase(e.name, pat)
-    ]
-    rows: dict[tuple[str, str, str], list] = {}
-    for e in entries:
-        rows.setdefault((e.pack, e.encoder.id, e.name), []).append(e)
-    if as_json:
-        return print_json(
-            [
-                {
-                    "pack": p,
-                    "name": n,
-                    "encoder": enc,
-                    "hidden_size": es[-1].encoder.hidden_size,
-                    "versions": [x.version for x in es],
-                    "latest": es[-1].version,
-                    "content_hash": es[-1].content_hash,
-                    "num_captions": es[-1].num_captions,
-                    "created": es[-1].created,
-                }
-                for (p, enc, n), es in rows.items()
-            ]
-        )
-    if not rows:
-        err.print(
-            f"no concepts match {pattern!r} in {store.root}. Import some with `p2pz import-pt`, "
-            "build them with `p2pz build`, or pull a pack with `p2pz pull`."
-        )
-        return
-    t = Table(title=f"concepts in {store.root}", title_justify="left")
-    for col in ("pack", "concept", "versions", "encoder", "D", "captions", "hash"):
-        t.add_column(col)
-    for (p, enc, n), es in rows.items():
-        last = es[-1]
-        t.add_row(
-            safe_text(p),
-            safe_text(n),
-            ",".join(str(x.version) for x in es),
-            safe_text(enc),
-            str(last.encoder.hidden_size),
-            "-" if last.num_captions is None else str(last.num_captions),
-            last.content_hash[:12],
-        )
-    print_table(out, t)
-    n_dir = len(directions.list("*", model=model, encoder=encoder, pack=pack, store=store))
-    out.print(
-        f"{n_dir} directions available: `p2pz list --directions` lists them, `p2pz show a->b` shows one."
-    )
 
 
 def _print_directions(store, names: list[str], model, encoder, pack) -> None:
@@ -254,88 +179,6 @@ def _concept_info(c) -> dict[str, Any]:
     }
 
 
-@app.command("show")
-def show_cmd(
-    name: Annotated[str, typer.Argument(help="A direction ('cat->dog') or a concept ('cat', 'pack:cat@2').")],
-    model: ModelOpt = None,
-    encoder: EncoderOpt = None,
-    pack: PackOpt = None,
-    as_json: JsonOpt = False,
-    with_diagnostics: Annotated[
-        bool,
-        typer.Option(
-            "--diagnostics",
-            "-D",
-            help="Also the embedding diagnostics (token positions moved, caption diversity, entangled directions).",
-        ),
-    ] = False,
-) -> None:
-    """Show a direction or concept: metadata, norms, a few captions, recorded scores."""
-    import numpy as np
-
-    from . import directions
-
-    check_encoder(encoder)
-    store = _store()
-    found = directions.resolve_entries(name, model=model, encoder=encoder, pack=pack, store=store)
-    if len(found) == 2:
-        (src, s), (tgt, t) = _entry_info(found[0]), _entry_info(found[1])
-        delta = t - s
-        tok_norm = np.linalg.norm(delta, axis=-1)
-        denom = float(np.linalg.norm(s) * np.linalg.norm(t)) or 1.0
-        cos = float((s.ravel() * t.ravel()).sum()) / denom
-        d_name = _direction_name(src, tgt)
-        info = {
-            "direction": d_name,
-            "encoder": src["encoder"],
-            "delta_shape": [1, *delta.shape],
-            "delta_norm": round(float(np.linalg.norm(delta)), 4),
-            "delta_token_norm": {
-                "min": round(float(tok_norm.min()), 4),
-                "max": round(float(tok_norm.max()), 4),
-                "mean": round(float(tok_norm.mean()), 4),
-            },
-            "cosine_source_target": round(cos, 6),
-            "source": src,
-            "target": tgt,
-        }
-        from . import records  # recorded scores (p2pz eval --record): JSON, no torch
-
-        recs = records.for_hashes(src["content_hash"], tgt["content_hash"], store)
-        info["evaluations"] = [r.summary() for r in recs]
-        diag = None
-        if with_diagnostics:  # needs torch (and MiniLM for caption diversity): only when asked
-            from . import diagnostics
-            from . import directions as _directions
-
-            d = _directions.load(name, model=model, encoder=encoder, pack=pack, store=store)
-            diag = diagnostics.diagnose(d, store) if d.is_simple else None
-            info["diagnostics"] = diag.to_dict() if diag else None
-        if as_json:
-            return print_json(info)
-        enc = info["encoder"]
-        out.print(
-            f"[bold]{safe_text(d_name)}[/bold]  encoder {safe_text(enc['id'])} (D={enc['hidden_size']})"
-        )
-        out.print(
-            f"delta {info['delta_shape']}  norm {info['delta_norm']}  per-token norm "
-            f"{info['delta_token_norm']['min']}..{info['delta_token_norm']['max']}  "
-            f"cos(source, target) {info['cosine_source_target']}"
-        )
-        for side in ("source", "target"):
-            _print_concept(info[side], side)
-        if diag:
-            diagnostics.render(diag, out)
-        elif not as_json:
-            out.print("(embedding diagnostics: `p2pz show NAME --diagnostics`)")
-        records.render(recs, out)
-        return
-    info, _ = _entry_info(found[0])
-    if as_json:
-        return print_json(info)
-    _print_concept(info, "concept")
-
-
 def _direction_name(src: dict[str, Any], tgt: dict[str, Any]) -> str:
     """Named like `Direction.name`: one pack prefix when both sides share it."""
 
@@ -366,99 +209,276 @@ def _print_concept(info: dict[str, Any], label: str) -> None:
     print_table(out, t)
 
 
-# --- import-pt ----------------------------------------------------------------------------------
-@app.command("import-pt")
-def import_pt_cmd(
-    items: Annotated[
-        list[str] | None,
-        typer.Argument(help="Folders of .pt files, .pt files, or http(s) URLs.", show_default=False),
-    ] = None,
-    pack: Annotated[str, typer.Option("--pack", "-p", help="Pack to import into.")] = "local",
-    encoder: EncoderOpt = None,
-    model: ModelOpt = None,
-    name: Annotated[
-        list[str] | None, typer.Option("--name", help="Concept name per file (default: the file's stem).")
-    ] = None,
-    authors: Annotated[
-        bool,
-        typer.Option("--authors", help="Import the pix2pix-zero authors' SD 1.4 concepts from their URLs."),
-    ] = False,
-    as_json: JsonOpt = False,
-) -> None:
-    """Import legacy .pt concept embeddings (read with torch.load(weights_only=True) only)."""
-    from .legacy import AUTHORS_SD14_URLS, import_pt
+# --- the commands ----------------------------------------------------------------------------
+def register(app: typer.Typer) -> None:
+    """Add ``list``, ``show``, ``import-pt``, ``export`` and ``verify`` to the ``p2pz`` app.
 
-    check_encoder(encoder)
-    sources = list(items or [])
-    if authors:
-        sources += list(AUTHORS_SD14_URLS.values())
-        if encoder is None and model is None:
-            encoder = "openai/clip-vit-large-patch14"
-    if not sources:
-        raise P2PZError("nothing to import: give folders, .pt files or URLs, or --authors")
-    concepts = import_pt(sources, pack=pack, encoder=encoder, model=model, names=name, progress=not as_json)
-    if as_json:
-        return print_json([_concept_info(c) | {"captions_sample": []} for c in concepts])
-    for c in concepts:
-        out.print(
-            f"imported {safe_text(c.ref)}  ({safe_text(c.encoder.id)}, {c.dtype}, hash {c.content_hash[:12]})"
-        )
-
-
-# --- export -------------------------------------------------------------------------------------
-@app.command("export")
-def export_cmd(
-    name: Annotated[str, typer.Argument(help="A direction ('cat->dog') or a concept.")],
-    to: Annotated[Path, typer.Option("--to", help="Folder to write into (created if missing).")],
-    fmt: Annotated[
-        str, typer.Option("--format", help="pt (torch.save, as the authors ship) or safetensors.")
-    ] = "pt",
-    model: ModelOpt = None,
-    encoder: EncoderOpt = None,
-    pack: PackOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """Write concepts as [1, 77, D] tensors, so the diffusers docs snippets work with our data.
-
-    A direction writes its source and target concepts (``cat.pt``, ``dog.pt``).
+    Every command module has a ``register(app)`` like this one (called below, then those of
+    `COMMAND_MODULES`): its commands are defined inside it with ``@app.command(NAME)`` and take the
+    options they share from `cli_options`.
     """
-    from .exporting import export
 
-    check_encoder(encoder)
-    if fmt not in ("pt", "safetensors"):
-        raise P2PZError(f"--format {fmt!r}: use 'pt' or 'safetensors'")
-    files = export(name, to, fmt=fmt, model=model, encoder=encoder, pack=pack, store=_store())
-    if as_json:
-        return print_json([str(f) for f in files])
-    for f in files:
-        out.print(f"wrote {f}")
+    @app.command("list")
+    def list_cmd(
+        pattern: Annotated[
+            str, typer.Argument(help="Shell-style pattern: 'cat*' or, with '->', directions.")
+        ] = "*",
+        model: ModelOpt = None,
+        encoder: EncoderOpt = None,
+        pack: PackOpt = None,
+        show_directions: Annotated[
+            bool,
+            typer.Option("--directions", help="List directions, not concepts (-d is --direction elsewhere)."),
+        ] = False,
+        as_json: JsonOpt = False,
+    ) -> None:
+        """List stored concepts (or, with --directions or a pattern containing '->', directions)."""
+        import fnmatch
 
+        from . import directions
+        from .directions import _norm_pattern, resolve_encoder_id
 
-# --- verify -------------------------------------------------------------------------------------
-@app.command("verify")
-def verify_cmd(pack: PackOpt = None, as_json: JsonOpt = False) -> None:
-    """Check every stored file against its hashes; exit 1 if any is damaged."""
-    store = _store()
-    n, problems = store.verify(pack)
-    if as_json:
-        print_json(
-            {"checked": n, "problems": [{"path": str(p.path), "message": p.message} for p in problems]}
-        )
-    else:
-        for p in problems:
-            err.print(f"[red]damaged[/red] {safe_text(p.path)}: {safe_text(p.message)}")
-        out.print(f"checked {n} concept versions in {store.root}: {len(problems)} damaged")
-        if problems:
-            err.print(
-                "Fix: re-import the concept (`p2pz import-pt`), rebuild it, or re-pull its pack (`p2pz pull`)."
+        check_encoder(encoder)
+        store = _store()
+        if show_directions or naming.ARROW in pattern:
+            names = directions.list(pattern, model=model, encoder=encoder, pack=pack, store=store)
+            if as_json:
+                return print_json(names)
+            if not names:
+                err.print(f"no directions match {pattern!r} in {store.root}")
+                return
+            return _print_directions(store, names, model, encoder, pack)
+        enc_id = resolve_encoder_id(model, encoder)
+        pat = _norm_pattern(pattern)
+        entries = [
+            e
+            for e in (store.entries(pack=pack, encoder=enc_id, skip_damaged=True))
+            if fnmatch.fnmatchcase(e.name, pat)
+        ]
+        rows: dict[tuple[str, str, str], list] = {}
+        for e in entries:
+            rows.setdefault((e.pack, e.encoder.id, e.name), []).append(e)
+        if as_json:
+            return print_json(
+                [
+                    {
+                        "pack": p,
+                        "name": n,
+                        "encoder": enc,
+                        "hidden_size": es[-1].encoder.hidden_size,
+                        "versions": [x.version for x in es],
+                        "latest": es[-1].version,
+                        "content_hash": es[-1].content_hash,
+                        "num_captions": es[-1].num_captions,
+                        "created": es[-1].created,
+                    }
+                    for (p, enc, n), es in rows.items()
+                ]
             )
-    if problems:
-        raise typer.Exit(1)
+        if not rows:
+            err.print(
+                f"no concepts match {pattern!r} in {store.root}. Import some with `p2pz import-pt`, "
+                "build them with `p2pz build`, or pull a pack with `p2pz pull`."
+            )
+            return
+        t = Table(title=f"concepts in {store.root}", title_justify="left")
+        for col in ("pack", "concept", "versions", "encoder", "D", "captions", "hash"):
+            t.add_column(col)
+        for (p, enc, n), es in rows.items():
+            last = es[-1]
+            t.add_row(
+                safe_text(p),
+                safe_text(n),
+                ",".join(str(x.version) for x in es),
+                safe_text(enc),
+                str(last.encoder.hidden_size),
+                "-" if last.num_captions is None else str(last.num_captions),
+                last.content_hash[:12],
+            )
+        print_table(out, t)
+        n_dir = len(directions.list("*", model=model, encoder=encoder, pack=pack, store=store))
+        out.print(
+            f"{n_dir} directions available: `p2pz list --directions` lists them, `p2pz show a->b` shows one."
+        )
+
+    @app.command("show")
+    def show_cmd(
+        name: Annotated[
+            str, typer.Argument(help="A direction ('cat->dog') or a concept ('cat', 'pack:cat@2').")
+        ],
+        model: ModelOpt = None,
+        encoder: EncoderOpt = None,
+        pack: PackOpt = None,
+        as_json: JsonOpt = False,
+        with_diagnostics: Annotated[
+            bool,
+            typer.Option(
+                "--diagnostics",
+                "-D",
+                help="Also the embedding diagnostics (token positions moved, caption diversity, entangled directions).",
+            ),
+        ] = False,
+    ) -> None:
+        """Show a direction or concept: metadata, norms, a few captions, recorded scores."""
+        import numpy as np
+
+        from . import directions
+
+        check_encoder(encoder)
+        store = _store()
+        found = directions.resolve_entries(name, model=model, encoder=encoder, pack=pack, store=store)
+        if len(found) == 2:
+            (src, s), (tgt, t) = _entry_info(found[0]), _entry_info(found[1])
+            delta = t - s
+            tok_norm = np.linalg.norm(delta, axis=-1)
+            denom = float(np.linalg.norm(s) * np.linalg.norm(t)) or 1.0
+            cos = float((s.ravel() * t.ravel()).sum()) / denom
+            d_name = _direction_name(src, tgt)
+            info = {
+                "direction": d_name,
+                "encoder": src["encoder"],
+                "delta_shape": [1, *delta.shape],
+                "delta_norm": round(float(np.linalg.norm(delta)), 4),
+                "delta_token_norm": {
+                    "min": round(float(tok_norm.min()), 4),
+                    "max": round(float(tok_norm.max()), 4),
+                    "mean": round(float(tok_norm.mean()), 4),
+                },
+                "cosine_source_target": round(cos, 6),
+                "source": src,
+                "target": tgt,
+            }
+            from . import records  # recorded scores (p2pz eval --record): JSON, no torch
+
+            recs = records.for_hashes(src["content_hash"], tgt["content_hash"], store)
+            info["evaluations"] = [r.summary() for r in recs]
+            diag = None
+            if with_diagnostics:  # needs torch (and MiniLM for caption diversity): only when asked
+                from . import diagnostics
+                from . import directions as _directions
+
+                d = _directions.load(name, model=model, encoder=encoder, pack=pack, store=store)
+                diag = diagnostics.diagnose(d, store) if d.is_simple else None
+                info["diagnostics"] = diag.to_dict() if diag else None
+            if as_json:
+                return print_json(info)
+            enc = info["encoder"]
+            out.print(
+                f"[bold]{safe_text(d_name)}[/bold]  encoder {safe_text(enc['id'])} (D={enc['hidden_size']})"
+            )
+            out.print(
+                f"delta {info['delta_shape']}  norm {info['delta_norm']}  per-token norm "
+                f"{info['delta_token_norm']['min']}..{info['delta_token_norm']['max']}  "
+                f"cos(source, target) {info['cosine_source_target']}"
+            )
+            for side in ("source", "target"):
+                _print_concept(info[side], side)
+            if diag:
+                diagnostics.render(diag, out)
+            elif not as_json:
+                out.print("(embedding diagnostics: `p2pz show NAME --diagnostics`)")
+            records.render(recs, out)
+            return
+        info, _ = _entry_info(found[0])
+        if as_json:
+            return print_json(info)
+        _print_concept(info, "concept")
+
+    @app.command("import-pt")
+    def import_pt_cmd(
+        items: Annotated[
+            list[str] | None,
+            typer.Argument(help="Folders of .pt files, .pt files, or http(s) URLs.", show_default=False),
+        ] = None,
+        pack: Annotated[str, pack_option("Pack to import into.")] = "local",
+        encoder: EncoderOpt = None,
+        model: ModelOpt = None,
+        name: Annotated[
+            list[str] | None, typer.Option("--name", help="Concept name per file (default: the file's stem).")
+        ] = None,
+        authors: Annotated[
+            bool,
+            typer.Option(
+                "--authors", help="Import the pix2pix-zero authors' SD 1.4 concepts from their URLs."
+            ),
+        ] = False,
+        as_json: JsonOpt = False,
+    ) -> None:
+        """Import legacy .pt concept embeddings (read with torch.load(weights_only=True) only)."""
+        from .legacy import AUTHORS_SD14_URLS, import_pt
+
+        check_encoder(encoder)
+        sources = list(items or [])
+        if authors:
+            sources += list(AUTHORS_SD14_URLS.values())
+            if encoder is None and model is None:
+                encoder = "openai/clip-vit-large-patch14"
+        if not sources:
+            raise P2PZError("nothing to import: give folders, .pt files or URLs, or --authors")
+        concepts = import_pt(
+            sources, pack=pack, encoder=encoder, model=model, names=name, progress=not as_json
+        )
+        if as_json:
+            return print_json([_concept_info(c) | {"captions_sample": []} for c in concepts])
+        for c in concepts:
+            out.print(
+                f"imported {safe_text(c.ref)}  ({safe_text(c.encoder.id)}, {c.dtype}, hash {c.content_hash[:12]})"
+            )
+
+    @app.command("export")
+    def export_cmd(
+        name: Annotated[str, typer.Argument(help="A direction ('cat->dog') or a concept.")],
+        to: Annotated[Path, typer.Option("--to", help="Folder to write into (created if missing).")],
+        fmt: Annotated[
+            str, typer.Option("--format", help="pt (torch.save, as the authors ship) or safetensors.")
+        ] = "pt",
+        model: ModelOpt = None,
+        encoder: EncoderOpt = None,
+        pack: PackOpt = None,
+        as_json: JsonOpt = False,
+    ) -> None:
+        """Write concepts as [1, 77, D] tensors, so the diffusers docs snippets work with our data.
+
+        A direction writes its source and target concepts (``cat.pt``, ``dog.pt``).
+        """
+        from .exporting import export
+
+        check_encoder(encoder)
+        if fmt not in ("pt", "safetensors"):
+            raise P2PZError(f"--format {fmt!r}: use 'pt' or 'safetensors'")
+        files = export(name, to, fmt=fmt, model=model, encoder=encoder, pack=pack, store=_store())
+        if as_json:
+            return print_json([str(f) for f in files])
+        for f in files:
+            out.print(f"wrote {f}")
+
+    @app.command("verify")
+    def verify_cmd(pack: PackOpt = None, as_json: JsonOpt = False) -> None:
+        """Check every stored file against its hashes; exit 1 if any is damaged."""
+        store = _store()
+        n, problems = store.verify(pack)
+        if as_json:
+            print_json(
+                {"checked": n, "problems": [{"path": str(p.path), "message": p.message} for p in problems]}
+            )
+        else:
+            for p in problems:
+                err.print(f"[red]damaged[/red] {safe_text(p.path)}: {safe_text(p.message)}")
+            out.print(f"checked {n} concept versions in {store.root}: {len(problems)} damaged")
+            if problems:
+                err.print(
+                    "Fix: re-import the concept (`p2pz import-pt`), rebuild it, or re-pull its pack (`p2pz pull`)."
+                )
+        if problems:
+            raise typer.Exit(1)
 
 
-# --- optional command groups --------------------------------------------------------------------
-_OPTIONAL = ("cli_build", "cli_edit", "cli_mask", "cli_hub", "cli_app", "cli_eval", "cli_batch")
-for _mod in _OPTIONAL:
+# --- registration -------------------------------------------------------------------------------
+#: the other modules whose ``register(app)`` adds commands, after this module's own; one that is
+#: missing (a trimmed install) is skipped, one that fails to import for another reason is an error
+COMMAND_MODULES = ("cli_build", "cli_edit", "cli_mask", "cli_hub", "cli_app", "cli_eval", "cli_batch")
+register(app)
+for _mod in COMMAND_MODULES:
     try:
         _m = importlib.import_module(f"p2pz_directions.{_mod}")
     except ImportError as _e:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .cli_options import DeviceOpt, DtypeOpt
+from .cli_options import DEFAULT_MODEL, DeviceOpt, DtypeOpt, model_option, steps_option
 
 
 def register(app: typer.Typer) -> None:
@@ -16,10 +16,7 @@ def register(app: typer.Typer) -> None:
     @app.command("app")
     def app_cmd(
         model: Annotated[
-            str | None,
-            typer.Option(
-                "--model", "-m", help="Diffusers model id or folder (default CompVis/stable-diffusion-v1-4)."
-            ),
+            str | None, model_option(f"Diffusers model id or folder (default {DEFAULT_MODEL}).")
         ] = None,
         demo: Annotated[
             bool,
@@ -34,7 +31,7 @@ def register(app: typer.Typer) -> None:
         port: Annotated[int, typer.Option("--port", help="Port to serve on.")] = 7860,
         share: Annotated[bool, typer.Option("--share", help="Also make a public gradio.live link.")] = False,
         open_browser: Annotated[bool, typer.Option("--open", help="Open the page in a browser.")] = False,
-        steps: Annotated[int | None, typer.Option("--steps", help="Steps the page starts with.")] = None,
+        steps: Annotated[int | None, steps_option("Steps the page starts with.")] = None,
         device: DeviceOpt = None,
         dtype: DtypeOpt = None,
     ) -> None:

@@ -13,29 +13,33 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
 
-from .cli_options import DeviceOpt, DtypeOpt
+from .cli_options import (
+    DEFAULT_MODEL,
+    DeviceOpt,
+    DirectionsOpt,
+    DtypeOpt,
+    EditorOpt,
+    GuidanceScaleOpt,
+    InpaintStrengthOpt,
+    JsonOpt,
+    NegativePromptOpt,
+    OptOpt,
+    PromptOpt,
+    QuietOpt,
+    RunModelOpt,
+    SeedsOpt,
+    StepsOpt,
+    StrengthOpt,
+    XaGuidanceOpt,
+)
 
-DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False)
-
-
-def _parse_opt(pairs: list[str] | None) -> dict[str, Any]:
-    opts: dict[str, Any] = {}
-    for item in pairs or []:
-        if "=" not in item:
-            raise typer.BadParameter(f"--opt takes KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        try:
-            opts[key.strip().replace("-", "_")] = json.loads(value)
-        except ValueError:
-            opts[key.strip().replace("-", "_")] = value
-    return opts
 
 
 def relaunch_args(ctx: typer.Context, drop: tuple[str, ...] = ("gpus",)) -> list[str]:
@@ -99,41 +103,21 @@ def register(app: typer.Typer) -> None:
             typer.Argument(help="Images, folders, globs ('photos/*.jpg') or job files (.jsonl / .csv)."),
         ] = None,
         out_dir: Annotated[
-            Path, typer.Option("--out", "-o", help="Output folder (created; resumable).")
+            Path,
+            typer.Option("--output", "--out", "-o", help="Output folder (created; resumable)."),
         ] = ...,
-        direction: Annotated[
-            list[str] | None,
-            typer.Option("--direction", "-d", help="Direction name, e.g. 'cat->dog'. Repeatable."),
-        ] = None,
-        seeds: Annotated[str, typer.Option("--seeds", help="Seeds: '0', '0,1', '0-3'.")] = "0",
-        editor: Annotated[
-            str, typer.Option("--editor", "-e", help="Editor plugin (see `p2pz plugins`).")
-        ] = "pix2pix-zero",
-        model: Annotated[
-            str, typer.Option("--model", "-m", help="Diffusers model id or folder.")
-        ] = DEFAULT_MODEL,
-        prompt: Annotated[
-            str | None, typer.Option("--prompt", help="Caption of every image (skips BLIP).")
-        ] = None,
-        negative_prompt: Annotated[
-            str | None, typer.Option("--negative-prompt", help="Negative prompt.")
-        ] = None,
-        steps: Annotated[
-            int | None, typer.Option("--steps", help="Sampling steps (editor default: 50).")
-        ] = None,
-        guidance_scale: Annotated[
-            float | None, typer.Option("--guidance-scale", help="Classifier-free guidance (default 7.5).")
-        ] = None,
-        xa_guidance: Annotated[
-            float | None, typer.Option("--xa-guidance", help="pix2pix-zero cross-attention guidance.")
-        ] = None,
-        strength: Annotated[float | None, typer.Option("--strength", help="SDEdit: noise strength.")] = None,
-        inpaint_strength: Annotated[
-            float | None, typer.Option("--inpaint-strength", help="DiffEdit: inversion strength.")
-        ] = None,
-        opt: Annotated[
-            list[str] | None, typer.Option("--opt", help="Any other editor option, KEY=VALUE. Repeatable.")
-        ] = None,
+        direction: DirectionsOpt = None,
+        seeds: SeedsOpt = "0",
+        editor: EditorOpt = "pix2pix-zero",
+        model: RunModelOpt = DEFAULT_MODEL,
+        prompt: PromptOpt = None,
+        negative_prompt: NegativePromptOpt = None,
+        steps: StepsOpt = None,
+        guidance_scale: GuidanceScaleOpt = None,
+        xa_guidance: XaGuidanceOpt = None,
+        strength: StrengthOpt = None,
+        inpaint_strength: InpaintStrengthOpt = None,
+        opt: OptOpt = None,
         sweep: Annotated[
             list[str] | None,
             typer.Option("--sweep", help="An option's values to cross: KEY=V1,V2 (e.g. strength=0.5,0.75)."),
@@ -182,27 +166,26 @@ def register(app: typer.Typer) -> None:
         private: Annotated[
             bool, typer.Option("--private", help="With --push-to-hub: a private repo.")
         ] = False,
-        as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
-        quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+        as_json: JsonOpt = False,
+        quiet: QuietOpt = False,
     ) -> None:
         """Edit many images: every input x direction x seed (x --sweep), one PNG each plus results.parquet."""
         from .batch import runner
         from .batch.results import push_to_hub as push
+        from .cli_options import editor_kwargs, parse_opts
 
         if gpus is not None and gpus < 1:
             raise typer.BadParameter("--gpus takes a number of GPUs, 1 or more", param_hint="--gpus")
-        options: dict[str, Any] = {}
-        given = {
-            "prompt": prompt,
-            "negative_prompt": negative_prompt,
-            "num_inference_steps": steps,
-            "guidance_scale": guidance_scale,
-            "cross_attention_guidance_amount": xa_guidance,
-            "strength": strength,
-            "inpaint_strength": inpaint_strength,
-        }
-        options.update({k: v for k, v in given.items() if v is not None})
-        options.update(_parse_opt(opt))
+        options = editor_kwargs(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            xa_guidance=xa_guidance,
+            strength=strength,
+            inpaint_strength=inpaint_strength,
+        )
+        options.update(parse_opts(opt))  # typed by the editor once it is loaded (runner)
         # the plan first: bad inputs, job files or sweeps are errors before any model work or launch
         plan = runner.plan_jobs(
             list(inputs or []),

@@ -30,7 +30,16 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from .cli_options import DeviceOpt, DtypeOpt
+from .cli_options import (
+    DeviceOpt,
+    DtypeOpt,
+    EncoderOpt,
+    JsonOpt,
+    ModelOpt,
+    SeedOpt,
+    model_option,
+    pack_option,
+)
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -144,13 +153,8 @@ def register(app: typer.Typer) -> None:
     def build_cmd(
         source: Annotated[str, typer.Argument(help="Source concept, e.g. 'cat'.")],
         target: Annotated[str, typer.Argument(help="Target concept, e.g. 'dog'.")],
-        model: Annotated[
-            str | None,
-            typer.Option("--model", "-m", help="Diffusers model id or folder whose text encoder is used."),
-        ] = None,
-        encoder: Annotated[
-            str | None, typer.Option("--encoder", help="A CLIP text encoder id or folder instead.")
-        ] = None,
+        model: ModelOpt = None,
+        encoder: EncoderOpt = None,
         n: Annotated[int, typer.Option("--n", "-n", help="Usable captions per concept.")] = 1000,
         captioner: Annotated[
             str, typer.Option("--captioner", "-c", help="flan-t5 | templates | file (or a registered one).")
@@ -164,10 +168,10 @@ def register(app: typer.Typer) -> None:
         target_captions: Annotated[
             Path | None, typer.Option("--target-captions", help="Caption file for the target, one per line.")
         ] = None,
-        seed: Annotated[int, typer.Option("--seed", help="Seed of the captioner.")] = 0,
+        seed: SeedOpt = 0,
         device: DeviceOpt = None,
         dtype: DtypeOpt = None,
-        pack: Annotated[str, typer.Option("--pack", "-p", help="Local pack to publish into.")] = "local",
+        pack: Annotated[str, pack_option("Local pack to publish into.")] = "local",
         batch_size: Annotated[
             int, typer.Option("--batch-size", help="Captions per text-encoder batch.")
         ] = 1024,
@@ -203,7 +207,7 @@ def register(app: typer.Typer) -> None:
         show: Annotated[
             int, typer.Option("--show", help="With --dry-run: captions printed per concept (0: all).")
         ] = 20,
-        as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+        as_json: JsonOpt = False,
     ) -> None:
         """Build SOURCE and TARGET concepts from captions and publish them: the direction SOURCE->TARGET."""
         from .builder import DEFAULT_MODEL, run_build
@@ -261,26 +265,21 @@ def register(app: typer.Typer) -> None:
     @app.command("reencode")
     def reencode_cmd(
         name: Annotated[str, typer.Argument(help="Stored concept, e.g. 'cat', 'mypack:cat@2'.")],
-        model: Annotated[
-            str | None, typer.Option("--model", "-m", help="Diffusers model id or folder to embed for.")
-        ] = None,
-        encoder: Annotated[
-            str | None, typer.Option("--encoder", help="A CLIP text encoder id or folder instead.")
-        ] = None,
+        model: Annotated[str | None, model_option("Diffusers model id or folder to embed for.")] = None,
+        encoder: EncoderOpt = None,
         from_encoder: Annotated[
             str | None,
             typer.Option(
                 "--from-encoder", help="Take the captions of the version built for this model/encoder."
             ),
         ] = None,
-        pack: Annotated[
-            str | None,
-            typer.Option("--pack", "-p", help="Pack to publish into (default: the source's pack)."),
-        ] = None,
+        pack: Annotated[str | None, pack_option("Pack to publish into (default: the source's pack).")] = None,
         device: DeviceOpt = None,
         dtype: DtypeOpt = None,
-        batch_size: Annotated[int, typer.Option("--batch-size")] = 1024,
-        as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+        batch_size: Annotated[
+            int, typer.Option("--batch-size", help="Captions per text-encoder batch.")
+        ] = 1024,
+        as_json: JsonOpt = False,
     ) -> None:
         """Embed a stored concept's captions with another model's text encoder (no caption model needed)."""
         from .builder import reencode
@@ -325,10 +324,10 @@ def register(app: typer.Typer) -> None:
     def build_pack_cmd(
         names: Annotated[list[str] | None, typer.Argument(help="Recipe names (default: all).")] = None,
         model: Annotated[
-            str | None, typer.Option("--model", "-m", help="Model to build for (default: recipe's first).")
+            str | None, model_option("Model to build for (default: the recipe's first).")
         ] = None,
-        encoder: Annotated[str | None, typer.Option("--encoder")] = None,
-        pack: Annotated[str, typer.Option("--pack", "-p", help="Local pack to publish into.")] = "official",
+        encoder: EncoderOpt = None,
+        pack: Annotated[str, pack_option("Local pack to publish into.")] = "official",
         recipes_dir: Annotated[
             Path | None, typer.Option("--recipes", help="Folder of recipe .toml files.")
         ] = None,
@@ -342,7 +341,7 @@ def register(app: typer.Typer) -> None:
         device: DeviceOpt = None,
         dtype: DtypeOpt = None,
         list_only: Annotated[bool, typer.Option("--list", help="List the recipes and exit.")] = False,
-        as_json: Annotated[bool, typer.Option("--json")] = False,
+        as_json: JsonOpt = False,
     ) -> None:
         """Rebuild concepts of the official pack from their recipes (registry/recipes/*.toml)."""
         from . import recipes

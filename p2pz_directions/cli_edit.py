@@ -18,10 +18,30 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .cli_options import DeviceOpt, DtypeOpt, SeedOpt
+from .cli_options import (
+    DEFAULT_MODEL,
+    DeviceOpt,
+    DtypeOpt,
+    EditorOpt,
+    GuidanceScaleOpt,
+    InpaintStrengthOpt,
+    JsonOpt,
+    NegativePromptOpt,
+    OptOpt,
+    PromptOpt,
+    QuietOpt,
+    RunModelOpt,
+    SeedOpt,
+    StepsOpt,
+    StrengthOpt,
+    XaGuidanceOpt,
+    direction_option,
+    editor_option,
+    output_option,
+    steps_option,
+)
 from .errors import P2PZError
 
-DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
 #: the image captioner editors use when no --prompt is given (the ``blip`` plugin's model)
 BLIP_DEFAULT = "Salesforce/blip-image-captioning-base"
 out = Console(highlight=False, soft_wrap=True)
@@ -170,54 +190,20 @@ def register(app: typer.Typer) -> None:
                 show_default=False,
             ),
         ] = None,
-        direction: Annotated[
-            list[str],
-            typer.Option(
-                "--direction",
-                "-d",
-                help="Direction name, e.g. 'cat->dog' or 'pack:cat@1->dog' (quote it). Repeat to apply several.",
-            ),
-        ] = ...,
+        direction: Annotated[list[str], direction_option()] = ...,
         output: Annotated[
             str | None,
-            typer.Option(
-                "--output",
-                "-o",
-                help="Image file for the edit (.png, .jpg ...), or a folder for several images.",
-            ),
+            output_option("Image file for the edit (.png, .jpg ...), or a folder for several images."),
         ] = None,
-        editor: Annotated[
-            str, typer.Option("--editor", "-e", help="Editor plugin (see `p2pz plugins`).")
-        ] = "pix2pix-zero",
-        model: Annotated[
-            str, typer.Option("--model", "-m", help="Diffusers model id or folder.")
-        ] = DEFAULT_MODEL,
-        prompt: Annotated[
-            str | None,
-            typer.Option("--prompt", help="Caption of the image (skips BLIP) or, without IMAGE, the prompt."),
-        ] = None,
-        negative_prompt: Annotated[
-            str | None, typer.Option("--negative-prompt", help="Negative prompt.")
-        ] = None,
-        steps: Annotated[
-            int | None, typer.Option("--steps", help="Sampling steps (editor default: 50).")
-        ] = None,
-        guidance_scale: Annotated[
-            float | None, typer.Option("--guidance-scale", help="Classifier-free guidance (default 7.5).")
-        ] = None,
-        xa_guidance: Annotated[
-            float | None,
-            typer.Option(
-                "--xa-guidance",
-                help="pix2pix-zero cross-attention guidance (default 0.1; SD 2.x needs 0.01 or less).",
-            ),
-        ] = None,
-        strength: Annotated[
-            float | None, typer.Option("--strength", help="SDEdit: noise strength in (0, 1].")
-        ] = None,
-        inpaint_strength: Annotated[
-            float | None, typer.Option("--inpaint-strength", help="DiffEdit: inversion strength in (0, 1].")
-        ] = None,
+        editor: EditorOpt = "pix2pix-zero",
+        model: RunModelOpt = DEFAULT_MODEL,
+        prompt: PromptOpt = None,
+        negative_prompt: NegativePromptOpt = None,
+        steps: StepsOpt = None,
+        guidance_scale: GuidanceScaleOpt = None,
+        xa_guidance: XaGuidanceOpt = None,
+        strength: StrengthOpt = None,
+        inpaint_strength: InpaintStrengthOpt = None,
         mask: Annotated[
             Path | None, typer.Option("--mask", help="DiffEdit: a mask image (white = edit).")
         ] = None,
@@ -235,14 +221,9 @@ def register(app: typer.Typer) -> None:
         ] = False,
         device: DeviceOpt = None,
         dtype: DtypeOpt = None,
-        opt: Annotated[
-            list[str] | None,
-            typer.Option(
-                "--opt", help="Any other editor option, KEY=VALUE (e.g. --opt lambda_kl=10). Repeatable."
-            ),
-        ] = None,
-        as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
-        quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+        opt: OptOpt = None,
+        as_json: JsonOpt = False,
+        quiet: QuietOpt = False,
     ) -> None:
         """Apply a named direction to images (or to one generated from --prompt)."""
         from . import editors
@@ -253,6 +234,7 @@ def register(app: typer.Typer) -> None:
             check_image_output,
             check_inputs,
             check_model_available,
+            editor_kwargs,
             quiet_loading,
         )
 
@@ -272,17 +254,19 @@ def register(app: typer.Typer) -> None:
             check_image_output(save_mask, "--save-mask")
         check_model_available(model)
         options: dict[str, Any] = {"seed": seed}
-        given = {
-            "prompt": prompt,
-            "negative_prompt": negative_prompt,
-            "num_inference_steps": steps,
-            "guidance_scale": guidance_scale,
-            "cross_attention_guidance_amount": xa_guidance,
-            "strength": strength,
-            "inpaint_strength": inpaint_strength,
-            "mask": str(mask) if mask is not None else None,
-        }
-        options.update({k: v for k, v in given.items() if v is not None})
+        options.update(
+            editor_kwargs(
+                prompt=prompt,
+                negative_prompt=negative_prompt,
+                steps=steps,
+                guidance_scale=guidance_scale,
+                xa_guidance=xa_guidance,
+                strength=strength,
+                inpaint_strength=inpaint_strength,
+            )
+        )
+        if mask is not None:
+            options["mask"] = str(mask)
 
         # 2. the editor (nothing loaded yet), its typed options, the directions by name
         quiet_loading()
@@ -385,7 +369,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("plugins")
     def plugins_cmd(
-        as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+        as_json: JsonOpt = False,
         verbose: Annotated[
             bool, typer.Option("--verbose", "-v", help="Show tracebacks of failures.")
         ] = False,
@@ -423,14 +407,14 @@ def register(app: typer.Typer) -> None:
     @app.command("demo")
     def demo_cmd(
         out_dir: Annotated[
-            Path, typer.Option("--out", help="Folder for the model, registry and pictures.")
+            Path,
+            typer.Option("--output", "--out", "-o", help="Folder for the model, registry and pictures."),
         ] = Path("p2pz-demo"),
-        steps: Annotated[int, typer.Option("--steps", help="Sampling steps per editor.")] = 4,
+        steps: Annotated[int, steps_option("Sampling steps per editor.")] = 4,
         editor: Annotated[
-            list[str] | None,
-            typer.Option("--editor", "-e", help="Only these editors (default: every installed one)."),
+            list[str] | None, editor_option("Only these editors (default: every installed one).")
         ] = None,
-        as_json: Annotated[bool, typer.Option("--json", help="Print a JSON report.")] = False,
+        as_json: JsonOpt = False,
     ) -> None:
         """Run the whole flow offline on a tiny random-weight model (a plumbing check, not a picture)."""
         from .cli_options import quiet_loading

@@ -18,44 +18,29 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .cli_options import DeviceOpt, DtypeOpt
+from .cli_options import (
+    DEFAULT_MODEL,
+    DeviceOpt,
+    DtypeOpt,
+    EditorsOpt,
+    GuidanceScaleOpt,
+    InpaintStrengthOpt,
+    JsonOpt,
+    NegativePromptOpt,
+    OptOpt,
+    PromptOpt,
+    QuietOpt,
+    RunModelOpt,
+    SeedsOpt,
+    StepsOpt,
+    StrengthOpt,
+    XaGuidanceOpt,
+    output_option,
+)
 from .errors import P2PZError
 
-DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False)
-
-
-def _parse_seeds(text: str) -> list[int]:
-    seeds: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            if "-" in part[1:]:
-                a, b = part.split("-", 1) if not part.startswith("-") else (part, part)
-                seeds.extend(range(int(a), int(b) + 1))
-            else:
-                seeds.append(int(part))
-        except ValueError:
-            raise typer.BadParameter(f"--seeds takes integers like 0,1,2 or 0-4, got {text!r}") from None
-    if not seeds:
-        raise typer.BadParameter("--seeds needs at least one seed")
-    return seeds
-
-
-def _parse_opt(pairs: list[str] | None) -> dict[str, Any]:
-    opts: dict[str, Any] = {}
-    for item in pairs or []:
-        if "=" not in item:
-            raise typer.BadParameter(f"--opt takes KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        try:
-            opts[key.strip().replace("-", "_")] = json.loads(value)
-        except ValueError:
-            opts[key.strip().replace("-", "_")] = value
-    return opts
 
 
 class _Bars:
@@ -131,14 +116,9 @@ def register(app: typer.Typer) -> None:
             list[Path] | None,
             typer.Option("--images", "-i", help="A folder of images, or image files. Repeatable."),
         ] = None,
-        editor: Annotated[
-            list[str] | None,
-            typer.Option("--editor", "-e", help="Editor plugin(s); repeatable. Default pix2pix-zero."),
-        ] = None,
-        model: Annotated[
-            str, typer.Option("--model", "-m", help="Diffusers model id or folder.")
-        ] = DEFAULT_MODEL,
-        seeds: Annotated[str, typer.Option("--seeds", help="Seeds, e.g. 0,1,2 or 0-4.")] = "0",
+        editor: EditorsOpt = None,
+        model: RunModelOpt = DEFAULT_MODEL,
+        seeds: SeedsOpt = "0",
         scorer: Annotated[
             list[str] | None,
             typer.Option(
@@ -154,16 +134,17 @@ def register(app: typer.Typer) -> None:
             str | None,
             typer.Option("--dino-model", help="DINO ViT id or folder (default facebook/dino-vitb8)."),
         ] = None,
-        prompt: Annotated[
-            str | None, typer.Option("--prompt", help="Caption of every input (skips the captioner).")
-        ] = None,
-        steps: Annotated[int | None, typer.Option("--steps", help="Sampling steps (editor default).")] = None,
+        prompt: PromptOpt = None,
+        negative_prompt: NegativePromptOpt = None,
+        steps: StepsOpt = None,
+        guidance_scale: GuidanceScaleOpt = None,
+        xa_guidance: XaGuidanceOpt = None,
+        strength: StrengthOpt = None,
+        inpaint_strength: InpaintStrengthOpt = None,
         prompt_template: Annotated[
             str, typer.Option("--prompt-template", help="CLIP text for a concept; '{}' is its name.")
         ] = "a photo of a {}",
-        opt: Annotated[
-            list[str] | None, typer.Option("--opt", help="Any other editor option, KEY=VALUE. Repeatable.")
-        ] = None,
+        opt: OptOpt = None,
         record: Annotated[
             bool, typer.Option("--record", help="Store the scores with the concept pair, in its pack.")
         ] = False,
@@ -173,7 +154,7 @@ def register(app: typer.Typer) -> None:
         ] = None,
         output: Annotated[
             Path,
-            typer.Option("--output", "-o", help="JSON results file; the grid image is written beside it."),
+            output_option("JSON results file; the grid image is written beside it."),
         ] = Path("p2pz-eval.json"),
         batch_size: Annotated[
             int, typer.Option("--batch-size", help="Images per editor call, for editors that take lists.")
@@ -184,8 +165,8 @@ def register(app: typer.Typer) -> None:
         ] = False,
         device: DeviceOpt = None,
         dtype: DtypeOpt = None,
-        as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
-        quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+        as_json: JsonOpt = False,
+        quiet: QuietOpt = False,
     ) -> None:
         """Score directions: edit --images along each direction, measure CLIP accuracy, structure distance,
         CLIP directional similarity and background SSIM; mean ± std, winners, a grid image, optional record."""
@@ -222,14 +203,21 @@ def register(app: typer.Typer) -> None:
             )
         if not images:
             raise P2PZError("give the images to edit: --images FOLDER (or image files)")
+        from .batch.jobs import parse_seeds
+        from .cli_options import editor_kwargs, parse_opts
         from .editors import parse_dtype
         from .eval import evaluate
 
-        options = _parse_opt(opt)
-        if prompt is not None:
-            options["prompt"] = prompt
-        if steps is not None:
-            options["num_inference_steps"] = steps
+        options = editor_kwargs(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            xa_guidance=xa_guidance,
+            strength=strength,
+            inpaint_strength=inpaint_strength,
+        )
+        options.update(parse_opts(opt))
         models: dict[str, str] = {}
         sc = list(scorer) if scorer else None
         chosen = sc if sc is not None else ["clip", "dino-structure", "background-ssim"]
@@ -251,7 +239,7 @@ def register(app: typer.Typer) -> None:
                 [os.fspath(p) for p in images],
                 editor=editor or ["pix2pix-zero"],
                 model=model,
-                seeds=_parse_seeds(seeds),
+                seeds=parse_seeds(seeds),
                 scorers=sc,
                 scorer_models=models,
                 editor_options=options,

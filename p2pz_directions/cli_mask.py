@@ -15,7 +15,19 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from .cli_options import DeviceOpt, DtypeOpt, SeedOpt
+from .cli_options import (
+    DEFAULT_MODEL,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    QuietOpt,
+    RunModelOpt,
+    SeedOpt,
+    direction_option,
+    opt_option,
+    output_option,
+    steps_option,
+)
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False)
@@ -23,23 +35,20 @@ err = Console(stderr=True, highlight=False)
 
 def register(app: typer.Typer) -> None:
     """Add ``mask`` to the ``p2pz`` app."""
-    from .cli_edit import DEFAULT_MODEL
 
     @app.command("mask")
     def mask_cmd(
         image: Annotated[Path, typer.Argument(help="The image to mask (any format/mode).")],
         direction: Annotated[
             str,
-            typer.Option("--direction", "-d", help="Direction name, e.g. 'bowl of fruits->bowl of pears'."),
+            direction_option("Direction name, e.g. 'bowl of fruits->bowl of pears'."),
         ] = ...,
         output: Annotated[
             str | None,
-            typer.Option("--output", "-o", help="Where to write the mask (PNG; default IMAGE-mask.png)."),
+            output_option("Where to write the mask (PNG; default IMAGE-mask.png)."),
         ] = None,
-        model: Annotated[
-            str, typer.Option("--model", "-m", help="Diffusers model id or folder.")
-        ] = DEFAULT_MODEL,
-        steps: Annotated[int, typer.Option("--steps", help="Schedule length the strength refers to.")] = 50,
+        model: RunModelOpt = DEFAULT_MODEL,
+        steps: Annotated[int, steps_option("Schedule length the strength refers to.")] = 50,
         num_maps: Annotated[
             int, typer.Option("--num-maps", help="Noise draws averaged into the mask (num_maps_per_mask).")
         ] = 10,
@@ -69,10 +78,10 @@ def register(app: typer.Typer) -> None:
         dtype: DtypeOpt = None,
         opt: Annotated[
             list[str] | None,
-            typer.Option("--opt", help="Any other DiffEdit mask option, KEY=VALUE. Repeatable."),
+            opt_option("Any other DiffEdit mask option, KEY=VALUE. Repeatable."),
         ] = None,
-        as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
-        quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+        as_json: JsonOpt = False,
+        quiet: QuietOpt = False,
     ) -> None:
         """Compute DiffEdit's mask of IMAGE for a direction and write it as a PNG (white = edit)."""
         import numpy as np

@@ -21,12 +21,55 @@ import typer
 
 from .errors import P2PZError
 
-ModelOpt = Annotated[
-    str | None, typer.Option("--model", "-m", help="Diffusers model id or folder: picks its text encoder.")
+#: the diffusers model ``edit``, ``batch``, ``eval`` and ``mask`` load when no ``--model`` is given
+DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
+
+
+# --- options every command spells the same way ----------------------------------------------------
+# Each flag (and its short form) is written once, here. A command whose help text differs uses the
+# ``*_option(help)`` factory; the ``*Opt`` aliases carry the usual help. Short flags mean one thing
+# everywhere: -m --model, -p --pack, -d --direction(s), -e --editor, -o --output, -q --quiet.
+def model_option(help: str = "Diffusers model id or folder: picks its text encoder.") -> Any:
+    return typer.Option("--model", "-m", help=help)
+
+
+def pack_option(help: str = "Only this pack.") -> Any:
+    return typer.Option("--pack", "-p", help=help)
+
+
+def direction_option(
+    help: str = "Direction name, e.g. 'cat->dog' or 'pack:cat@1->dog' (quote it). Repeat to apply several.",
+) -> Any:
+    return typer.Option("--direction", "-d", help=help)
+
+
+def editor_option(help: str = "Editor plugin (see `p2pz plugins`).") -> Any:
+    return typer.Option("--editor", "-e", help=help)
+
+
+def output_option(help: str) -> Any:
+    return typer.Option("--output", "-o", help=help)
+
+
+def opt_option(
+    help: str = "Any other editor option, KEY=VALUE (e.g. --opt lambda_kl=10). Repeatable.",
+) -> Any:
+    return typer.Option("--opt", help=help)
+
+
+def steps_option(help: str = "Sampling steps (editor default: 50).") -> Any:
+    return typer.Option("--steps", help=help)
+
+
+ModelOpt = Annotated[str | None, model_option()]
+#: ``--model`` of the commands that run a model (default `DEFAULT_MODEL`)
+RunModelOpt = Annotated[str, model_option(f"Diffusers model id or folder (default {DEFAULT_MODEL}).")]
+EncoderOpt = Annotated[
+    str | None, typer.Option("--encoder", help="Text encoder id or folder (instead of --model).")
 ]
-EncoderOpt = Annotated[str | None, typer.Option("--encoder", help="Text encoder id (instead of --model).")]
-PackOpt = Annotated[str | None, typer.Option("--pack", "-p", help="Only this pack.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+PackOpt = Annotated[str | None, pack_option()]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts (on stdout).")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 DeviceOpt = Annotated[
     str | None, typer.Option("--device", help="cuda, cpu, cuda:1 ... (default: cuda if present).")
 ]
@@ -34,6 +77,63 @@ DtypeOpt = Annotated[
     str | None, typer.Option("--dtype", help="float16 | bfloat16 | float32 (default: float16 on GPU).")
 ]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
+SeedsOpt = Annotated[str, typer.Option("--seeds", help="Seeds: '0', '0,1,2', '0-3' (ranges included).")]
+EditorOpt = Annotated[str, editor_option()]
+EditorsOpt = Annotated[
+    list[str] | None,
+    editor_option("Editor plugin(s) (see `p2pz plugins`); repeatable. Default pix2pix-zero."),
+]
+DirectionsOpt = Annotated[list[str] | None, direction_option()]
+
+# the editor flags `edit`, `batch` and `eval` share; `editor_kwargs` turns them into editor keywords
+PromptOpt = Annotated[
+    str | None,
+    typer.Option("--prompt", help="Caption of the input image(s) (skips BLIP); with no image, the prompt."),
+]
+NegativePromptOpt = Annotated[str | None, typer.Option("--negative-prompt", help="Negative prompt.")]
+StepsOpt = Annotated[int | None, steps_option()]
+GuidanceScaleOpt = Annotated[
+    float | None, typer.Option("--guidance-scale", help="Classifier-free guidance (default 7.5).")
+]
+XaGuidanceOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--xa-guidance",
+        help="pix2pix-zero cross-attention guidance (default 0.1; SD 2.x needs 0.01 or less).",
+    ),
+]
+StrengthOpt = Annotated[float | None, typer.Option("--strength", help="SDEdit: noise strength in (0, 1].")]
+InpaintStrengthOpt = Annotated[
+    float | None, typer.Option("--inpaint-strength", help="DiffEdit: inversion strength in (0, 1].")
+]
+OptOpt = Annotated[list[str] | None, opt_option()]
+
+
+def editor_kwargs(
+    *,
+    prompt: str | None = None,
+    negative_prompt: str | None = None,
+    steps: int | None = None,
+    guidance_scale: float | None = None,
+    xa_guidance: float | None = None,
+    strength: float | None = None,
+    inpaint_strength: float | None = None,
+) -> dict[str, Any]:
+    """The editor keywords the shared flags above stand for; flags left out are left out.
+
+    >>> editor_kwargs(steps=20, xa_guidance=0.05)
+    {'num_inference_steps': 20, 'cross_attention_guidance_amount': 0.05}
+    """
+    given = {
+        "prompt": prompt,
+        "negative_prompt": negative_prompt,
+        "num_inference_steps": steps,
+        "guidance_scale": guidance_scale,
+        "cross_attention_guidance_amount": xa_guidance,
+        "strength": strength,
+        "inpaint_strength": inpaint_strength,
+    }
+    return {k: v for k, v in given.items() if v is not None}
 
 
 class UsageError(P2PZError, ValueError):

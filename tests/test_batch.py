@@ -375,7 +375,7 @@ def test_gpus_launches_accelerate_with_the_same_arguments(capsys, monkeypatch, t
     assert cmd[cmd.index("-m", i) + 1] == "p2pz_directions.batch"
     tail = cmd[cmd.index("p2pz_directions.batch") + 1 :]
     assert tail == [
-        str(tmp_path / "x.png"), "--out", str(tmp_path / "o"), "--direction", "cat->dog", "--direction", "cat->horse",
+        str(tmp_path / "x.png"), "--output", str(tmp_path / "o"), "--direction", "cat->dog", "--direction", "cat->horse",
         "--steps", "3", "--no-check-batch", "--quiet",
     ]  # fmt: skip
     assert "--gpus" not in tail and not (tmp_path / "o").exists()  # nothing ran here

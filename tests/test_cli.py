@@ -97,3 +97,55 @@ def test_console_script_runs():
         [sys.executable, "-m", "p2pz_directions.cli", "--version"], capture_output=True, text=True
     )
     assert r.returncode == 0 and "p2pz-directions" in r.stdout
+
+
+def _options_by_command() -> dict[str, list]:
+    import typer.main
+
+    from p2pz_directions.cli import app
+
+    group = typer.main.get_command(app)
+    ctx = group.context_class(group)
+    return {
+        name: [p for p in group.get_command(ctx, name).params if p.param_type_name == "option"]
+        for name in group.list_commands(ctx)
+    }
+
+
+def test_a_short_flag_means_one_long_flag_in_every_command():
+    """-m is --model wherever it exists (it was --message in `push`), -d --direction, and so on."""
+    by_command = _options_by_command()
+    assert {"edit", "batch", "eval", "mask", "list", "push", "build"} <= set(by_command)
+    meaning: dict[str, set[str]] = {}
+    for params in by_command.values():
+        for p in params:
+            longs = [o for o in p.opts if o.startswith("--")]
+            for short in (o for o in p.opts if not o.startswith("--")):
+                meaning.setdefault(short, set()).add(longs[0])
+    clashes = {s: sorted(m) for s, m in meaning.items() if len(m) > 1}
+    assert not clashes, f"one short flag, several long ones: {clashes}"
+    assert meaning["-m"] == {"--model"} and meaning["-d"] == {"--direction"}
+    push = {o for p in by_command["push"] for o in p.opts}
+    assert "--message" in push and "-m" not in push
+
+
+def test_shared_options_read_the_same_everywhere():
+    """--json, --quiet, --model, --device, ... come from cli_options: one help text each."""
+    helps: dict[str, set[str]] = {}
+    for params in _options_by_command().values():
+        for p in params:
+            helps.setdefault(p.opts[0], set()).add(p.help)
+    for flag in ("--json", "--quiet", "--device", "--dtype", "--encoder", "--seeds", "--negative-prompt"):
+        assert len(helps[flag]) == 1, (flag, helps[flag])
+    # the editor flags of `edit` reach `batch` and `eval` too
+    by_command = _options_by_command()
+    editor_flags = {"--prompt", "--negative-prompt", "--steps", "--guidance-scale", "--xa-guidance"}
+    editor_flags |= {"--strength", "--inpaint-strength", "--opt"}
+    for name in ("edit", "batch", "eval"):
+        assert editor_flags <= {p.opts[0] for p in by_command[name]}, name
+
+
+def test_batch_and_demo_take_output_and_the_old_out():
+    for name in ("batch", "demo"):
+        (out,) = [p for p in _options_by_command()[name] if "-o" in p.opts]
+        assert out.opts[0] == "--output" and "--out" in out.opts
