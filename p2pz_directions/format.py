@@ -243,81 +243,85 @@ def prepare_concept(
     return data, meta, meta_bytes
 
 
-def _require(cond: bool, path: Path, what: str) -> None:
+def require(cond: Any, path: Path, what: str) -> None:
+    """Raise `FormatError` ``"<path>: <what>"`` unless ``cond``: the schema checks' one way to refuse."""
     if not cond:
         raise FormatError(f"{path}: {what}")
 
 
-def validate_manifest(meta: Any, path: Path) -> dict[str, Any]:
-    """Check the schema of a parsed ``concept.json``; raise FormatError naming the file and field."""
-    _require(isinstance(meta, dict), path, "not a JSON object")
-    _require(
-        meta.get("format") == FORMAT_NAME,
-        path,
-        f"'format' is {meta.get('format')!r}, expected {FORMAT_NAME!r}",
-    )
+def check_header(meta: Any, path: Path, name: str, version: int, what: str = "format version") -> int:
+    """The header of every p2pz JSON file (``concept.json``, eval records): a JSON object whose
+    ``format`` is ``name`` and whose integer ``format_version`` is at most ``version``; returns it."""
+    require(isinstance(meta, dict), path, "not a JSON object")
+    require(meta.get("format") == name, path, f"'format' is {meta.get('format')!r}, expected {name!r}")
     fv = meta.get("format_version")
-    _require(isinstance(fv, int), path, "'format_version' missing")
-    if fv > FORMAT_VERSION:
+    require(isinstance(fv, int), path, "'format_version' missing")
+    if fv > version:
         raise FormatError(
-            f"{path}: format version {fv} is newer than this p2pz-directions understands ({FORMAT_VERSION}); "
+            f"{path}: {what} {fv} is newer than this p2pz-directions understands ({version}); "
             "upgrade with `pip install -U p2pz-directions`"
         )
-    _require(isinstance(meta.get("name"), str) and meta["name"], path, "'name' must be a non-empty string")
+    return fv
+
+
+def validate_manifest(meta: Any, path: Path) -> dict[str, Any]:
+    """Check the schema of a parsed ``concept.json``; raise FormatError naming the file and field."""
+    check_header(meta, path, FORMAT_NAME, FORMAT_VERSION)
+    require(isinstance(meta.get("name"), str) and meta["name"], path, "'name' must be a non-empty string")
     try:
         norm = naming.normalize_concept(meta["name"])
     except ValueError as e:
         raise FormatError(f"{path}: bad concept name: {e}") from None
-    _require(norm == meta["name"], path, f"'name' {meta['name']!r} is not in normal form ({norm!r})")
+    require(norm == meta["name"], path, f"'name' {meta['name']!r} is not in normal form ({norm!r})")
     enc = meta.get("encoder")
-    _require(
+    require(
         isinstance(enc, dict) and isinstance(enc.get("id"), str),
         path,
         "'encoder' must be an object with an 'id'",
     )
-    _require(
+    require(
         isinstance(enc.get("hidden_size"), int) and 0 < enc["hidden_size"] <= MAX_HIDDEN,
         path,
         f"'encoder.hidden_size' must be an integer in 1..{MAX_HIDDEN}",
     )
-    _require(
+    require(
         isinstance(enc.get("max_length", 77), int) and 0 < enc.get("max_length", 77) <= MAX_SEQ,
         path,
         f"'encoder.max_length' must be in 1..{MAX_SEQ}",
     )
-    _require(
+    require(
         meta.get("dtype") in ("float16", "float32", "bfloat16"),
         path,
         f"unsupported dtype {meta.get('dtype')!r}",
     )
     shape = meta.get("shape")
-    _require(
+    require(
         shape == [enc.get("max_length", 77), enc["hidden_size"]],
         path,
         f"'shape' {shape} does not match the encoder ([{enc.get('max_length', 77)}, {enc['hidden_size']}])",
     )
     caps = meta.get("captions")
-    _require(
+    require(
         caps is None
         or (isinstance(caps, list) and len(caps) <= MAX_CAPTIONS and all(isinstance(c, str) for c in caps)),
         path,
         f"'captions' must be null or a list of at most {MAX_CAPTIONS} strings",
     )
-    _require(isinstance(meta.get("provenance", {}), dict), path, "'provenance' must be an object")
+    require(isinstance(meta.get("provenance", {}), dict), path, "'provenance' must be an object")
     ver = meta.get("version")
-    _require(ver is None or (isinstance(ver, int) and ver >= 1), path, "'version' must be a positive integer")
+    require(ver is None or (isinstance(ver, int) and ver >= 1), path, "'version' must be a positive integer")
     for key in ("tensor_sha256", "content_hash", "manifest_sha256"):
         v = meta.get(key)
-        _require(
+        require(
             isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v),
             path,
             f"'{key}' must be a sha256 hex digest",
         )
-    _require(
+    require(
         meta.get("tensor_file", TENSOR_FILE) == TENSOR_FILE, path, f"'tensor_file' must be {TENSOR_FILE!r}"
     )
     nc = meta.get("num_captions")
-    _require(
+    require(
         nc is None or (isinstance(nc, int) and not isinstance(nc, bool) and nc == len(caps or [])),
         path,
         "'num_captions' must match 'captions'",

@@ -31,7 +31,7 @@ from typing import Any
 
 from . import __version__
 from .errors import FormatError, IntegrityError, NotFoundError
-from .format import canonical_json, sha256_bytes
+from .format import canonical_json, check_header, require, sha256_bytes
 
 __all__ = [
     "EvalRecord",
@@ -219,48 +219,33 @@ def build(
     return meta
 
 
-def _req(cond: bool, path: Path, what: str) -> None:
-    if not cond:
-        raise FormatError(f"{path}: {what}")
-
-
 def validate_record(meta: Any, path: Path) -> dict[str, Any]:
     """Check a record's schema; raise `FormatError` naming the file and the field."""
-    _req(isinstance(meta, dict), path, "not a JSON object")
-    _req(
-        meta.get("format") == FORMAT_NAME,
-        path,
-        f"'format' is {meta.get('format')!r}, expected {FORMAT_NAME!r}",
-    )
-    fv = meta.get("format_version")
-    _req(isinstance(fv, int), path, "'format_version' missing")
-    if fv > FORMAT_VERSION:
-        raise FormatError(
-            f"{path}: record format {fv} is newer than this p2pz-directions understands ({FORMAT_VERSION}); "
-            "upgrade with `pip install -U p2pz-directions`"
-        )
+    check_header(meta, path, FORMAT_NAME, FORMAT_VERSION, what="record format")
     d = meta.get("direction")
-    _req(
+    require(
         isinstance(d, dict) and isinstance(d.get("name"), str),
         path,
         "'direction' must be an object with a name",
     )
     for side in ("source", "target"):
         s = d.get(side)
-        _req(
+        require(
             isinstance(s, dict)
             and isinstance(s.get("name"), str)
             and _HEX64.match(str(s.get("content_hash", ""))),
             path,
             f"'direction.{side}' must name a concept and its 64-hex content_hash",
         )
-    _req(isinstance(meta.get("editor"), str) and meta["editor"], path, "'editor' must be a non-empty string")
-    _req(
+    require(
+        isinstance(meta.get("editor"), str) and meta["editor"], path, "'editor' must be a non-empty string"
+    )
+    require(
         meta.get("model") is None or isinstance(meta["model"], str), path, "'model' must be a string or null"
     )
-    _req(isinstance(meta.get("settings"), dict), path, "'settings' must be an object")
+    require(isinstance(meta.get("settings"), dict), path, "'settings' must be an object")
     im = meta.get("images")
-    _req(
+    require(
         isinstance(im, dict)
         and isinstance(im.get("count"), int)
         and im["count"] >= 1
@@ -271,18 +256,20 @@ def validate_record(meta: Any, path: Path) -> dict[str, Any]:
         "'images' must hold count >= 1, the image set's sha256 and one entry per file",
     )
     sc = meta.get("scores")
-    _req(isinstance(sc, dict) and sc, path, "'scores' must be a non-empty object")
+    require(isinstance(sc, dict) and sc, path, "'scores' must be a non-empty object")
     for m, s in sc.items():
-        _req(
+        require(
             isinstance(s, dict)
             and all(s.get(k) is None or isinstance(s.get(k), (int, float)) for k in ("mean", "std"))
             and isinstance(s.get("n"), int),
             path,
             f"'scores.{m}' must hold mean, std (numbers or null) and n",
         )
-    _req(isinstance(meta.get("samples"), list), path, "'samples' must be a list")
+    require(isinstance(meta.get("samples"), list), path, "'samples' must be a list")
     for key in ("record_id", "manifest_sha256"):
-        _req(_HEX64.match(str(meta.get(key, ""))) is not None, path, f"'{key}' must be a sha256 hex digest")
+        require(
+            _HEX64.match(str(meta.get(key, ""))) is not None, path, f"'{key}' must be a sha256 hex digest"
+        )
     return meta
 
 
