@@ -431,3 +431,9 @@ def test_real_batched_editor_gets_one_generator_per_job(model, tmp_path):
     want = [pixels(tmp_path / "s" / r["file_name"]).astype(int) for r in ref.records]
     assert all(np.abs(g - w).max() <= 2 for g, w in zip(got, want, strict=True))
     assert np.abs(want[0] - want[1]).max() > 10  # the two seeds do give other pictures
+
+
+def test_run_takes_the_plan_keywords_and_names_a_wrong_one(tmp_path):
+    with pytest.raises(TypeError, match=r"unknown keyword\(s\) direction; .*directions"):
+        batch.run(tmp_path, out=tmp_path / "o", direction=["a->b"])
+    assert not (tmp_path / "o").exists()

@@ -22,6 +22,7 @@ what is done is saved, and the same command again finishes the rest.
 
 from __future__ import annotations
 
+import inspect
 import io
 import json
 import os
@@ -648,18 +649,6 @@ def run(
     inputs: Any = (),
     *,
     out: str | os.PathLike,
-    directions: Sequence[str] | str = (),
-    seeds: Sequence[int] | str | int = (0,),
-    editor: str = "pix2pix-zero",
-    model: str | os.PathLike = DEFAULT_MODEL,
-    options: dict[str, Any] | None = None,
-    sweep: dict[str, Sequence[Any]] | Sequence[str] | None = None,
-    dataset: Any = None,
-    split: str | None = "train",
-    image_column: str = "image",
-    prompt_column: str | None = None,
-    dataset_config: str | None = None,
-    limit: int | None = None,
     batch_size: int = 4,
     device: Any = None,
     dtype: Any = None,
@@ -667,9 +656,13 @@ def run(
     batch_tolerance: int = 0,
     editors: dict[str, Any] | None = None,
     progress: bool = True,
+    **plan: Any,
 ) -> BatchReport:
     """Edit every input along every direction with every seed (and option sweep); see the module doc.
 
+    `plan_jobs` then `run_jobs`: ``inputs`` and ``plan`` are `plan_jobs`'s (``directions``,
+    ``seeds``, ``editor``, ``model``, ``options``, ``sweep``, ``dataset``, ``split``,
+    ``image_column``, ``prompt_column``, ``dataset_config``, ``limit``), the rest `run_jobs`'s.
     ``inputs``: folders, globs, image files, job files (``.jsonl``/``.csv``), in-memory images, or a
     ``datasets.Dataset``; ``dataset``: a Hub id or local dataset folder (with ``split``,
     ``image_column``, ``prompt_column``). ``sweep``: ``{"strength": [0.5, 0.75]}``. ``editors``:
@@ -682,23 +675,14 @@ def run(
     ...                    options={"prompt": "a photo of a cat"}, out="edited/")   # doctest: +SKIP
     >>> report.done, report.failed, report.records[0]["file_name"]                # doctest: +SKIP
     """
-    plan = plan_jobs(
-        inputs,
-        directions=directions,
-        seeds=seeds,
-        editor=editor,
-        model=model,
-        options=options,
-        sweep=sweep,
-        dataset=dataset,
-        split=split,
-        image_column=image_column,
-        prompt_column=prompt_column,
-        dataset_config=dataset_config,
-        limit=limit,
-    )
+    unknown = set(plan) - _PLAN_KEYWORDS
+    if unknown:
+        raise TypeError(
+            f"batch.run() got unknown keyword(s) {', '.join(sorted(unknown))}; it takes those of "
+            f"plan_jobs ({', '.join(sorted(_PLAN_KEYWORDS))}) and of run_jobs"
+        )
     return run_jobs(
-        plan,
+        plan_jobs(inputs, **plan),
         out,
         batch_size=batch_size,
         device=device,
@@ -761,6 +745,9 @@ def plan_jobs(
         options=options,
         sweep=parse_sweep(sweep),
     )
+
+
+_PLAN_KEYWORDS = frozenset(inspect.signature(plan_jobs).parameters) - {"inputs"}
 
 
 def _is_dataset(obj: Any) -> bool:
