@@ -64,6 +64,13 @@ def _widget(spec: OptionSpec) -> Any:
     return gr.Textbox(value=spec.default or "", label=spec.label, info=info)
 
 
+def _panel(label: str, elem_id: str, **kw: Any) -> gr.Image:
+    """One of the Edit tab's result pictures (input, reconstruction, edit, mask): read-only, 256 px."""
+    return gr.Image(
+        label=label, elem_id=elem_id, elem_classes=["p2pz-panel"], interactive=False, height=256, **kw
+    )
+
+
 def _pair(src: str | None, tgt: str | None) -> str | None:
     """``pack:cat`` + ``pack:dog`` -> ``pack:cat->dog`` (bare names when the packs differ)."""
     if not src or not tgt:
@@ -178,36 +185,10 @@ def build_page(backend: Backend, *, title: str = "p2pz-directions") -> gr.Blocks
                     edit_btn = gr.Button("Edit", variant="primary", elem_id="edit-button")
                 with gr.Column(scale=2, min_width=480):
                     with gr.Row():
-                        out_input = gr.Image(
-                            label="Input",
-                            elem_id="out-input",
-                            elem_classes=["p2pz-panel"],
-                            interactive=False,
-                            height=256,
-                        )
-                        out_recon = gr.Image(
-                            label="Reconstruction",
-                            elem_id="out-recon",
-                            elem_classes=["p2pz-panel"],
-                            interactive=False,
-                            height=256,
-                        )
-                        out_edit = gr.Image(
-                            label="Edit",
-                            elem_id="out-edit",
-                            elem_classes=["p2pz-panel"],
-                            interactive=False,
-                            format="png",
-                            height=256,
-                        )
-                    out_mask = gr.Image(
-                        label="Mask (DiffEdit, red = edited)",
-                        elem_id="out-mask",
-                        elem_classes=["p2pz-panel"],
-                        interactive=False,
-                        visible=False,
-                        height=256,
-                    )
+                        out_input = _panel("Input", "out-input")
+                        out_recon = _panel("Reconstruction", "out-recon")
+                        out_edit = _panel("Edit", "out-edit", format="png")
+                    out_mask = _panel("Mask (DiffEdit, red = edited)", "out-mask", visible=False)
                     edit_status = gr.Markdown("", elem_id="edit-status")
                     download = gr.File(
                         label="Download the edit (PNG)", elem_id="download", interactive=False, height=90
