@@ -176,15 +176,7 @@ def register(app: typer.Typer) -> None:
 
         if gpus is not None and gpus < 1:
             raise typer.BadParameter("--gpus takes a number of GPUs, 1 or more", param_hint="--gpus")
-        options = editor_kwargs(
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            steps=steps,
-            guidance_scale=guidance_scale,
-            xa_guidance=xa_guidance,
-            strength=strength,
-            inpaint_strength=inpaint_strength,
-        )
+        options = editor_kwargs(ctx.params)
         options.update(parse_opts(opt))  # typed by the editor once it is loaded (runner)
         # the plan first: bad inputs, job files or sweeps are errors before any model work or launch
         plan = runner.plan_jobs(

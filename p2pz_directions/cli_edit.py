@@ -182,6 +182,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("edit")
     def edit_cmd(
+        ctx: typer.Context,
         images: Annotated[
             list[Path] | None,
             typer.Argument(
@@ -254,17 +255,7 @@ def register(app: typer.Typer) -> None:
             check_image_output(save_mask, "--save-mask")
         check_model_available(model)
         options: dict[str, Any] = {"seed": seed}
-        options.update(
-            editor_kwargs(
-                prompt=prompt,
-                negative_prompt=negative_prompt,
-                steps=steps,
-                guidance_scale=guidance_scale,
-                xa_guidance=xa_guidance,
-                strength=strength,
-                inpaint_strength=inpaint_strength,
-            )
-        )
+        options.update(editor_kwargs(ctx.params))
         if mask is not None:
             options["mask"] = str(mask)
 

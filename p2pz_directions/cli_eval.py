@@ -106,6 +106,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("eval")
     def eval_cmd(
+        ctx: typer.Context,
         directions: Annotated[
             list[str] | None,
             typer.Argument(
@@ -208,15 +209,7 @@ def register(app: typer.Typer) -> None:
         from .editors import parse_dtype
         from .eval import evaluate
 
-        options = editor_kwargs(
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            steps=steps,
-            guidance_scale=guidance_scale,
-            xa_guidance=xa_guidance,
-            strength=strength,
-            inpaint_strength=inpaint_strength,
-        )
+        options = editor_kwargs(ctx.params)
         options.update(parse_opts(opt))
         models: dict[str, str] = {}
         sc = list(scorer) if scorer else None

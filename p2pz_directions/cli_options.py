@@ -14,6 +14,7 @@ import os
 import re
 import threading
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -109,31 +110,26 @@ InpaintStrengthOpt = Annotated[
 OptOpt = Annotated[list[str] | None, opt_option()]
 
 
-def editor_kwargs(
-    *,
-    prompt: str | None = None,
-    negative_prompt: str | None = None,
-    steps: int | None = None,
-    guidance_scale: float | None = None,
-    xa_guidance: float | None = None,
-    strength: float | None = None,
-    inpaint_strength: float | None = None,
-) -> dict[str, Any]:
-    """The editor keywords the shared flags above stand for; flags left out are left out.
+#: the parameter name of each shared editor flag -> the editor keyword it stands for
+EDITOR_FLAGS = {
+    "prompt": "prompt",
+    "negative_prompt": "negative_prompt",
+    "steps": "num_inference_steps",
+    "guidance_scale": "guidance_scale",
+    "xa_guidance": "cross_attention_guidance_amount",
+    "strength": "strength",
+    "inpaint_strength": "inpaint_strength",
+}
 
-    >>> editor_kwargs(steps=20, xa_guidance=0.05)
+
+def editor_kwargs(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The editor keywords of the shared editor flags given (a command's ``ctx.params``); flags left
+    out are left out, other parameters ignored.
+
+    >>> editor_kwargs({"steps": 20, "xa_guidance": 0.05, "prompt": None, "seeds": "0"})
     {'num_inference_steps': 20, 'cross_attention_guidance_amount': 0.05}
     """
-    given = {
-        "prompt": prompt,
-        "negative_prompt": negative_prompt,
-        "num_inference_steps": steps,
-        "guidance_scale": guidance_scale,
-        "cross_attention_guidance_amount": xa_guidance,
-        "strength": strength,
-        "inpaint_strength": inpaint_strength,
-    }
-    return {k: v for k, v in given.items() if v is not None}
+    return {kw: params[name] for name, kw in EDITOR_FLAGS.items() if params.get(name) is not None}
 
 
 class UsageError(P2PZError, ValueError):
