@@ -254,9 +254,14 @@ def test_cli_eval_table_json_grid_and_record(tiny_sd1, store, photos, scorer_mod
     grid = out_json.with_name("cats-grid.png")
     assert data["grid"] == str(grid) and Image.open(grid).size == (3 * 192, 18 + 2 * 192)
 
-    code, out, err = cli(capsys, "eval", "cat->dog", *common, "-o", out_json, "--json", "--record")
+    code, out, err = cli(
+        capsys, "eval", "cat->dog", *common, "-o", out_json, "--json", "--record", "--strength", "0.6"
+    )
     assert code == 0, err
     data = json.loads(out)
+    # the editor flags of `p2pz edit` reach the editor as its keywords
+    want = {"num_inference_steps": 2, "prompt": "a cat", "strength": 0.6}
+    assert want.items() <= data["settings"]["editor_options"].items(), data["settings"]
     assert len(data["records"]) == 1 and data["winners"] == {}
     assert [r.record_id for r in records.list_records(store)] == data["records"]
 
