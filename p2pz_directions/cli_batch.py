@@ -36,6 +36,7 @@ from .cli_options import (
     StepsOpt,
     StrengthOpt,
     XaGuidanceOpt,
+    output_option,
 )
 
 out = Console(highlight=False, soft_wrap=True)
@@ -104,7 +105,7 @@ def register(app: typer.Typer) -> None:
         ] = None,
         out_dir: Annotated[
             Path,
-            typer.Option("--output", "--out", "-o", help="Output folder (created; resumable)."),
+            output_option("Output folder (created; resumable).", "--out"),
         ] = ...,
         direction: DirectionsOpt = None,
         seeds: SeedsOpt = "0",

@@ -399,7 +399,7 @@ def register(app: typer.Typer) -> None:
     def demo_cmd(
         out_dir: Annotated[
             Path,
-            typer.Option("--output", "--out", "-o", help="Folder for the model, registry and pictures."),
+            output_option("Folder for the model, registry and pictures.", "--out"),
         ] = Path("p2pz-demo"),
         steps: Annotated[int, steps_option("Sampling steps per editor.")] = 4,
         editor: Annotated[

@@ -48,8 +48,9 @@ def editor_option(help: str = "Editor plugin (see `p2pz plugins`).") -> Any:
     return typer.Option("--editor", "-e", help=help)
 
 
-def output_option(help: str) -> Any:
-    return typer.Option("--output", "-o", help=help)
+def output_option(help: str, *older: str) -> Any:
+    """``--output``/``-o``; ``older`` spellings (``--out``) keep working."""
+    return typer.Option("--output", *older, "-o", help=help)
 
 
 def opt_option(
