@@ -3,6 +3,11 @@
 The checks run before any model work: a wrong device, output path, ``--opt`` value or encoder id
 is refused with one ``error: ...`` line (exit 2) while nothing has been loaded or written yet.
 This module imports neither torch nor any model library at import time (``p2pz --help`` stays fast).
+
+How a command module is written: a ``register(app)`` that defines its commands inside it with
+``@app.command("name")`` (``cli.py`` calls its own, then those of ``cli.COMMAND_MODULES``), and
+options that more than one command takes come from here, as the ``*Opt`` aliases or, where the help
+text differs, the ``*_option(help)`` factories, so a flag and its short form are written once.
 """
 
 from __future__ import annotations
