@@ -479,8 +479,6 @@ def _mask_array(mask: Any) -> tuple[Any, list[str]]:
     import numpy as np
     from PIL import Image
 
-    from p2pz_directions.images import ImageError
-
     notes: list[str] = []
     if isinstance(mask, (str, os.PathLike)):
         mask = _open_mask(Path(mask))
@@ -489,7 +487,7 @@ def _mask_array(mask: Any) -> tuple[Any, list[str]]:
     if isinstance(mask, torch.Tensor):
         mask = mask.detach().cpu().float().numpy()
     if not isinstance(mask, np.ndarray):
-        raise ImageError(
+        raise imgs.ImageError(
             f"cannot use a {type(mask).__name__} as a mask; give a path, PIL image, array or tensor"
         )
     return _numpy_mask_array(mask, notes), notes
@@ -499,16 +497,14 @@ def _open_mask(path: Path) -> Any:
     """The PIL image of a mask file (its mode kept: a 16-bit or float mask stays one)."""
     from PIL import Image
 
-    from p2pz_directions.images import ImageError
-
     if not path.is_file():
-        raise ImageError(f"mask file not found: {path}")
+        raise imgs.ImageError(f"mask file not found: {path}")
     try:
         with Image.open(path) as im:
             im.load()
             return im.copy()
     except (OSError, ValueError) as e:
-        raise ImageError(
+        raise imgs.ImageError(
             f"{path} is not a mask image Pillow can read ({e}); give a PNG with white = edit"
         ) from None
 
@@ -530,8 +526,6 @@ def _numpy_mask_array(mask: Any, notes: list[str]) -> Any:
     in 0..1: 8-bit values divided by 255, colours by luminance (noted), others checked to lie in 0..1."""
     import numpy as np
 
-    from p2pz_directions.images import ImageError
-
     arr = mask
     while arr.ndim > 2 and arr.shape[0] == 1:
         arr = arr[0]
@@ -544,12 +538,14 @@ def _numpy_mask_array(mask: Any, notes: list[str]) -> Any:
             notes.append(f"mask converted from {arr.shape[-1]} channels to one (luminance)")
             arr = arr[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
     if arr.ndim != 2:
-        raise ImageError(f"a mask must be [H, W] (or [1, H, W], [H, W, 3]); got shape {list(mask.shape)}")
+        raise imgs.ImageError(
+            f"a mask must be [H, W] (or [1, H, W], [H, W, 3]); got shape {list(mask.shape)}"
+        )
     if mask.dtype == np.uint8:
         return arr.astype(np.float32) / 255.0
     arr = arr.astype(np.float32)
     if arr.size and (arr.min() < 0 or arr.max() > 1):
-        raise ImageError(
+        raise imgs.ImageError(
             f"mask values must lie in 0..1 (white = edit), or be 8-bit 0..255; got {arr.min():g}..{arr.max():g}"
         )
     return arr
