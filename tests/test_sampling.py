@@ -31,6 +31,15 @@ def _sd_pipe(parts, scheduler=None, unet=None):
     return pipe
 
 
+def _img2img_pipe(parts, scheduler):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    return StableDiffusionImg2ImgPipeline(
+        vae=parts["vae"], text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"], unet=parts["unet"],
+        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+
+
 # -- schedulers ----------------------------------------------------------------------------------
 def test_copy_scheduler_keeps_settings_a_pipeline_patched_in(parts):
     """SD pipelines patch steps_offset=1 into an old config but leave it in _use_default_values, so
@@ -79,14 +88,10 @@ def test_check_scheduler_names_the_supported_ones():
 @pytest.mark.parametrize("strength", [0.3, 0.75, 1.0])
 def test_strength_timesteps_equal_img2img(parts, name, strength):
     import diffusers
-    from diffusers import StableDiffusionImg2ImgPipeline
 
     cls = getattr(diffusers, name)
     a, b = cls.from_config(parts["scheduler"].config), cls.from_config(parts["scheduler"].config)
-    pipe = StableDiffusionImg2ImgPipeline(
-        vae=parts["vae"], text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"], unet=parts["unet"],
-        scheduler=a, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )  # fmt: skip
+    pipe = _img2img_pipe(parts, a)
     pipe.scheduler.set_timesteps(10)
     expected, n_exp = pipe.get_timesteps(10, strength, "cpu")
     got, n = S.strength_timesteps(b, 10, strength)
@@ -105,15 +110,11 @@ def test_strength_timesteps_equal_img2img(parts, name, strength):
 def test_custom_strength_timesteps_equal_img2img(parts, name, kw, strength):
     """A custom schedule: img2img's retrieve_timesteps, then get_timesteps on the steps it set."""
     import diffusers
-    from diffusers import StableDiffusionImg2ImgPipeline
     from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_timesteps
 
     cls = getattr(diffusers, name)
     a, b = cls.from_config(parts["scheduler"].config), cls.from_config(parts["scheduler"].config)
-    pipe = StableDiffusionImg2ImgPipeline(
-        vae=parts["vae"], text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"], unet=parts["unet"],
-        scheduler=a, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )  # fmt: skip
+    pipe = _img2img_pipe(parts, a)
     _, steps = retrieve_timesteps(pipe.scheduler, None, "cpu", **kw)
     expected, n_exp = pipe.get_timesteps(steps, strength, "cpu")
     got, n = S.custom_strength_timesteps(b, strength, "cpu", **kw)
