@@ -177,15 +177,14 @@ def test_picture(size: int, seed: int = 0):
 
 def make_direction(pipe):
     """Concepts 'cat' / 'dog': mean text embeddings of a few template captions (as the builder does)."""
-    from p2pz_plugins._common import encode_prompt
-
     from p2pz_directions.concept import Concept, Direction, EncoderInfo
+    from p2pz_directions.sampling import encode_prompt
 
     enc = EncoderInfo("bench/random-clip", pipe.text_encoder.config.hidden_size, "clip")
     cs = []
     for name in ("cat", "dog"):
         caps = [f"a photo of a {name}", f"a painting of a {name}", f"a {name} in the grass"]
-        emb = encode_prompt(pipe.tokenizer, pipe.text_encoder, caps, pipe.device).float().mean(0)
+        emb = encode_prompt(pipe.tokenizer, pipe.text_encoder, caps, pipe.device)[0].float().mean(0)
         cs.append(Concept(name, emb.cpu(), enc))
     return Direction(*cs), enc
 

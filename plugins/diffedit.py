@@ -142,11 +142,12 @@ class DiffEditEditor(Editor):
         user_mask, n_edit = _check(images, o)
         image, note = imgs.prepare_image(images if len(images) > 1 else images[0], self.image_multiple)
         comps = self.load_components(("unet", "vae", "scheduler"))
-        unet, vae, sf = comps["unet"], comps["vae"], comps["vae"].config.scaling_factor
+        unet, vae = comps["unet"], comps["vae"]
         scheduler, inverse = D.diffedit_schedulers(
             self._scheduler(comps["scheduler"]), self._inverse_scheduler()
         )
         gen = o.generator if o.generator is not None else S.make_generator(o.seed)
+        extra: dict[str, Any] = {"notes": [note] if note else []}
         # 2. conditioning: one row per image
         n = imgs.num_images(image)
         text = _Text(self, unet, n, o.clip_skip)
@@ -156,43 +157,27 @@ class DiffEditEditor(Editor):
         x = imgs.to_pixels(image, S.vae_scale_factor(vae)).to(device=self.device, dtype=vae.dtype)
         with torch.no_grad():
             encoded = vae.encode(x)
-        lat_hw = tuple(D.draw_latents(encoded, 1, None, 1.0).shape[-2:]) if user_mask is not None else None
-        # 4. mask (DiffEdit step 1)
-        extra: dict[str, Any] = {"notes": [note] if note else []}
+        # 4. mask (DiffEdit step 1): the user's, or from the source vs target noise predictions
         if user_mask is not None:
-            mask = self._user_mask(user_mask, image, n, lat_hw, extra)
+            mask = self._user_mask(user_mask, image, encoded, extra)
         else:
-            mask = self._mask(unet, scheduler, encoded, sf, gen, text, source, target, o, extra)
-        size = imgs.image_size(image, S.vae_scale_factor(vae))
-        masks = [mask_to_image(m, size) for m in mask]
+            mask = self._mask(unet, vae, scheduler, encoded, gen, text, source, target, o, extra)
+        masks = [mask_to_image(m, imgs.image_size(image, S.vae_scale_factor(vae))) for m in mask]
         extra["latent_mask"] = mask[:, None].float().cpu()
         if o.mask_only:
             return EditResult(image=_one(masks), original=_one(image), mask=_one(masks), extra=extra)
-        # 5. inversion to inpaint_strength (step 2)
+        # 5. inversion to inpaint_strength (DiffEdit step 2), or the latents of an earlier one
         inverted = o.image_latents
         if inverted is None:
-            inverted = self._invert(
-                unet,
-                inverse,
-                D.draw_latents(encoded, 1, gen, sf).to(self.dtype),
-                text,
-                source,
-                gen,
-                o,
-                n_edit,
-            )
-            if o.decode_latents:
-                extra["inversion_images"] = S.decode_latents(vae, inverted.flatten(0, 1), o.output_type)
+            inverted = self._invert(unet, vae, inverse, encoded, text, source, gen, o, n_edit, extra)
         inverted = _check_latents(inverted, n, n_edit, o).to(device=self.device, dtype=self.dtype)
-        # 6. denoising with mask guidance (step 3)
+        # 6. denoising with mask guidance (DiffEdit step 3)
         neg = text(o.negative_prompt, o.negative_prompt_embeds, source, "negative_prompt")
         latents = self._denoise(unet, scheduler, inverted, mask, target, neg, gen, o, n_edit)
         # 7. decode
         edited = S.decode_latents(vae, latents, o.output_type)
         original = (
-            image
-            if o.output_type in ("pil", "latent")
-            else S.image_processor(vae).postprocess(x.float(), o.output_type)
+            image if o.output_type in ("pil", "latent") else S.postprocess_images(vae, x, o.output_type)
         )
         return EditResult(
             image=_one(edited),
@@ -237,14 +222,16 @@ class DiffEditEditor(Editor):
             return self._components["inverse_scheduler"]
         return None
 
-    def _user_mask(self, user_mask, image, n, lat_hw, extra) -> torch.Tensor:
-        size = imgs.image_size(image)
+    def _user_mask(self, user_mask, image, encoded, extra) -> torch.Tensor:
+        """Step 4 with a mask given: one per image (or one for all) at latent resolution (`prepare_mask`)."""
+        size, n = imgs.image_size(image), imgs.num_images(image)
+        lat_h, lat_w = D.draw_latents(encoded, 1, None, 1.0).shape[-2:]
         items = user_mask if isinstance(user_mask, list) else [user_mask]
         if len(items) not in (1, n):
             raise OptionValueError(f"got {len(items)} masks for {n} images; give one mask, or one per image")
         ms = []
         for m in items:
-            t, notes = prepare_mask(m, size, (lat_hw[1], lat_hw[0]))
+            t, notes = prepare_mask(m, size, (lat_w, lat_h))
             ms.append(t)
             extra["notes"].extend(notes)
         extra["mask_source"] = "user"
@@ -253,10 +240,11 @@ class DiffEditEditor(Editor):
             device=self.device, dtype=self.dtype
         )
 
-    def _mask(self, unet, scheduler, encoded, sf, gen, text, source, target, o, extra) -> torch.Tensor:
+    def _mask(self, unet, vae, scheduler, encoded, gen, text, source, target, o, extra) -> torch.Tensor:
+        """Step 4: DiffEdit's mask from ``num_maps_per_mask`` noise draws (`sampling.diffedit.diffedit_mask`)."""
         self.progress("mask", 0, 1)
         maps = o.num_maps_per_mask
-        lat = D.draw_latents(encoded, maps, gen, sf).to(self.dtype)
+        lat = D.draw_latents(encoded, maps, gen, vae.config.scaling_factor).to(self.dtype)
         noise = S.randn(tuple(lat.shape), gen, self.device, lat.dtype)
         rows = lambda e: e.repeat_interleave(maps, dim=0)  # noqa: E731 - one row per draw
         g = o.guidance_scale if o.mask_guidance_scale is None else o.mask_guidance_scale
@@ -272,7 +260,10 @@ class DiffEditEditor(Editor):
         self.progress("mask", 1, 1)
         return mask
 
-    def _invert(self, unet, inverse, latents, text, source, gen, o, n_edit) -> torch.Tensor:
+    def _invert(self, unet, vae, inverse, encoded, text, source, gen, o, n_edit, extra) -> torch.Tensor:
+        """Step 5: the latents of each inversion step, ``[B, T, C, h, w]`` (decoded into
+        ``extra["inversion_images"]`` when asked), from one draw of the image latents."""
+        latents = D.draw_latents(encoded, 1, gen, vae.config.scaling_factor).to(self.dtype)
         g = o.guidance_scale if o.inversion_guidance_scale is None else o.inversion_guidance_scale
         cond = text(o.prompt, o.prompt_embeds, source, "prompt")
         embeds = cond
@@ -301,18 +292,20 @@ class DiffEditEditor(Editor):
             raise EditorError(
                 f"{self.name}: the inverted latents hold NaN or infinite values; lower guidance_scale or use float32"
             )
+        if o.decode_latents:
+            extra["inversion_images"] = S.decode_latents(vae, out.flatten(0, 1), o.output_type)
         return out
 
     def _denoise(self, unet, scheduler, inverted, mask, target, neg, gen, o, n_edit) -> torch.Tensor:
+        """Step 6: denoise from the last inverted latents with the target (and ``neg``), keeping each
+        step's inverted latents outside the mask (`sampling.diffedit.mask_guidance_callback`)."""
         k = o.num_images_per_prompt
         per_step = inverted.transpose(0, 1).repeat_interleave(k, dim=1)  # [T, B * k, C, h, w]
         mask = mask[:, None].repeat_interleave(k, dim=0)
-        embeds = target if o.guidance_scale <= 1.0 else torch.cat([neg, target])
-        embeds = (
-            embeds.repeat_interleave(k, dim=0)
-            if o.guidance_scale <= 1.0
-            else torch.cat([neg.repeat_interleave(k, dim=0), target.repeat_interleave(k, dim=0)])
-        )
+        if o.guidance_scale <= 1.0:
+            embeds = target.repeat_interleave(k, dim=0)
+        else:
+            embeds = torch.cat([neg.repeat_interleave(k, dim=0), target.repeat_interleave(k, dim=0)])
         start = (
             per_step[0].clone() if o.latents is None else o.latents.to(device=self.device, dtype=self.dtype)
         )
@@ -486,34 +479,53 @@ def _mask_array(mask: Any) -> tuple[Any, list[str]]:
     import numpy as np
     from PIL import Image
 
-    from p2pz_directions.images import ImageError
-
     notes: list[str] = []
     if isinstance(mask, (str, os.PathLike)):
-        path = Path(mask)
-        if not path.is_file():
-            raise ImageError(f"mask file not found: {path}")
-        try:
-            with Image.open(path) as im:
-                im.load()
-                mask = im.copy()
-        except (OSError, ValueError) as e:
-            raise ImageError(
-                f"{path} is not a mask image Pillow can read ({e}); give a PNG with white = edit"
-            ) from None
+        mask = _open_mask(Path(mask))
     if isinstance(mask, Image.Image):
-        if mask.mode not in ("L", "1", "I", "I;16", "F"):
-            notes.append(f"mask converted from mode {mask.mode} to one channel (luminance)")
-            mask = mask.convert("L")
-        arr = np.asarray(mask, dtype=np.float32)
-        top = {"L": 255.0, "1": 1.0, "I;16": 65535.0}.get(mask.mode, 255.0 if arr.max() > 1 else 1.0)
-        return arr / top, notes
+        return _pil_mask_array(mask, notes), notes
     if isinstance(mask, torch.Tensor):
         mask = mask.detach().cpu().float().numpy()
     if not isinstance(mask, np.ndarray):
-        raise ImageError(
+        raise imgs.ImageError(
             f"cannot use a {type(mask).__name__} as a mask; give a path, PIL image, array or tensor"
         )
+    return _numpy_mask_array(mask, notes), notes
+
+
+def _open_mask(path: Path) -> Any:
+    """The PIL image of a mask file (its mode kept: a 16-bit or float mask stays one)."""
+    from PIL import Image
+
+    if not path.is_file():
+        raise imgs.ImageError(f"mask file not found: {path}")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except (OSError, ValueError) as e:
+        raise imgs.ImageError(
+            f"{path} is not a mask image Pillow can read ({e}); give a PNG with white = edit"
+        ) from None
+
+
+def _pil_mask_array(mask: Any, notes: list[str]) -> Any:
+    """A PIL mask in 0..1: single-channel modes scaled by their range, others by luminance (noted)."""
+    import numpy as np
+
+    if mask.mode not in ("L", "1", "I", "I;16", "F"):
+        notes.append(f"mask converted from mode {mask.mode} to one channel (luminance)")
+        mask = mask.convert("L")
+    arr = np.asarray(mask, dtype=np.float32)
+    top = {"L": 255.0, "1": 1.0, "I;16": 65535.0}.get(mask.mode, 255.0 if arr.max() > 1 else 1.0)
+    return arr / top
+
+
+def _numpy_mask_array(mask: Any, notes: list[str]) -> Any:
+    """An array mask (``[H, W]``, ``[1, H, W]``, ``[H, W, 1|3|4]`` or ``[3|4, H, W]``) as ``[H, W]``
+    in 0..1: 8-bit values divided by 255, colours by luminance (noted), others checked to lie in 0..1."""
+    import numpy as np
+
     arr = mask
     while arr.ndim > 2 and arr.shape[0] == 1:
         arr = arr[0]
@@ -526,15 +538,17 @@ def _mask_array(mask: Any) -> tuple[Any, list[str]]:
             notes.append(f"mask converted from {arr.shape[-1]} channels to one (luminance)")
             arr = arr[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
     if arr.ndim != 2:
-        raise ImageError(f"a mask must be [H, W] (or [1, H, W], [H, W, 3]); got shape {list(mask.shape)}")
+        raise imgs.ImageError(
+            f"a mask must be [H, W] (or [1, H, W], [H, W, 3]); got shape {list(mask.shape)}"
+        )
     if mask.dtype == np.uint8:
-        return arr.astype(np.float32) / 255.0, notes
+        return arr.astype(np.float32) / 255.0
     arr = arr.astype(np.float32)
     if arr.size and (arr.min() < 0 or arr.max() > 1):
-        raise ImageError(
+        raise imgs.ImageError(
             f"mask values must lie in 0..1 (white = edit), or be 8-bit 0..255; got {arr.min():g}..{arr.max():g}"
         )
-    return arr, notes
+    return arr
 
 
 def prepare_mask(

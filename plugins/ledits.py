@@ -339,59 +339,72 @@ class LEditsEditor(Editor):
 
     def _edit_one(self, image: Any, dirs: list[Direction], opts: LEditsOptions) -> EditResult:
         """Invert ``image``, then edit it along ``dirs`` (LEDITS++; diffusers' steps in order)."""
-        # 1. model, edit concepts (editing_prompt_embeds rows, per-concept guidance)
+        # 1. check inputs: the edit concepts (editing_prompt_embeds rows, per-concept guidance)
         comps = self.load_components()
         unet, vae, tok, te = comps["unet"], comps["vae"], comps["tokenizer"], comps["text_encoder"]
         rows, guide = concept_rows(dirs, opts, tok)
-        dev, dt = self.device, self.dtype
         # 2. scheduler: a copy with "leading" spacing (diffusers sets it on the pipeline's own)
         scheduler = ledits_scheduler(comps["scheduler"])
         timesteps = L.ledits_timesteps(scheduler, opts.num_inversion_steps, float(opts.skip))
-        # 3. image -> latents (the VAE's mode, as diffusers' invert); masks this UNet can run
-        pixels, notes = _pixels(S.image_processor(vae), image)
-        x0 = vae.encode(pixels.to(device=dev, dtype=dt)).latent_dist.mode().to(dt) * vae.config.scaling_factor
-        hw = (x0.shape[-2] // 4, x0.shape[-1] // 4)
+        # 3. latents: the image's (the VAE's mode, as diffusers' invert); the masks this UNet can run
+        x0, notes = self._image_latents(vae, image)
         opts, more = _usable_masks(opts, unet, tuple(x0.shape[-2:]))
         notes += more
-        masks = opts.use_intersect_mask or opts.use_cross_attn_mask
-        # 4. text: the source prompt for inversion (clip_skip), the unconditional prompt, the concepts
-        enc = lambda s, skip: S.encode_text(tok, te, s, dev, skip).to(dt)  # noqa: E731
+        # 4. conditioning: the source prompt for inversion (clip_skip), the unconditional prompt, the concepts
+        enc = lambda s, skip: S.encode_text(tok, te, s, self.device, skip).to(self.dtype)  # noqa: E731
         uncond = enc(opts.negative_prompt or "", None)
-        embeds = torch.cat([uncond, rows.to(device=dev, dtype=dt)])
-        # 5. UNet callers (CUDA graphs on CUDA), the attention store of the masks
-        run_unet, _ = self._model(unet, ("invert",), opts.cuda_graphs, lambda: None)
-        run_edit, store = self._model(
-            unet, ("edit", len(guide), hw, masks), opts.cuda_graphs,
-            lambda: _AttnStore(hw[0] * hw[1], len(guide)) if masks else None,
+        embeds = torch.cat([uncond, rows.to(device=self.device, dtype=self.dtype)])
+        inversion = _inversion_model(
+            self._model(unet, ("invert",), opts.cuda_graphs, lambda: None)[0],
+            enc(opts.source_prompt, opts.clip_skip), enc("", None), opts,
         )  # fmt: skip
-        old = _set_processors(unet, None, classic=dev.type != "cuda")
+        # 5. sample: edit-friendly inversion (x_T, noise maps zs), then semantic guidance with DDPM steps
+        old = _set_processors(unet, None, classic=self.device.type != "cuda")
         try:
-            # 6. edit-friendly inversion: x_T and the noise maps zs
-            scheduler.set_timesteps(len(scheduler.timesteps))
-            model = _inversion_model(run_unet, enc(opts.source_prompt, opts.clip_skip), enc("", None), opts)
-            gen = opts.generator if opts.generator is not None else _generator(opts.seed)
-            x, zs = L.invert(model, scheduler, x0, timesteps, gen, lambda i, n: self.progress("invert", i, n))
-            # 7. edit: semantic guidance of every concept, DDPM steps with the stored noise maps
-            if store is not None:
-                _set_processors(unet, store, classic=dev.type != "cuda")
-            scheduler.set_timesteps(len(scheduler.timesteps))
-            x = S.denoise(
-                _edit_predictor(run_edit, embeds, guide, opts, masks, dev), x * scheduler.init_noise_sigma,
-                _WithNoiseMaps(scheduler, zs), timesteps=timesteps, tensors={"negative_prompt_embeds": uncond},
-                extra_step_kwargs=S.extra_step_kwargs(scheduler, None, eta=1.0),
-                callback_on_step_end=opts.callback_on_step_end,
-                callback_on_step_end_tensor_inputs=opts.callback_on_step_end_tensor_inputs,
-                progress=lambda i, n: self.progress("edit", i, n), pipe=self,
-            )  # fmt: skip
+            x, zs = self._invert(inversion, scheduler, x0, timesteps, opts)
+            x = self._edit(unet, scheduler, x, zs, timesteps, embeds, uncond, guide, opts)
         finally:
             unet.set_attn_processor(old)
-        # 8. decode
+        # 6. decode
         return EditResult(
             image=_one(S.decode_latents(vae, x, opts.output_type)),
             original=image,
             inverted_latents=x0,
             extra={"timesteps": [int(t) for t in timesteps], "concepts": len(guide), "notes": notes},
         )
+
+    def _image_latents(self, vae: Any, image: Any) -> tuple[torch.Tensor, list[str]]:
+        """Step 3: ``scaling_factor * mode(q(z | x))`` of the image at sides a multiple of 32 (`_pixels`)."""
+        pixels, notes = _pixels(S.image_processor(vae), image)
+        x0 = vae.encode(pixels.to(device=self.device, dtype=self.dtype)).latent_dist.mode().to(self.dtype)
+        return x0 * vae.config.scaling_factor, notes
+
+    def _invert(self, inversion, scheduler, x0, timesteps, opts) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step 5a: edit-friendly DDPM inversion (`sampling.ledits.invert`): ``(x_T, zs)``."""
+        scheduler.set_timesteps(len(scheduler.timesteps))
+        gen = opts.generator if opts.generator is not None else _generator(opts.seed)
+        return L.invert(inversion, scheduler, x0, timesteps, gen, lambda i, n: self.progress("invert", i, n))
+
+    def _edit(self, unet, scheduler, x, zs, timesteps, embeds, uncond, guide, opts) -> torch.Tensor:
+        """Step 5b: from x_T, ``eps_uncond + semantic_guidance`` on ``[uncond, concepts...]`` (capturing
+        the concepts' cross-attention for the masks), each step a DDPM step with the noise map ``zs[i]``."""
+        masks = opts.use_intersect_mask or opts.use_cross_attn_mask
+        hw = (x.shape[-2] // 4, x.shape[-1] // 4)
+        run_edit, store = self._model(
+            unet, ("edit", len(guide), hw, masks), opts.cuda_graphs,
+            lambda: _AttnStore(hw[0] * hw[1], len(guide)) if masks else None,
+        )  # fmt: skip
+        if store is not None:
+            _set_processors(unet, store, classic=self.device.type != "cuda")
+        scheduler.set_timesteps(len(scheduler.timesteps))
+        return S.denoise(
+            _edit_predictor(run_edit, embeds, guide, opts, masks, self.device), x * scheduler.init_noise_sigma,
+            L.NoiseMapScheduler(scheduler, zs), timesteps=timesteps, tensors={"negative_prompt_embeds": uncond},
+            extra_step_kwargs=S.extra_step_kwargs(scheduler, None, eta=1.0),
+            callback_on_step_end=opts.callback_on_step_end,
+            callback_on_step_end_tensor_inputs=opts.callback_on_step_end_tensor_inputs,
+            progress=lambda i, n: self.progress("edit", i, n), pipe=self,
+        )  # fmt: skip
 
     def _model(self, unet: Any, key: tuple, cuda_graphs: bool | None, make_store: Any) -> tuple[Any, Any]:
         """``(call(x, t, embeds), attention store)`` for inversion (``key[0] == "invert"``) or an edit
@@ -484,22 +497,6 @@ def _pixels(proc: Any, image: Any) -> tuple[torch.Tensor, list[str]]:
     return proc.preprocess(image, height=h32, width=w32), [
         f"resized {w}x{h} -> {w32}x{h32} (multiples of 32)"
     ]
-
-
-class _WithNoiseMaps:
-    """``scheduler`` whose ``step`` at the i-th call uses ``variance_noise=zs[i]``: the DDPM step of an
-    edit-friendly inversion's noise maps (everything else is the scheduler's own)."""
-
-    def __init__(self, scheduler: Any, zs: torch.Tensor):
-        self.scheduler, self.zs, self.i = scheduler, zs, 0
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.__dict__["scheduler"], name)
-
-    def step(self, model_output: torch.Tensor, t: Any, x: torch.Tensor, **kw: Any) -> Any:
-        out = self.scheduler.step(model_output, t, x, variance_noise=self.zs[self.i], **kw)
-        self.i += 1
-        return out
 
 
 def _edit_predictor(

@@ -317,32 +317,19 @@ class Pix2PixZeroEditor(Editor):
     def _check_inputs(
         self, images: list[Any] | None, o: Pix2PixZeroOptions
     ) -> tuple[Any, Any, S.UNetRunner, bool]:
-        if o.num_inference_steps < 1:
-            raise EditorOptionError(f"num_inference_steps must be at least 1, not {o.num_inference_steps}")
-        if o.output_type not in (*OUTPUT_TYPES, "numpy"):
-            raise EditorOptionError(
-                f"output_type must be one of {', '.join(OUTPUT_TYPES)}; not {o.output_type!r}"
-            )
-        if o.callback_steps < 1:
-            raise EditorOptionError(f"callback_steps must be a positive integer, not {o.callback_steps}")
-        if images is None and o.prompt is None and o.prompt_embeds is None:
-            raise EditorOptionError(
-                "without an image, pix2pix-zero generates one from a prompt: pass prompt='a photo of a cat' "
-                "(and a seed), or give an image to edit"
-            )
-        if o.prompt is not None and o.prompt_embeds is not None:
-            raise EditorOptionError("give prompt or prompt_embeds, not both")
-        try:
-            S.check_callback_inputs(o.callback_on_step_end_tensor_inputs, ("latents", "prompt_embeds"))
-        except ValueError as e:
-            raise EditorOptionError(str(e)) from None
-        if o.attention not in ("auto", "exact", "fused"):
-            raise EditorOptionError(f"attention must be 'auto', 'exact' or 'fused', not {o.attention!r}")
-        if o.loops not in ("auto", *S.RUNNER_MODES):
-            raise EditorOptionError(
-                f"loops must be 'auto', {', '.join(map(repr, S.RUNNER_MODES))}; not {o.loops!r}"
-            )
+        """Step 1: ``(pixels, generator, runner, exact)`` after checking every option: the images as
+        ``[B, 3, H, W]`` in [-1, 1] (None for a generated image), the generator, the `UNetRunner` of
+        the loop mode, and whether attention runs diffusers' exact (unfused) kernel."""
+        _check_options(images, o)
         exact = o.attention == "exact" or (o.attention == "auto" and self.device.type == "cpu")
+        mode = self._loop_mode(o, exact)
+        gen = o.generator if o.generator is not None else S.make_generator(o.seed)
+        pixels = None if images is None else self._pixels(images)
+        return pixels, gen, self._runner(mode, pixels, exact, o), exact
+
+    def _loop_mode(self, o: Pix2PixZeroOptions, exact: bool) -> str:
+        """``o.loops``, with ``"auto"`` resolved: CUDA graphs on a GPU (unless the maps are kept
+        elsewhere or attention is exact), eager loops otherwise."""
         mode = o.loops
         if mode == "auto":
             gpu = self.device.type == "cuda" and o.attention_maps_device is None and not exact
@@ -351,14 +338,18 @@ class Pix2PixZeroEditor(Editor):
             raise EditorOptionError("loops='graphs' needs a CUDA device; use 'eager' on the CPU")
         if mode != "eager" and o.attention_maps_device is not None:
             raise EditorOptionError("attention_maps_device needs loops='eager'")
-        gen = o.generator if o.generator is not None else S.make_generator(o.seed)
-        pixels = None
-        if images is not None:
-            vae = self.load_components(("vae",))["vae"]
-            try:
-                pixels = S.preprocess_images(vae, images)
-            except (ValueError, TypeError) as e:
-                raise EditorOptionError(f"cannot use these images: {e}") from None
+        return mode
+
+    def _pixels(self, images: list[Any]) -> torch.Tensor:
+        vae = self.load_components(("vae",))["vae"]
+        try:
+            return S.preprocess_images(vae, images)
+        except (ValueError, TypeError) as e:
+            raise EditorOptionError(f"cannot use these images: {e}") from None
+
+    def _runner(self, mode: str, pixels: Any, exact: bool, o: Pix2PixZeroOptions) -> S.UNetRunner:
+        """The editor's `UNetRunner` of ``mode``; its graphs and map buffers are freed when the
+        settings they were captured for change (they are kept between edits of the same settings)."""
         runner = self.runners.setdefault(mode, S.UNetRunner(mode))
         key = (
             o.num_inference_steps, o.guidance_scale, o.cross_attention_guidance_amount, o.inversion_guidance_scale,
@@ -369,7 +360,7 @@ class Pix2PixZeroEditor(Editor):
         if runner.mode != "eager" and key != self._runner_keys.get(mode):
             runner.clear()  # free the graphs and map buffers of other settings first
         self._runner_keys[mode] = key
-        return pixels, gen, runner, exact
+        return runner
 
     def _prompts(self, pixels: torch.Tensor | None, o: Pix2PixZeroOptions) -> tuple[Any, Any]:
         """``(prompts, negative prompts)``: BLIP captions for photos without a prompt, one prompt
@@ -520,6 +511,35 @@ class Pix2PixZeroEditor(Editor):
             image=one(out), original=one(images) if real else one(rec), caption=prompts if isinstance(prompts, (str, list)) else None,
             inverted_latents=inverted, reconstruction=one(rec) if real else None, extra=extra,
         )  # fmt: skip
+
+
+def _check_options(images: list[Any] | None, o: Pix2PixZeroOptions) -> None:
+    """Refuse options pix2pix-zero cannot use, before any model work, saying what to pass instead."""
+    if o.num_inference_steps < 1:
+        raise EditorOptionError(f"num_inference_steps must be at least 1, not {o.num_inference_steps}")
+    if o.output_type not in (*OUTPUT_TYPES, "numpy"):
+        raise EditorOptionError(
+            f"output_type must be one of {', '.join(OUTPUT_TYPES)}; not {o.output_type!r}"
+        )
+    if o.callback_steps < 1:
+        raise EditorOptionError(f"callback_steps must be a positive integer, not {o.callback_steps}")
+    if images is None and o.prompt is None and o.prompt_embeds is None:
+        raise EditorOptionError(
+            "without an image, pix2pix-zero generates one from a prompt: pass prompt='a photo of a cat' "
+            "(and a seed), or give an image to edit"
+        )
+    if o.prompt is not None and o.prompt_embeds is not None:
+        raise EditorOptionError("give prompt or prompt_embeds, not both")
+    try:
+        S.check_callback_inputs(o.callback_on_step_end_tensor_inputs, ("latents", "prompt_embeds"))
+    except ValueError as e:
+        raise EditorOptionError(str(e)) from None
+    if o.attention not in ("auto", "exact", "fused"):
+        raise EditorOptionError(f"attention must be 'auto', 'exact' or 'fused', not {o.attention!r}")
+    if o.loops not in ("auto", *S.RUNNER_MODES):
+        raise EditorOptionError(
+            f"loops must be 'auto', {', '.join(map(repr, S.RUNNER_MODES))}; not {o.loops!r}"
+        )
 
 
 def _check_finite(latents: torch.Tensor, phase: str) -> None:

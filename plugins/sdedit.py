@@ -182,7 +182,9 @@ class SDEditEditor(Editor):
                 f"{self.name}: the edited latents hold NaN or infinite values; lower guidance_scale or use float32"
             )
         edited = S.decode_latents(vae, latents, o.output_type)
-        original = image if o.output_type in ("pil", "latent") else vae_post(vae, x, o.output_type)
+        original = (
+            image if o.output_type in ("pil", "latent") else S.postprocess_images(vae, x, o.output_type)
+        )
         extra = {"mode": o.mode, "strength": o.strength, "steps_run": n_run, "notes": notes}
         return EditResult(image=_one(edited), original=_one(original), caption=caption, extra=extra)
 
@@ -243,8 +245,8 @@ class SDEditEditor(Editor):
                     scheduler, o.num_inference_steps, o.strength, self.device
                 )
             else:
-                timesteps, n_run = custom_strength_timesteps(
-                    scheduler, o.timesteps, o.sigmas, o.strength, self.device
+                timesteps, n_run = S.custom_strength_timesteps(
+                    scheduler, o.strength, self.device, timesteps=o.timesteps, sigmas=o.sigmas
                 )
         except ValueError as e:
             raise OptionValueError(str(e)) from None
@@ -303,25 +305,6 @@ def _check_options(o: SDEditOptions) -> None:
         )
 
 
-def custom_strength_timesteps(
-    scheduler: Any, timesteps, sigmas, strength: float, device
-) -> tuple[torch.Tensor, int]:
-    """diffusers' ``retrieve_timesteps`` with custom ``timesteps`` / ``sigmas``, then img2img's strength rule."""
-    import inspect
-
-    if timesteps is not None and sigmas is not None:
-        raise ValueError("pass timesteps= or sigmas=, not both")
-    name = "timesteps" if timesteps is not None else "sigmas"
-    if name not in inspect.signature(scheduler.set_timesteps).parameters:
-        raise ValueError(f"{type(scheduler).__name__} does not take custom {name}; use num_inference_steps")
-    scheduler.set_timesteps(**{name: timesteps if timesteps is not None else sigmas}, device=device)
-    n = len(scheduler.timesteps)
-    t_start = max(n - min(int(n * strength), n), 0)
-    if hasattr(scheduler, "set_begin_index"):
-        scheduler.set_begin_index(t_start * scheduler.order)
-    return scheduler.timesteps[t_start * scheduler.order :], n - t_start
-
-
 def _pil_list(image: Any, n: int) -> list[Any]:
     """The input images as PIL, for a captioner (tensors in -1..1 shifted to 0..1 first)."""
     if isinstance(image, list):
@@ -344,11 +327,6 @@ def _check_dim(pos: torch.Tensor, unet: Any) -> None:
         raise OptionValueError(
             f"prompt embeddings have shape {list(pos.shape)}; this UNet takes [B, L, {dim}]"
         )
-
-
-def vae_post(vae: Any, x: torch.Tensor, output_type: str) -> Any:
-    """The input pixels in ``output_type`` (the ``original`` of a result)."""
-    return S.image_processor(vae).postprocess(x.float(), output_type=output_type) if x.shape[1] == 3 else x
 
 
 def _one(images: Any) -> Any:

@@ -68,3 +68,11 @@ def tiny_sd2(tmp_path_factory) -> Path:
     from tiny_sd import make_tiny_sd
 
     return make_tiny_sd(tmp_path_factory.mktemp("tiny-sd2"), "sd2")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    """The offline CLIP tokenizer of diffusers' dummy components (tests/diffusers_dummies.py)."""
+    from tiny_sd import make_tokenizer
+
+    return make_tokenizer(tmp_path_factory.mktemp("tok"))

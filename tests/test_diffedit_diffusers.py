@@ -5,19 +5,22 @@ Each case builds diffusers' dummy components (``get_dummy_components`` of
 linear projections, VAE, CLIP text model, DDIM + DDIM-inverse schedulers; our tokenizer is built
 offline), runs ``generate_mask`` / ``invert`` / ``__call__`` with the test's inputs, then our editor
 on the same pipeline object (``pipe=``), and asserts max abs diff < 1e-4 on CPU fp32 (masks: equal).
+The builders shared with the other ported fast tests are in tests/diffusers_dummies.py.
 """
 
 from __future__ import annotations
 
 import random
 
+import diffusers_dummies
 import numpy as np
 import pytest
 import torch
+from diffusers_dummies import SCHED_ARGS, floats_tensor, frozen, random_direction
 from PIL import Image
 
 from p2pz_directions import editors
-from p2pz_directions.concept import Concept, Direction, EncoderInfo
+from p2pz_directions.concept import Direction, EncoderInfo
 
 TOL = 1e-4
 pytestmark = [
@@ -26,74 +29,18 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    from tiny_sd import make_tokenizer
-
-    return make_tokenizer(tmp_path_factory.mktemp("tok"))
-
-
-SCHED_ARGS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
-
-
 def dummy_components(tokenizer) -> dict:
-    from diffusers import AutoencoderKL, DDIMInverseScheduler, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    """DiffEdit's: linear projections and head dims (2, 4), a GELU text encoder, DDIM + DDIM-inverse."""
+    from diffusers import DDIMInverseScheduler, DDIMScheduler
 
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
+    return diffusers_dummies.dummy_components(
+        tokenizer,
+        unet={"attention_head_dim": (2, 4), "use_linear_projection": True},
+        vae={"sample_size": 128},
+        text_encoder={"hidden_act": "gelu", "projection_dim": 512},
+        scheduler=DDIMScheduler(**SCHED_ARGS, clip_sample=False, set_alpha_to_one=False),
+        inverse_scheduler=DDIMInverseScheduler(**SCHED_ARGS, clip_sample=False, set_alpha_to_zero=False),
     )
-    scheduler = DDIMScheduler(**SCHED_ARGS, clip_sample=False, set_alpha_to_one=False)
-    inverse_scheduler = DDIMInverseScheduler(**SCHED_ARGS, clip_sample=False, set_alpha_to_zero=False)
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        block_out_channels=[32, 64],
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
-        latent_channels=4,
-        sample_size=128,
-    )
-    torch.manual_seed(0)
-    cfg = CLIPTextConfig(
-        bos_token_id=0,
-        eos_token_id=2,
-        hidden_size=32,
-        intermediate_size=37,
-        layer_norm_eps=1e-05,
-        num_attention_heads=4,
-        num_hidden_layers=5,
-        pad_token_id=1,
-        vocab_size=1000,
-        hidden_act="gelu",
-        projection_dim=512,
-    )
-    return {
-        "unet": unet,
-        "scheduler": scheduler,
-        "inverse_scheduler": inverse_scheduler,
-        "vae": vae,
-        "text_encoder": CLIPTextModel(cfg).eval(),
-        "tokenizer": tokenizer,
-        "safety_checker": None,
-        "feature_extractor": None,
-    }
-
-
-def floats_tensor(shape, rng: random.Random) -> torch.Tensor:
-    n = int(np.prod(shape))
-    return torch.tensor([rng.random() for _ in range(n)], dtype=torch.float32).view(shape)
 
 
 def dummy_image(seed: int = 0) -> Image.Image:
@@ -110,18 +57,11 @@ def make_pipe(components: dict, scheduler=None, inverse_scheduler=None):
         pipe.scheduler = scheduler
     if inverse_scheduler is not None:
         pipe.inverse_scheduler = inverse_scheduler
-    for m in pipe.components.values():  # as from_pretrained leaves them (and as the editor uses them)
-        if isinstance(m, torch.nn.Module):
-            m.eval().requires_grad_(False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return frozen(pipe)
 
 
 def direction(dim: int = 32) -> Direction:
-    enc = EncoderInfo("unknown/clip_text_model-d32", dim, "clip_text_model-d32")
-    g = torch.Generator().manual_seed(0)
-    a = Concept("cat", torch.randn(77, dim, generator=g), enc)
-    return Direction(a, Concept("dog", torch.randn(77, dim, generator=g), enc))
+    return random_direction(EncoderInfo("unknown/clip_text_model-d32", dim, "clip_text_model-d32"))
 
 
 def editor(pipe):

@@ -228,12 +228,12 @@ def test_cross_attn_mask_user_mask_and_source_prompt_equal_diffusers(deep_sd1):
 
 def test_masks_from_prompt_strings_unpatched_diffusers(deep_sd2):
     """Concepts made from one caption each equal diffusers' own prompt encoding and token counts."""
-    from p2pz_plugins._common import encode_prompt
+    from p2pz_directions.sampling import encode_prompt
 
     pipe = _pipe(deep_sd2, "dpm")
     enc = encoder_for(model=str(deep_sd2))
     caps = ["a dog", "a cat"]
-    emb = encode_prompt(pipe.tokenizer, pipe.text_encoder, caps, "cpu")
+    emb, _ = encode_prompt(pipe.tokenizer, pipe.text_encoder, caps, "cpu")
     d = Direction(
         Concept("cat", emb[1], enc, captions=[caps[1]]), Concept("dog", emb[0], enc, captions=[caps[0]])
     )

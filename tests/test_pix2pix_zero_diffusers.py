@@ -4,7 +4,8 @@
 Our versions of diffusers' ``tests/pipelines/stable_diffusion/test_stable_diffusion_pix2pix_zero.py``
 (``get_dummy_components`` / ``get_dummy_inputs`` / ``get_dummy_inversion_inputs``), with a tokenizer
 built offline and random source/target embeddings instead of downloaded ones; plus every scheduler
-the pipeline accepts, image types, batches, ``AutoencoderTiny`` and the refusals.
+the pipeline accepts, image types, batches, ``AutoencoderTiny`` and the refusals. The builders shared
+with the other ported fast tests are in tests/diffusers_dummies.py.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from diffusers_dummies import dummy_components, random_direction
 
 from p2pz_directions import editors
 from p2pz_directions import sampling as S
-from p2pz_directions.concept import Concept, Direction, EncoderInfo
+from p2pz_directions.concept import Direction, EncoderInfo
 from p2pz_directions.editors import EditorOptionError
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore::FutureWarning")]
@@ -26,40 +28,14 @@ TOL = 1e-4
 ENC = EncoderInfo("test/tiny-clip-d32", 32, "clip")
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    from p2pz_directions.demo import make_tokenizer
-
-    return make_tokenizer(tmp_path_factory.mktemp("tok"))
-
-
 def get_dummy_components(tokenizer, **replace):
-    from diffusers import AutoencoderKL, DDIMInverseScheduler, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    """pix2pix-zero's: DDIM + DDIM-inverse with their defaults, no captioner; ``replace`` any of them."""
+    from diffusers import DDIMInverseScheduler, DDIMScheduler
 
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
+    comps = dummy_components(
+        tokenizer, scheduler=DDIMScheduler(), inverse_scheduler=DDIMInverseScheduler(), caption_generator=None,
+        caption_processor=None,
     )  # fmt: skip
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4,
-        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"], up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
-    )  # fmt: skip
-    torch.manual_seed(0)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            bos_token_id=0, eos_token_id=2, hidden_size=32, intermediate_size=37, layer_norm_eps=1e-05,
-            num_attention_heads=4, num_hidden_layers=5, pad_token_id=1, vocab_size=1000,
-        )
-    )  # fmt: skip
-    comps = {
-        "unet": unet.eval(), "scheduler": DDIMScheduler(), "vae": vae.eval(), "text_encoder": text_encoder.eval(),
-        "tokenizer": tokenizer, "safety_checker": None, "feature_extractor": None,
-        "inverse_scheduler": DDIMInverseScheduler(), "caption_generator": None, "caption_processor": None,
-    }  # fmt: skip
     comps.update(replace)
     return comps
 
@@ -75,9 +51,7 @@ def make_pipe(tokenizer, **replace):
 
 
 def make_direction(seed: int = 0, scale: float = 1.0) -> Direction:
-    g = torch.Generator().manual_seed(seed)
-    src, tgt = (torch.randn(77, 32, generator=g) * scale for _ in range(2))
-    return Direction(Concept(f"src{seed}", src, ENC), Concept(f"tgt{seed}", tgt, ENC))
+    return random_direction(ENC, seed, scale, names=(f"src{seed}", f"tgt{seed}"))
 
 
 def ours(pipe, **kw):

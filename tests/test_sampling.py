@@ -31,6 +31,15 @@ def _sd_pipe(parts, scheduler=None, unet=None):
     return pipe
 
 
+def _img2img_pipe(parts, scheduler):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    return StableDiffusionImg2ImgPipeline(
+        vae=parts["vae"], text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"], unet=parts["unet"],
+        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+
+
 # -- schedulers ----------------------------------------------------------------------------------
 def test_copy_scheduler_keeps_settings_a_pipeline_patched_in(parts):
     """SD pipelines patch steps_offset=1 into an old config but leave it in _use_default_values, so
@@ -79,19 +88,58 @@ def test_check_scheduler_names_the_supported_ones():
 @pytest.mark.parametrize("strength", [0.3, 0.75, 1.0])
 def test_strength_timesteps_equal_img2img(parts, name, strength):
     import diffusers
-    from diffusers import StableDiffusionImg2ImgPipeline
 
     cls = getattr(diffusers, name)
     a, b = cls.from_config(parts["scheduler"].config), cls.from_config(parts["scheduler"].config)
-    pipe = StableDiffusionImg2ImgPipeline(
-        vae=parts["vae"], text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"], unet=parts["unet"],
-        scheduler=a, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )  # fmt: skip
+    pipe = _img2img_pipe(parts, a)
     pipe.scheduler.set_timesteps(10)
     expected, n_exp = pipe.get_timesteps(10, strength, "cpu")
     got, n = S.strength_timesteps(b, 10, strength)
     assert n == n_exp and torch.equal(got, expected)
     assert getattr(a, "_begin_index", None) == getattr(b, "_begin_index", None)
+
+
+@pytest.mark.parametrize(
+    "name, kw",
+    [
+        ("LCMScheduler", {"timesteps": [999, 499, 199]}),
+        ("EulerDiscreteScheduler", {"sigmas": [8.0, 3.0, 1.0, 0.3]}),
+    ],
+)
+@pytest.mark.parametrize("strength", [0.5, 1.0])
+def test_custom_strength_timesteps_equal_img2img(parts, name, kw, strength):
+    """A custom schedule: img2img's retrieve_timesteps, then get_timesteps on the steps it set."""
+    import diffusers
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_timesteps
+
+    cls = getattr(diffusers, name)
+    a, b = cls.from_config(parts["scheduler"].config), cls.from_config(parts["scheduler"].config)
+    pipe = _img2img_pipe(parts, a)
+    _, steps = retrieve_timesteps(pipe.scheduler, None, "cpu", **kw)
+    expected, n_exp = pipe.get_timesteps(steps, strength, "cpu")
+    got, n = S.custom_strength_timesteps(b, strength, "cpu", **kw)
+    assert n == n_exp and torch.equal(got, expected)
+    assert getattr(a, "_begin_index", None) == getattr(b, "_begin_index", None)
+
+
+def test_custom_strength_timesteps_refusals():
+    from diffusers import DDIMScheduler
+
+    with pytest.raises(ValueError, match="not both"):
+        S.custom_strength_timesteps(DDIMScheduler(), 0.5, timesteps=[999, 499], sigmas=[1.0, 0.5])
+    with pytest.raises(ValueError, match="DDIMScheduler does not take custom sigmas"):
+        S.custom_strength_timesteps(DDIMScheduler(), 0.5, sigmas=[1.0, 0.5])
+
+
+def test_postprocess_images_is_the_image_processors(parts):
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    expected = S.image_processor(parts["vae"]).postprocess(x, output_type="np")
+    assert torch.equal(
+        torch.as_tensor(S.postprocess_images(parts["vae"], x, "np")), torch.as_tensor(expected)
+    )
+    latents = torch.randn(1, 4, 8, 8)
+    assert S.postprocess_images(parts["vae"], latents, "np") is latents  # latents come back as they are
+    assert S.postprocess_images(parts["vae"], x, "latent") is x
 
 
 def test_extra_step_kwargs_only_what_the_step_takes():

@@ -4,7 +4,8 @@ Each case builds diffusers' dummy components (``get_dummy_components`` of
 ``tests/pipelines/stable_diffusion/test_stable_diffusion_img2img.py``: a 32-px UNet, VAE, CLIP text
 model, PNDM scheduler; our tokenizer is built offline), runs the pipeline with the test's inputs,
 then our editor on the same pipeline object (``pipe=``) with the same inputs and a zero direction
-(so that ``prompt`` is the prompt), and asserts max abs diff < 1e-4 on CPU fp32.
+(so that ``prompt`` is the prompt), and asserts max abs diff < 1e-4 on CPU fp32. The builders shared
+with the other ported fast tests are in tests/diffusers_dummies.py.
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ from __future__ import annotations
 import copy
 import random
 
+import diffusers_dummies
 import numpy as np
 import pytest
 import torch
+from diffusers_dummies import floats_tensor, frozen, random_direction
 
 from p2pz_directions import editors
-from p2pz_directions.concept import Concept, Direction
+from p2pz_directions.concept import Direction, EncoderInfo
 
 TOL = 1e-4
 pytestmark = [
@@ -26,67 +29,16 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    from tiny_sd import make_tokenizer
-
-    return make_tokenizer(tmp_path_factory.mktemp("tok"))
-
-
 def dummy_components(tokenizer, time_cond_proj_dim: int | None = None) -> dict:
-    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    """img2img's: a PNDM scheduler; ``time_cond_proj_dim`` for the LCM cases."""
+    from diffusers import PNDMScheduler
 
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        time_cond_proj_dim=time_cond_proj_dim,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
+    return diffusers_dummies.dummy_components(
+        tokenizer,
+        unet={"time_cond_proj_dim": time_cond_proj_dim},
+        scheduler=PNDMScheduler(skip_prk_steps=True),
+        image_encoder=None,
     )
-    scheduler = PNDMScheduler(skip_prk_steps=True)
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        block_out_channels=[32, 64],
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
-        latent_channels=4,
-    )
-    torch.manual_seed(0)
-    cfg = CLIPTextConfig(
-        bos_token_id=0,
-        eos_token_id=2,
-        hidden_size=32,
-        intermediate_size=37,
-        layer_norm_eps=1e-05,
-        num_attention_heads=4,
-        num_hidden_layers=5,
-        pad_token_id=1,
-        vocab_size=1000,
-    )
-    return {
-        "unet": unet,
-        "scheduler": scheduler,
-        "vae": vae,
-        "text_encoder": CLIPTextModel(cfg).eval(),
-        "tokenizer": tokenizer,
-        "safety_checker": None,
-        "feature_extractor": None,
-        "image_encoder": None,
-    }
-
-
-def floats_tensor(shape, rng: random.Random) -> torch.Tensor:
-    """diffusers' ``floats_tensor``: uniform floats in [0, 1) from a ``random.Random``."""
-    n = int(np.prod(shape))
-    return torch.tensor([rng.random() for _ in range(n)], dtype=torch.float32).view(shape)
 
 
 def dummy_inputs(seed: int = 0) -> dict:
@@ -109,21 +61,12 @@ def make_pipe(components: dict, scheduler=None, vae=None):
         pipe.scheduler = scheduler
     if vae is not None:
         pipe.vae = vae
-    for m in pipe.components.values():  # as from_pretrained leaves them (and as the editor uses them)
-        if isinstance(m, torch.nn.Module):
-            m.eval().requires_grad_(False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return frozen(pipe)
 
 
 def zero_direction(dim: int = 32) -> Direction:
     """A direction with delta 0: the editor then conditions on ``prompt`` alone, as img2img does."""
-    from p2pz_directions.concept import EncoderInfo
-
-    enc = EncoderInfo("unknown/clip_text_model-d32", dim, "clip_text_model-d32")
-    g = torch.Generator().manual_seed(0)
-    a = Concept("cat", torch.randn(77, dim, generator=g), enc)
-    return Direction(a, Concept("dog", torch.randn(77, dim, generator=g), enc)) * 0.0
+    return random_direction(EncoderInfo("unknown/clip_text_model-d32", dim, "clip_text_model-d32")) * 0.0
 
 
 def run_both(pipe, inputs: dict, **ours_only):

@@ -6,11 +6,12 @@ in and returned (k-diffusion's style):
 ============================  ==================================================================
 conditioning                  `encode_prompt` (``StableDiffusionPipeline.encode_prompt``), `encode_text`
 guidance                      `cfg` (+ `rescale_noise_cfg`), `do_cfg`, `guidance_scale_embedding` (LCM)
-images and latents            `preprocess_images`, `encode_image` (`retrieve_latents`: AutoencoderKL and
+images and latents            `preprocess_images` / `postprocess_images`, `encode_image` (`retrieve_latents`: AutoencoderKL and
                               AutoencoderTiny), `decode_latents`, `randn`, `make_generator`,
                               `epsilon_from_output`, `vae_scale_factor`, `image_processor`
 schedulers                    `copy_scheduler` (keeps every setting), `check_scheduler` (a clear
                               `UnsupportedSchedulerError`), `extra_step_kwargs`, `strength_timesteps`
+                              (`custom_strength_timesteps`)
 loops                         `denoise` (any diffusers scheduler), `invert` (``*InverseScheduler``),
                               `cfg_predictor`, `unet_forward`, `LoopState`
 running the UNet              `UNetRunner` (eager | CUDA graphs | torch.compile, one loop)
@@ -39,6 +40,7 @@ from .latents import (
     epsilon_from_output,
     image_processor,
     make_generator,
+    postprocess_images,
     preprocess_images,
     randn,
     retrieve_latents,
@@ -76,6 +78,7 @@ from .schedulers import (
     UnsupportedSchedulerError,
     check_scheduler,
     copy_scheduler,
+    custom_strength_timesteps,
     extra_step_kwargs,
     is_inverse_scheduler,
     strength_timesteps,
@@ -100,6 +103,7 @@ __all__ = [
     "check_scheduler",
     "copy_scheduler",
     "cross_attention_guided_step",
+    "custom_strength_timesteps",
     "decode_latents",
     "denoise",
     "do_cfg",
@@ -119,6 +123,7 @@ __all__ = [
     "kl_divergence",
     "kl_grad",
     "make_generator",
+    "postprocess_images",
     "preprocess_images",
     "randn",
     "reference_predictor",

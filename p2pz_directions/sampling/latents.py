@@ -16,6 +16,7 @@ __all__ = [
     "epsilon_from_output",
     "image_processor",
     "make_generator",
+    "postprocess_images",
     "preprocess_images",
     "randn",
     "retrieve_latents",
@@ -62,6 +63,15 @@ def preprocess_images(
     if isinstance(image, list) and image and isinstance(image[0], torch.Tensor) and image[0].ndim == 4:
         image = torch.cat(image)
     return image_processor(vae).preprocess(image, height=height, width=width)
+
+
+def postprocess_images(vae: Any, images: torch.Tensor, output_type: str = "pil") -> Any:
+    """``[B, 3, H, W]`` pixels in [-1, 1] (what `preprocess_images` made) as ``output_type``, through
+    ``VaeImageProcessor.postprocess``: an edit's ``original`` in the form of its ``image``. Latents
+    (not 3 channels) and ``output_type="latent"`` come back as they are."""
+    if output_type == "latent" or images.shape[1] != 3:
+        return images
+    return image_processor(vae).postprocess(images.float(), output_type=output_type)
 
 
 def retrieve_latents(encoder_output: Any, generator: Any = None, sample_mode: str = "sample") -> torch.Tensor:

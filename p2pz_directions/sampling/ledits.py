@@ -12,7 +12,9 @@ Two halves, each checked line by line against the papers and against diffusers'
                         and the corrected x_{t-1} = mu_t + sigma_t z_t;
 - `dpmpp_sde_noise_map` the same for the 2nd-order SDE DPM-Solver++ (LEDITS++ Sec. 3.1): mu_t is
                         the solver's noise-free update, sigma_t = sigma_t sqrt(1 - e^{-2h});
-- `invert`              the loop: noise maps zs[i] for each timestep, and x_T to start editing from.
+- `invert`              the loop: noise maps zs[i] for each timestep, and x_T to start editing from;
+- `NoiseMapScheduler`   a scheduler whose i-th step adds zs[i] (x_{t-1} = mu_t + sigma_t z_t, eq. 5):
+                        the edit's denoising steps.
 
 *Editing* - semantic guidance with implicit masks (LEDITS++ Sec. 3.2-3.3, eq. 12; SEGA, Brack et
 al. 2023): for each concept e, gamma_e = s_e * (eps_e - eps_uncond) (sign flipped for a reverse
@@ -44,6 +46,7 @@ import torch.nn.functional as F
 __all__ = [
     "AttentionMaps",
     "ConceptGuidance",
+    "NoiseMapScheduler",
     "attention_mask",
     "ddim_noise_map",
     "ddpm_noisy_latents",
@@ -210,6 +213,26 @@ def invert(
         if callback is not None:
             callback(j + 1, n)
     return xts[-1], zs.flip(0)
+
+
+class NoiseMapScheduler:
+    """``scheduler`` whose ``step`` at its i-th call uses ``variance_noise=zs[i]``: the DDPM step
+    x_{t-1} = mu_t(x_t) + sigma_t z_t of edit-friendly DDPM (Huberman-Spiegelglas et al. 2024, eq. 5)
+    with the noise maps of `invert`; everything else is the scheduler's own. Give it to
+    `p2pz_directions.sampling.denoise` with ``eta=1`` (DDIM) for the edit."""
+
+    def __init__(self, scheduler: Any, zs: torch.Tensor):
+        self.scheduler, self.zs, self.i = scheduler, zs, 0
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "scheduler":  # not set yet (a copy being made): no recursion
+            raise AttributeError(name)
+        return getattr(self.scheduler, name)
+
+    def step(self, model_output: torch.Tensor, t: Any, x: torch.Tensor, **kw: Any) -> Any:
+        out = self.scheduler.step(model_output, t, x, variance_noise=self.zs[self.i], **kw)
+        self.i += 1
+        return out
 
 
 # ---------------------------------------------------------------------------------------------------

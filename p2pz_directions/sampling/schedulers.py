@@ -1,5 +1,6 @@
 """Schedulers: copy one without losing its settings, check it against a pipeline's list, and the
-small rules diffusers' pipelines apply around ``scheduler.step`` (extra step arguments, strength).
+small rules diffusers' pipelines apply around ``scheduler.step`` (extra step arguments, strength,
+custom timesteps).
 
 Why copies lose settings: diffusers records the init arguments a scheduler was built with
 *without* a value in ``config["_use_default_values"]``, and ``from_config`` drops those keys so
@@ -28,6 +29,7 @@ __all__ = [
     "UnsupportedSchedulerError",
     "check_scheduler",
     "copy_scheduler",
+    "custom_strength_timesteps",
     "extra_step_kwargs",
     "is_inverse_scheduler",
     "strength_timesteps",
@@ -118,6 +120,30 @@ def strength_timesteps(
     scheduler's begin index). Returns ``(timesteps, number of denoising steps)``.
     """
     scheduler.set_timesteps(num_inference_steps, device=device)
+    return _strength_tail(scheduler, num_inference_steps, strength)
+
+
+def custom_strength_timesteps(
+    scheduler: Any,
+    strength: float,
+    device: torch.device | str | None = None,
+    *,
+    timesteps: list[int] | None = None,
+    sigmas: list[float] | None = None,
+) -> tuple[torch.Tensor, int]:
+    """`strength_timesteps` on a custom schedule: diffusers' ``retrieve_timesteps`` with ``timesteps``
+    or ``sigmas`` (a ValueError if the scheduler takes neither, or both are given), then img2img's
+    strength rule (SDEdit's t0, Meng et al. 2022, Algorithm 1) on the ``len(timesteps)`` steps set."""
+    if timesteps is not None and sigmas is not None:
+        raise ValueError("pass timesteps= or sigmas=, not both")
+    name = "timesteps" if timesteps is not None else "sigmas"
+    if name not in inspect.signature(scheduler.set_timesteps).parameters:
+        raise ValueError(f"{type(scheduler).__name__} does not take custom {name}; use num_inference_steps")
+    scheduler.set_timesteps(**{name: timesteps if timesteps is not None else sigmas}, device=device)
+    return _strength_tail(scheduler, len(scheduler.timesteps), strength)
+
+
+def _strength_tail(scheduler: Any, num_inference_steps: int, strength: float) -> tuple[torch.Tensor, int]:
     init_timestep = min(int(num_inference_steps * strength), num_inference_steps)
     t_start = max(num_inference_steps - init_timestep, 0)
     timesteps = scheduler.timesteps[t_start * scheduler.order :]
