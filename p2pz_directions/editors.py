@@ -53,6 +53,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from . import constants
 from .concept import Direction, EncoderInfo
 from .errors import EncoderMismatchError, FormatError, NotFoundError, P2PZError
 
@@ -327,7 +328,7 @@ class Editor:
         except (OSError, ValueError) as e:
             raise EditorError(
                 f"cannot load {name} of {self.model}: {e}. Check the model id or folder; offline, the model "
-                f"must already be in the Hugging Face cache (HF_HUB_OFFLINE=1 is set: {bool(os.environ.get('HF_HUB_OFFLINE'))})"
+                f"must already be in the Hugging Face cache (HF_HUB_OFFLINE=1 is set: {constants.hf_offline()})"
             ) from None
 
     # -- progress -------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from . import minilm
+from . import constants, minilm
 from .store import LocalStore, default_store
 
 __all__ = ["SearchHit", "embed", "search", "split_change", "suggest"]
@@ -334,7 +334,7 @@ def suggest(query: str, store: LocalStore | None = None, k: int = 3) -> list[str
     ``P2PZ_SEMANTIC_SUGGEST=0`` to turn it off.
     """
     try:
-        if os.environ.get("P2PZ_SEMANTIC_SUGGEST", "1") in ("0", "false", "no"):
+        if not constants.semantic_suggest():
             return []
         store = store or default_store()
         q = " ".join(str(query).split()).lower()

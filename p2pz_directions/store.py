@@ -45,7 +45,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from . import naming
+from . import constants, naming
 from .concept import Concept, EncoderInfo
 from .errors import (
     FormatError,
@@ -69,7 +69,6 @@ from .format import (
 )
 
 DEFAULT_PACK = "local"
-LOCK_TIMEOUT = float(os.environ.get("P2PZ_LOCK_TIMEOUT", "120"))
 JOURNAL = "journal.json"
 HISTORY_FILE = "versions.json"
 PACK_FILE = "pack.json"
@@ -82,12 +81,8 @@ _ACTIVE_TXNS: set[str] = set()  # transaction folders this process is writing
 
 
 def default_root() -> Path:
-    """``$P2PZ_HOME``, else ``$XDG_CACHE_HOME/p2pz``, else ``~/.cache/p2pz``."""
-    env = os.environ.get("P2PZ_HOME")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "p2pz"
+    """``$P2PZ_HOME``, else ``$XDG_CACHE_HOME/p2pz``, else ``~/.cache/p2pz`` (`constants.home`)."""
+    return constants.home()
 
 
 def now_iso() -> str:
@@ -192,7 +187,7 @@ class LocalStore:
             if lk is None or getattr(lk, "_p2pz_pid", None) != os.getpid():
                 lk = _LOCKS[path] = FileLock(path)
                 lk._p2pz_pid = os.getpid()  # a forked child gets its own lock object
-        wait = LOCK_TIMEOUT if timeout is None else timeout
+        wait = constants.lock_timeout_s() if timeout is None else timeout
         try:
             lk.acquire(timeout=wait)
         except Timeout:
