@@ -46,6 +46,7 @@ from typing import Any
 from filelock import FileLock, Timeout
 
 from . import constants, naming
+from .atomic import write_bytes
 from .concept import Concept, EncoderInfo
 from .errors import (
     FormatError,
@@ -839,17 +840,8 @@ def _fsync_tree(root: Path) -> None:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temp file beside ``path``, fsync, then rename over it."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """Write to a temp file beside ``path``, fsync, then rename over it (`atomic.write_bytes`)."""
+    write_bytes(path, data)
 
 
 _DEFAULT: dict[str, LocalStore] = {}
