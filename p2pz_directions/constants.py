@@ -19,6 +19,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import P2PZError
+
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
@@ -77,7 +79,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(
         "P2PZ_DEBUG",
         "0",
-        "`1` makes the CLI print full tracebacks instead of one `error:` line (same as `p2pz --debug`).",
+        "`1` (any value but `0`) makes the CLI print full tracebacks instead of one `error:` line (`p2pz --debug`).",
     ),
     Variable("P2PZ_MODEL", "CompVis/stable-diffusion-v1-4", "The Space's diffusers model.", "space"),
     Variable("P2PZ_DEMO", "0", "`1`: the Space runs the tiny random-weight demo model (CPU).", "space"),
@@ -93,8 +95,8 @@ VARIABLES: tuple[Variable, ...] = (
 _DEFAULTS = {v.name: v.default for v in VARIABLES}
 
 
-class ConfigError(ValueError):
-    """An environment variable holds a value that cannot be used."""
+class ConfigError(P2PZError, ValueError):
+    """An environment variable holds a value that cannot be used (the CLI prints it as one line)."""
 
 
 def _raw(name: str) -> str | None:
@@ -174,7 +176,9 @@ def minilm_backend() -> str:
 
 
 def debug() -> bool:
-    return flag("P2PZ_DEBUG")
+    """Any value but ``0/false/no/off`` (or empty) turns tracebacks on: a debug switch never fails."""
+    raw = _raw("P2PZ_DEBUG")
+    return raw is not None and raw.lower() not in _FALSE
 
 
 def hf_offline() -> bool:

@@ -134,3 +134,21 @@ def test_constants_imports_nothing_heavy():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_debug_switch_never_fails(monkeypatch):
+    for value, want in [("", False), ("0", False), ("off", False), ("1", True), ("maybe", True)]:
+        monkeypatch.setenv("P2PZ_DEBUG", value)
+        assert constants.debug() is want, value
+
+
+def test_a_bad_setting_is_one_cli_error_line(monkeypatch, tmp_path):
+    from p2pz_directions.errors import P2PZError
+
+    assert issubclass(ConfigError, P2PZError)  # the CLI prints P2PZError as `error: ...`, exit 1
+    monkeypatch.setenv("P2PZ_LOCK_TIMEOUT", "soon")
+    from p2pz_directions.store import LocalStore
+
+    with pytest.raises(ConfigError, match="P2PZ_LOCK_TIMEOUT"):
+        with LocalStore(tmp_path / "reg").lock():
+            pass
