@@ -108,24 +108,9 @@ def _default_device() -> str:
 
 
 def _resolve_dtype(dtype: Any, device: str):
-    import torch
+    from .dtypes import torch_dtype
 
-    if dtype is None:
-        return torch.float16 if str(device).startswith("cuda") else torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    name = str(dtype).removeprefix("torch.")
-    aliases = {
-        "fp16": "float16",
-        "half": "float16",
-        "bf16": "bfloat16",
-        "fp32": "float32",
-        "float": "float32",
-    }
-    name = aliases.get(name, name)
-    if name not in ("float16", "bfloat16", "float32"):
-        raise ValueError(f"dtype {dtype!r} is not one of float16, bfloat16, float32")
-    return getattr(torch, name)
+    return torch_dtype(dtype, device)
 
 
 class FlanT5Captioner(_CaptionerBase):

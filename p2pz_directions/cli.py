@@ -21,7 +21,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from . import __version__, naming
+from . import __version__, constants, naming
 from .cli_options import (
     EncoderOpt,
     JsonOpt,
@@ -496,7 +496,7 @@ _USAGE = (next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickExce
 
 def _debug_wanted(args: list[str]) -> tuple[bool, list[str]]:
     """``--debug`` anywhere before ``--`` (and P2PZ_DEBUG=1) turns tracebacks on."""
-    env = os.environ.get("P2PZ_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
+    env = constants.debug()
     cut = args.index("--") if "--" in args else len(args)
     head = [a for a in args[:cut] if a != "--debug"]
     return env or len(head) != cut, head + args[cut:]

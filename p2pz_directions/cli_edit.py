@@ -91,15 +91,10 @@ def _parse_opt(pairs: list[str] | None, editor: Any = None) -> dict[str, Any]:
 
 def _save(img: Any, path: Path) -> None:
     """Write an image atomically: a temp file in the same folder, then a rename."""
-    import os
+    from .atomic import atomic_path
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-    try:
+    with atomic_path(path, keep_suffix=True) as tmp:  # PIL picks the format from the suffix
         img.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _accepts_lists(ed: Any) -> bool:

@@ -204,6 +204,7 @@ def register(app: typer.Typer) -> None:
             )
         if not images:
             raise P2PZError("give the images to edit: --images FOLDER (or image files)")
+        from .atomic import write_bytes
         from .batch.jobs import parse_seeds
         from .cli_options import editor_kwargs, parse_opts
         from .editors import parse_dtype
@@ -250,9 +251,7 @@ def register(app: typer.Typer) -> None:
         if not no_grid and res.grid is not None:
             res.grid.save(grid_path)
             data["grid"] = str(grid_path)
-        tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False), "utf-8")
-        os.replace(tmp, output)
+        write_bytes(output, json.dumps(data, indent=1, ensure_ascii=False).encode("utf-8"))
         if as_json:
             sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
             return

@@ -176,11 +176,14 @@ def check_device(device: str | None) -> str | None:
 
 def check_dtype(dtype: str | None) -> str | None:
     """Refuse an unknown ``--dtype`` before anything loads."""
+    from .dtypes import UnknownDtypeError, dtype_name
+
     if dtype is None:
         return None
-    known = ("float32", "fp32", "float", "float16", "fp16", "half", "bfloat16", "bf16")
-    if dtype.lower().removeprefix("torch.") not in known:
-        raise UsageError(f"--dtype {dtype!r}: use float32, float16 or bfloat16")
+    try:
+        dtype_name(dtype)
+    except UnknownDtypeError:
+        raise UsageError(f"--dtype {dtype!r}: use float32, float16 or bfloat16") from None
     return dtype
 
 

@@ -53,7 +53,9 @@ from typing import Any, ClassVar
 
 import torch
 
+from . import constants
 from .concept import Direction, EncoderInfo
+from .dtypes import UnknownDtypeError, torch_dtype
 from .errors import EncoderMismatchError, FormatError, NotFoundError, P2PZError
 
 __all__ = [
@@ -102,26 +104,12 @@ class EditResult:
         return self.image if isinstance(self.image, list) else [self.image]
 
 
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-}
-
-
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     """``"fp16"`` / ``"float16"`` / ``torch.float16`` -> ``torch.float16`` (None stays None)."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    key = str(dtype).lower().removeprefix("torch.")
-    if key not in _DTYPES:
-        raise EditorOptionError(f"unknown dtype {dtype!r}; use one of float32, float16, bfloat16")
-    return _DTYPES[key]
+    try:
+        return torch_dtype(dtype)
+    except UnknownDtypeError as e:
+        raise EditorOptionError(str(e)) from None
 
 
 def _default_device() -> torch.device:
@@ -327,7 +315,7 @@ class Editor:
         except (OSError, ValueError) as e:
             raise EditorError(
                 f"cannot load {name} of {self.model}: {e}. Check the model id or folder; offline, the model "
-                f"must already be in the Hugging Face cache (HF_HUB_OFFLINE=1 is set: {bool(os.environ.get('HF_HUB_OFFLINE'))})"
+                f"must already be in the Hugging Face cache (HF_HUB_OFFLINE=1 is set: {constants.hf_offline()})"
             ) from None
 
     # -- progress -------------------------------------------------------------------------------

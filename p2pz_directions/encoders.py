@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from .concept import EncoderInfo
+from .dtypes import torch_dtype
 from .errors import FormatError, P2PZError
 
 __all__ = ["EncoderLoadError", "TextEncoder", "encode_one_by_one", "load_tokenizer", "resolve_device_dtype"]
@@ -41,17 +42,7 @@ class EncoderLoadError(P2PZError, ValueError):
 def resolve_device_dtype(device: str | torch.device | None, dtype: Any) -> tuple[str, torch.dtype]:
     """``(device, dtype)`` with defaults: CUDA if present; float16 on GPU, float32 on CPU."""
     dev = str(device) if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
-    if dtype is None:
-        dt = torch.float16 if dev.startswith("cuda") else torch.float32
-    elif isinstance(dtype, torch.dtype):
-        dt = dtype
-    else:
-        name = str(dtype).removeprefix("torch.")
-        name = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32"}.get(name, name)
-        if name not in ("float16", "bfloat16", "float32"):
-            raise ValueError(f"dtype {dtype!r} is not one of float16, bfloat16, float32")
-        dt = getattr(torch, name)
-    return dev, dt
+    return dev, torch_dtype(dtype, dev)
 
 
 def _locate(

@@ -7,13 +7,13 @@ The diffusers pix2pix-zero docs load ``source_embeds = torch.load("cat.pt")``; a
 from __future__ import annotations
 
 import os
-import uuid
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from . import naming
+from .atomic import atomic_path
 from .concept import Concept
 from .store import LocalStore, default_store
 
@@ -23,9 +23,8 @@ def _file_stem(name: str) -> str:
 
 
 def _write_atomic(concept: Concept, path: Path, fmt: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        tensor = concept.as_embeds(concept.embedding.dtype).contiguous()  # [1, 77, D], stored dtype
+    tensor = concept.as_embeds(concept.embedding.dtype).contiguous()  # [1, 77, D], stored dtype
+    with atomic_path(path) as tmp:
         if fmt == "pt":
             torch.save(tensor, tmp)
         else:
@@ -34,10 +33,6 @@ def _write_atomic(concept: Concept, path: Path, fmt: str) -> None:
                 str(tmp),
                 metadata={"concept": concept.name, "encoder": concept.encoder.id},
             )
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def export(

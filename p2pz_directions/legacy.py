@@ -3,7 +3,8 @@
 Each file holds one tensor ``[1, 77, D]`` or ``[77, D]`` (float16 or float32), the mean text
 embedding of a concept's captions. Files are read only with ``torch.load(weights_only=True)``:
 a pickle that tries to build anything but plain tensors is refused, and nothing is written unless
-every file is valid. URLs are downloaded to a temp file with a progress bar and a size bound.
+every file is valid. URLs are downloaded to a temp file with huggingface_hub's downloader, a size
+bound (``P2PZ_MAX_DOWNLOAD_BYTES``) and an overall deadline (``P2PZ_DOWNLOAD_DEADLINE``).
 
 >>> from p2pz_directions.legacy import import_pt
 >>> import_pt(["embeddings_sd_1.4/"], pack="pix2pix-zero",
@@ -15,25 +16,22 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
-import time
+import threading
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import torch
 
-from . import naming
+from . import constants, naming
 from .concept import Concept, EncoderInfo
 from .errors import FormatError, P2PZError, UnsafeFileError
 from .format import sha256_file
 from .models import encoder_for
 from .store import LocalStore, default_store
-
-MAX_DOWNLOAD_BYTES = int(os.environ.get("P2PZ_MAX_DOWNLOAD_BYTES", str(64 * 1024 * 1024)))
-#: seconds one download may take in all, however slowly the server sends (`P2PZ_DOWNLOAD_DEADLINE`)
-DOWNLOAD_DEADLINE_S = float(os.environ.get("P2PZ_DOWNLOAD_DEADLINE", "300"))
 
 #: where the diffusers pix2pix-zero docs point for the authors' SD 1.4 concepts
 AUTHORS_SD14_URLS = {
@@ -55,15 +53,50 @@ class Source:
     name: str
 
 
-def _offline() -> bool:
-    return any(
-        os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
-        for v in ("HF_HUB_OFFLINE", "P2PZ_OFFLINE")
-    )
-
-
 def is_url(s: str) -> bool:
     return urlparse(str(s)).scheme in ("http", "https")
+
+
+class _BoundedFile:
+    """The file `huggingface_hub.file_download.http_get` streams into: refuses bytes past ``max_bytes``
+    and every write once `cancel` was called (the deadline passed), so the download stops there."""
+
+    def __init__(self, path: Path, max_bytes: int, url: str):
+        self._f = open(path, "wb")  # noqa: SIM115 - closed by `close`, from either thread
+        self._lock = threading.Lock()
+        self._max, self._url = max_bytes, url
+        self.cancelled = False
+
+    def write(self, chunk: bytes) -> int:
+        with self._lock:
+            if self.cancelled:
+                raise DownloadError(f"{self._url}: cancelled (deadline)")
+            if self._f.tell() + len(chunk) > self._max:
+                raise _too_big(self._url, self._max)
+            return self._f.write(chunk)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        return self._f.seek(pos, whence)
+
+    def truncate(self, size: int | None = None) -> int:
+        return self._f.truncate(size)
+
+    def cancel(self) -> None:
+        with self._lock:
+            self.cancelled = True
+            self._f.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._f.close()
+
+
+def _too_big(url: str, max_bytes: int, size: int | None = None) -> DownloadError:
+    said = f"is {size} bytes" if size else "sent more"
+    return DownloadError(f"{url} {said}, over the {max_bytes}-byte bound (P2PZ_MAX_DOWNLOAD_BYTES)")
 
 
 def download(
@@ -73,73 +106,74 @@ def download(
     progress: bool = True,
     deadline_s: float | None = None,
 ) -> Path:
-    """Stream ``url`` into ``dest`` (a temp file), refusing more than ``max_bytes`` and cutting it
-    off after ``deadline_s`` seconds in all (default `DOWNLOAD_DEADLINE_S`)."""
-    max_bytes = MAX_DOWNLOAD_BYTES if max_bytes is None else max_bytes
-    limit = DOWNLOAD_DEADLINE_S if deadline_s is None else deadline_s
-    end = time.monotonic() + limit
-    if _offline():
+    """Download ``url`` into ``dest`` (a temp file) with huggingface_hub's `http_get` (its HTTP client,
+    retries and progress bar; it sends no Hub token), refusing more than ``max_bytes`` (default
+    ``P2PZ_MAX_DOWNLOAD_BYTES``) and cutting it off after ``deadline_s`` seconds in all (default
+    ``P2PZ_DOWNLOAD_DEADLINE``), however the time goes: slow bytes, a silent server, retries.
+
+    huggingface_hub's own limits are per request (a read timeout, then up to five resumed attempts),
+    so the whole transfer runs in a worker thread that the caller stops waiting for at the deadline;
+    the file it writes into then refuses every byte, which ends the transfer at its next chunk.
+    """
+    max_bytes = constants.max_download_bytes() if max_bytes is None else max_bytes
+    limit = constants.download_deadline_s() if deadline_s is None else deadline_s
+    if constants.hf_offline():
         raise DownloadError(
-            f"cannot download {url}: offline mode (HF_HUB_OFFLINE/P2PZ_OFFLINE) is on. Import from a local copy "
+            f"cannot download {url}: offline mode (HF_HUB_OFFLINE) is on. Import from a local copy "
             f"instead, e.g. `p2pz import-pt path/to/embeddings_sd_1.4/`"
         )
-    import httpx2
-    from tqdm.auto import tqdm
+    from huggingface_hub.file_download import http_get
+    from huggingface_hub.utils import tqdm as hf_tqdm
 
-    def over() -> DownloadError:
-        return DownloadError(
+    name = Path(urlparse(url).path).name or "download"
+
+    def bar(total: int | None = None, **kw: Any) -> Any:
+        # the declared size (Content-Length) is known when the bar is made, before any byte is kept
+        if total is not None and total > max_bytes:
+            raise _too_big(url, max_bytes, total)
+        return hf_tqdm(total=total, disable=not progress or None, **kw)
+
+    sink = _BoundedFile(dest, max_bytes, url)
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            http_get(url, sink, displayed_filename=name, tqdm_class=bar)  # type: ignore[arg-type]
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
+            failure.append(e)
+
+    worker = threading.Thread(target=run, name=f"p2pz-download-{name}", daemon=True)
+    worker.start()
+    worker.join(limit)
+    if worker.is_alive():
+        sink.cancel()  # the worker stops at its next chunk; its file is closed already
+        raise DownloadError(
             f"{url}: gave up after {limit:g} s (P2PZ_DOWNLOAD_DEADLINE); the server is too slow or stalling. "
             "Try again later, or download the file yourself and import it from disk"
         )
-
-    def left() -> float:
-        rest = end - time.monotonic()
-        if rest <= 0:
-            raise over()
-        return rest
-
-    try:
-        # every read waits at most the time left, and the deadline is checked at each chunk received
-        timeout = httpx2.Timeout(min(30.0, left()), connect=min(10.0, left()))
-        with httpx2.stream("GET", url, timeout=timeout, follow_redirects=True) as r:
-            if r.status_code != 200:
-                raise DownloadError(f"downloading {url} failed: HTTP {r.status_code}. Check the URL.")
-            size = int(r.headers.get("content-length") or 0)
-            if size > max_bytes:
-                raise DownloadError(
-                    f"{url} is {size} bytes, over the {max_bytes}-byte bound (P2PZ_MAX_DOWNLOAD_BYTES)"
-                )
-            got = 0
-            with (
-                open(dest, "wb") as f,
-                tqdm(
-                    total=size or None,
-                    unit="B",
-                    unit_scale=True,
-                    desc=Path(urlparse(url).path).name,
-                    disable=not progress,
-                ) as bar,
-            ):
-                for chunk in r.iter_raw():
-                    left()
-                    got += len(chunk)
-                    if got > max_bytes:
-                        raise DownloadError(
-                            f"{url} sent over {max_bytes} bytes; refused (P2PZ_MAX_DOWNLOAD_BYTES)"
-                        )
-                    f.write(chunk)
-                    bar.update(len(chunk))
-            if size and got != size:
-                raise DownloadError(f"{url}: got {got} of {size} bytes; the download was cut. Try again.")
-    except httpx2.TimeoutException:
-        if time.monotonic() >= end - 0.05:
-            raise over() from None
-        raise DownloadError(f"downloading {url} failed: the server stopped answering. Try again.") from None
-    except httpx2.HTTPError as e:
-        raise DownloadError(
-            f"downloading {url} failed: {e.__class__.__name__}: {e}. Check your connection."
-        ) from None
+    sink.close()
+    if failure:
+        raise _download_error(url, failure[0]) from None
     return dest
+
+
+def _download_error(url: str, e: BaseException) -> BaseException:
+    import httpx2
+
+    if isinstance(e, DownloadError):
+        return e
+    response = getattr(e, "response", None)
+    status = getattr(response, "status_code", None)  # huggingface_hub's HfHubHTTPError or httpx2's own
+    if isinstance(e, httpx2.HTTPError) and isinstance(status, int):
+        return DownloadError(f"downloading {url} failed: HTTP {status}. Check the URL.")
+    if isinstance(e, httpx2.TimeoutException):
+        return DownloadError(f"downloading {url} failed: the server stopped answering. Try again.")
+    if isinstance(e, (httpx2.HTTPError, OSError)):
+        text = " ".join(str(e).split())[:200]
+        return DownloadError(
+            f"downloading {url} failed: {e.__class__.__name__}: {text}. Check your connection."
+        )
+    return e
 
 
 #: the pre-1.6 torch.save format starts with this pickled magic number (protocol 2, LONG1)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import constants
 from .errors import P2PZError
 
 MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
@@ -180,7 +180,7 @@ class _SentenceTransformers(_Base):
 def load(device: str = "cpu") -> Any:
     """The all-MiniLM-L6-v2 embedder for ``device`` (cached per device and process)."""
     folder = model_dir()
-    backend = os.environ.get("P2PZ_MINILM_BACKEND", "auto")
+    backend = constants.minilm_backend()
     if backend != "sentence-transformers" and _plain_modules(folder):
         try:
             return _MiniLM(folder, device)

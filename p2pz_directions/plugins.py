@@ -16,7 +16,6 @@ Environment: ``P2PZ_DISABLE_PLUGINS=name1,name2`` blocks the named entry points.
 from __future__ import annotations
 
 import importlib.metadata
-import os
 import threading
 import traceback
 from collections.abc import Callable, Iterable
@@ -25,7 +24,7 @@ from typing import Any
 
 import pluggy
 
-from . import hookspecs
+from . import constants, hookspecs
 from .hookspecs import ENTRY_POINT_GROUP, PROJECT
 
 __all__ = [
@@ -97,7 +96,7 @@ class _Host:
 
     # -- loading --------------------------------------------------------------------------------
     def load_entrypoints(self, group: str = ENTRY_POINT_GROUP) -> None:
-        blocked = {n.strip() for n in os.environ.get("P2PZ_DISABLE_PLUGINS", "").split(",") if n.strip()}
+        blocked = constants.disabled_plugins()
         seen: set[str] = set()
         for dist in importlib.metadata.distributions():
             for ep in dist.entry_points:

@@ -315,7 +315,8 @@ def publish(meta: Mapping[str, Any], pack: str, store: Any = None) -> EvalRecord
 
     The same record again returns the stored one; a record is never rewritten. The pack must exist.
     """
-    from .store import _atomic_write, _fsync_dir, default_store
+    from .atomic import write_bytes
+    from .store import _fsync_dir, default_store
 
     store = store or default_store()
     meta = dict(meta)
@@ -332,7 +333,7 @@ def publish(meta: Mapping[str, Any], pack: str, store: Any = None) -> EvalRecord
         dest = d / f"{meta['record_id']}.json"
         if dest.exists():
             return read_record(dest, pack=pack)  # content-addressed: same id, same content
-        _atomic_write(dest, record_bytes(meta))
+        write_bytes(dest, record_bytes(meta))
         _fsync_dir(d)
     return read_record(dest, pack=pack)
 

@@ -21,16 +21,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from . import minilm
+from . import constants, minilm
+from .atomic import atomic_open
 from .store import LocalStore, default_store
 
 __all__ = ["SearchHit", "embed", "search", "split_change", "suggest"]
@@ -161,14 +160,8 @@ def _load_cached(store: LocalStore) -> tuple[dict[str, Any] | None, np.ndarray |
 
 
 def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_open(path, fsync=False) as f:  # a cache: rebuilt when lost, so no fsync
+        write(f)
 
 
 def load_index(store: LocalStore | None = None) -> _Index:
@@ -334,7 +327,7 @@ def suggest(query: str, store: LocalStore | None = None, k: int = 3) -> list[str
     ``P2PZ_SEMANTIC_SUGGEST=0`` to turn it off.
     """
     try:
-        if os.environ.get("P2PZ_SEMANTIC_SUGGEST", "1") in ("0", "false", "no"):
+        if not constants.semantic_suggest():
             return []
         store = store or default_store()
         q = " ".join(str(query).split()).lower()

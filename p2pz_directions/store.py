@@ -45,7 +45,8 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from . import naming
+from . import constants, naming
+from .atomic import write_bytes
 from .concept import Concept, EncoderInfo
 from .errors import (
     FormatError,
@@ -69,7 +70,6 @@ from .format import (
 )
 
 DEFAULT_PACK = "local"
-LOCK_TIMEOUT = float(os.environ.get("P2PZ_LOCK_TIMEOUT", "120"))
 JOURNAL = "journal.json"
 HISTORY_FILE = "versions.json"
 PACK_FILE = "pack.json"
@@ -82,12 +82,8 @@ _ACTIVE_TXNS: set[str] = set()  # transaction folders this process is writing
 
 
 def default_root() -> Path:
-    """``$P2PZ_HOME``, else ``$XDG_CACHE_HOME/p2pz``, else ``~/.cache/p2pz``."""
-    env = os.environ.get("P2PZ_HOME")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "p2pz"
+    """``$P2PZ_HOME``, else ``$XDG_CACHE_HOME/p2pz``, else ``~/.cache/p2pz`` (`constants.home`)."""
+    return constants.home()
 
 
 def now_iso() -> str:
@@ -192,7 +188,7 @@ class LocalStore:
             if lk is None or getattr(lk, "_p2pz_pid", None) != os.getpid():
                 lk = _LOCKS[path] = FileLock(path)
                 lk._p2pz_pid = os.getpid()  # a forked child gets its own lock object
-        wait = LOCK_TIMEOUT if timeout is None else timeout
+        wait = constants.lock_timeout_s() if timeout is None else timeout
         try:
             lk.acquire(timeout=wait)
         except Timeout:
@@ -844,17 +840,8 @@ def _fsync_tree(root: Path) -> None:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temp file beside ``path``, fsync, then rename over it."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """Write to a temp file beside ``path``, fsync, then rename over it (`atomic.write_bytes`)."""
+    write_bytes(path, data)
 
 
 _DEFAULT: dict[str, LocalStore] = {}

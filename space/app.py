@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 
+from p2pz_directions import constants
 from p2pz_directions.app import create_app, launch
 
 
@@ -24,7 +25,7 @@ def _ensure_directions(model: str) -> None:
     from p2pz_directions.legacy import AUTHORS_SD14_URLS, import_pt
     from p2pz_directions.models import CLIP_L, encoder_for
 
-    if os.environ.get("P2PZ_AUTHORS", "1") != "1":
+    if not constants.flag("P2PZ_AUTHORS", default=True):
         return
     try:
         enc = encoder_for(model=model)
@@ -36,9 +37,9 @@ def _ensure_directions(model: str) -> None:
 
 def build():
     """The app's page, from the Space variables."""
-    if os.environ.get("P2PZ_DEMO", "0") == "1":
-        return create_app(demo=True, demo_dir=os.environ.get("P2PZ_DEMO_DIR", "p2pz-app-demo"))
-    model = os.environ.get("P2PZ_MODEL", "CompVis/stable-diffusion-v1-4")
+    if constants.flag("P2PZ_DEMO"):
+        return create_app(demo=True, demo_dir=constants.text("P2PZ_DEMO_DIR"))
+    model = constants.text("P2PZ_MODEL")
     _ensure_directions(model)
     return create_app(model)
 

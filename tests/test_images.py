@@ -13,6 +13,7 @@ from PIL import Image, ImageOps
 from p2pz_directions.images import (
     ImageError,
     ImageResizedWarning,
+    fit_to_multiple,
     image_size,
     is_latents,
     load_image,
@@ -153,3 +154,29 @@ def test_files_open_upright_from_exif(tmp_path):
 def test_bad_images_are_clear_errors(src, match):
     with pytest.raises(ImageError, match=match):
         prepare_image(src, warn=False)
+
+
+def test_files_keep_what_diffusers_default_conversion_loses(tmp_path):
+    """`open_image` is diffusers' load_image with our `to_rgb`: the two cases its default
+    ``convert("RGB")`` gets wrong (the measured reason to keep `to_rgb`)."""
+    from diffusers.utils import load_image as diffusers_load_image
+
+    a = np.zeros((16, 16, 4), np.uint8)
+    a[4:12, 4:12] = (255, 0, 0, 255)  # a cut-out: a red square on transparent black
+    Image.fromarray(a, "RGBA").save(tmp_path / "cut.png")
+    assert diffusers_load_image(str(tmp_path / "cut.png")).getpixel((0, 0)) == (0, 0, 0)
+    assert open_image(tmp_path / "cut.png").getpixel((0, 0)) == (255, 255, 255)
+    assert open_image(tmp_path / "cut.png").getpixel((8, 8)) == (255, 0, 0)
+    Image.fromarray(np.linspace(0, 65535, 256).reshape(16, 16).astype(np.uint16)).save(tmp_path / "g16.png")
+    assert len(np.unique(np.asarray(diffusers_load_image(str(tmp_path / "g16.png"))))) <= 2
+    assert len(np.unique(np.asarray(open_image(tmp_path / "g16.png")))) == 256
+
+
+def test_pil_resizing_is_vae_image_processors_own():
+    img = Image.fromarray((np.random.RandomState(5).rand(21, 35, 3) * 255).astype(np.uint8))
+    ours, note = fit_to_multiple(img, warn=False)
+    proc = VaeImageProcessor(vae_scale_factor=8)
+    h, w = proc.get_default_height_width(img)
+    assert ours.size == (w, h) == (32, 16) and note
+    assert ours.tobytes() == proc.resize(img, h, w).tobytes()
+    assert torch.equal(to_pixels(ours), _diffusers(img))

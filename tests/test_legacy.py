@@ -100,8 +100,16 @@ def http_dir(tmp_path):
     srv.shutdown()
 
 
-def test_url_import_and_size_bound(http_dir, monkeypatch, authors_embeddings):
+@pytest.fixture
+def online(monkeypatch):
+    """huggingface_hub's offline switch off (it reads HF_HUB_OFFLINE at import; conftest sets it)."""
+    from huggingface_hub import constants
+
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+
+def test_url_import_and_size_bound(http_dir, monkeypatch, authors_embeddings, online):
     www, base = http_dir
     (www / "cat.pt").write_bytes((authors_embeddings / "cat.pt").read_bytes())
     (www / "dog.pt").write_bytes((authors_embeddings / "dog.pt").read_bytes())
@@ -111,10 +119,8 @@ def test_url_import_and_size_bound(http_dir, monkeypatch, authors_embeddings):
     ref = torch.load(authors_embeddings / "cat.pt", weights_only=True, map_location="cpu")[0]
     assert torch.equal(directions.load_concept("cat").embedding, ref)
 
-    import p2pz_directions.legacy as legacy
-
-    monkeypatch.setattr(legacy, "MAX_DOWNLOAD_BYTES", 1000)
-    with pytest.raises(DownloadError, match="over the 1000-byte bound"):
+    monkeypatch.setenv("P2PZ_MAX_DOWNLOAD_BYTES", "1000")
+    with pytest.raises(DownloadError, match="is [0-9]+ bytes, over the 1000-byte bound"):
         import_pt([f"{base}/dog.pt"], encoder=CLIP_L, pack="web2", progress=False)
     with pytest.raises(DownloadError, match="HTTP 404"):
         import_pt([f"{base}/nope.pt"], encoder=CLIP_L, pack="web2", progress=False)
@@ -122,7 +128,10 @@ def test_url_import_and_size_bound(http_dir, monkeypatch, authors_embeddings):
 
 
 def test_offline_refuses_urls(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    """Offline is huggingface_hub's own switch (its constant, read from HF_HUB_OFFLINE at import)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(DownloadError, match="offline mode"):
         import_pt(["https://example.invalid/cat.pt"], encoder=CLIP_L, progress=False)
 
@@ -177,10 +186,8 @@ def test_pre_1_6_format_and_compressed_archives_are_refused(tmp_path):
         import_pt([tmp_path / "zipped.pt"], encoder="x/y", progress=False)
 
 
-def test_a_dribbling_server_is_cut_off_by_the_deadline(monkeypatch):
+def test_a_dribbling_server_is_cut_off_by_the_deadline(monkeypatch, online):
     import time
-
-    import p2pz_directions.legacy as legacy
 
     class Dribble(http.server.BaseHTTPRequestHandler):
         def log_message(self, *a):
@@ -201,8 +208,7 @@ def test_a_dribbling_server_is_cut_off_by_the_deadline(monkeypatch):
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Dribble)
     srv.daemon_threads = True
     threading.Thread(target=srv.serve_forever, daemon=True).start()
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(legacy, "DOWNLOAD_DEADLINE_S", 1.0)
+    monkeypatch.setenv("P2PZ_DOWNLOAD_DEADLINE", "1")
     t0 = time.monotonic()
     try:
         with pytest.raises(DownloadError, match="P2PZ_DOWNLOAD_DEADLINE"):
@@ -210,3 +216,72 @@ def test_a_dribbling_server_is_cut_off_by_the_deadline(monkeypatch):
     finally:
         srv.shutdown()
     assert time.monotonic() - t0 < 5
+
+
+def _serve(handler) -> tuple[http.server.ThreadingHTTPServer, str]:
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv, f"http://127.0.0.1:{srv.server_address[1]}"
+
+
+def test_a_silent_server_is_cut_off_by_the_deadline_not_the_read_timeout(monkeypatch, online):
+    """Headers, then nothing: huggingface_hub would wait its read timeout (10 s) five times over;
+    the overall deadline ends it first."""
+    import time
+
+    class Silent(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            self.wfile.flush()
+            time.sleep(8)
+
+    srv, base = _serve(Silent)
+    monkeypatch.setenv("P2PZ_DOWNLOAD_DEADLINE", "1.5")
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(DownloadError, match=r"gave up after 1\.5 s"):
+            import_pt([f"{base}/cat.pt"], encoder="x/y", progress=False)
+    finally:
+        srv.shutdown()
+    assert time.monotonic() - t0 < 4
+
+
+def test_a_body_longer_than_it_said_is_cut_at_the_bound(monkeypatch, online):
+    """No Content-Length: the bound is counted while streaming, and the download stops there."""
+
+    class Endless(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.0"
+
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+            try:
+                for _ in range(1000):
+                    self.wfile.write(b"x" * 4096)
+            except OSError:
+                pass
+
+    srv, base = _serve(Endless)
+    monkeypatch.setenv("P2PZ_MAX_DOWNLOAD_BYTES", "10000")
+    try:
+        with pytest.raises(DownloadError, match="sent more, over the 10000-byte bound"):
+            import_pt([f"{base}/x.pt"], encoder="x/y", progress=False)
+    finally:
+        srv.shutdown()
+
+
+def test_a_bad_setting_is_a_clear_error(monkeypatch, online):
+    from p2pz_directions.constants import ConfigError
+
+    monkeypatch.setenv("P2PZ_DOWNLOAD_DEADLINE", "soon")
+    with pytest.raises(ConfigError, match="P2PZ_DOWNLOAD_DEADLINE='soon' is not a number"):
+        import_pt(["http://127.0.0.1:9/x.pt"], encoder="x/y", progress=False)

@@ -9,13 +9,14 @@ torchvision), and lets them run on whatever device the model is on.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
+
+from .. import constants
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -142,7 +143,7 @@ def model_config(model: str, what: str, expected: str, revision: str | None = No
     try:
         return AutoConfig.from_pretrained(model, revision=revision)
     except (OSError, ValueError) as e:
-        offline = bool(os.environ.get("HF_HUB_OFFLINE"))
+        offline = constants.hf_offline()
         raise ScorerModelError(
             f"cannot load the {what} model {model!r} ({' '.join(str(e).split())[:200]}). Give a Hub id or a local "
             f"folder of {expected}; offline (HF_HUB_OFFLINE={int(offline)}) the model must already be in the "
