@@ -209,8 +209,8 @@ def _hub_error(repo_id: str, e: Exception) -> ModelEncoderError:
         return ModelEncoderError(f"model {repo_id}: no such revision on the Hub")
     if isinstance(e, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
         return ModelEncoderError(
-            f"model {repo_id!r}: its text_encoder/config.json is not in the Hugging Face cache and the Hub "
-            "cannot be used (HF_HUB_OFFLINE=1, or no connection). Run once with network access (any p2pz "
+            f"unknown model {repo_id!r}: its text_encoder/config.json is not in the Hugging Face cache and the "
+            "Hub cannot be used (HF_HUB_OFFLINE=1, or no connection). Run once with network access (any p2pz "
             "command with --model, or `hf download` of the model), or pass a local diffusers model folder"
         )
     return ModelEncoderError(
@@ -276,7 +276,21 @@ def encoder_from_hub(repo_id: str, *, revision: str | None = None) -> EncoderInf
 
     >>> encoder_from_hub("stable-diffusion-v1-5/stable-diffusion-v1-5").id       # doctest: +SKIP
     'openai/clip-vit-large-patch14'
+
+    The answer is remembered for this process (per endpoint, cache folder and offline mode).
     """
+    from huggingface_hub import constants
+
+    key = (constants.ENDPOINT, constants.HF_HUB_CACHE, bool(constants.HF_HUB_OFFLINE), repo_id, revision)
+    if key not in _HUB_MEMO:
+        _HUB_MEMO[key] = _encoder_from_hub(repo_id, revision)
+    return _HUB_MEMO[key]
+
+
+_HUB_MEMO: dict[tuple[Any, ...], EncoderInfo] = {}
+
+
+def _encoder_from_hub(repo_id: str, revision: str | None) -> EncoderInfo:
     try:
         cfg_path = _hub_file(repo_id, "text_encoder/config.json", revision)
         index_path = _hub_file(repo_id, "model_index.json", revision, optional=True)

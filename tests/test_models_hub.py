@@ -163,3 +163,26 @@ def test_unknown_repo_and_offline(fake_hub, tiny_sd1, monkeypatch):
     with pytest.raises(ModelEncoderError, match="HF_HUB_OFFLINE"):
         encoder_for(model="dave/never-fetched")
     assert len(fake_hub.requests) == n
+
+
+def test_the_hubs_sha256_spares_the_weights_download(fake_hub, tiny_sd1, monkeypatch):
+    """On the real Hub a weights file is LFS and its ETag is its sha256: the fingerprint is taken
+    from it, with no download (the fake Hub sends git ETags, so the test gives the LFS one)."""
+    import dataclasses
+    import hashlib
+
+    import huggingface_hub
+
+    upload_folder(fake_hub, COMMUNITY, tiny_sd1)
+    weights = tiny_sd1 / "text_encoder" / "model.safetensors"
+    real = huggingface_hub.get_hf_file_metadata
+
+    def lfs_metadata(url, *a, **k):
+        meta = real(url, *a, **k)
+        if url.endswith("text_encoder/model.safetensors"):
+            return dataclasses.replace(meta, etag=hashlib.sha256(weights.read_bytes()).hexdigest())
+        return meta
+
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", lfs_metadata)
+    assert encoder_for(model=COMMUNITY) == encoder_for(model=tiny_sd1)
+    assert not any(p.endswith(".safetensors") for p in resolves(fake_hub))
