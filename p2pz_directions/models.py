@@ -88,9 +88,9 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _MAX_CONFIG_BYTES = 1024 * 1024
 
 
-class ModelEncoderError(FormatError):
-    """The model's text encoder cannot be identified: none, no tokenizer, two text encoders, an
-    architecture p2pz cannot run, or the model's files cannot be read."""
+class EncoderLoadError(FormatError):
+    """The model has no usable text encoder / tokenizer (none, two, an architecture p2pz cannot
+    run), or its files cannot be read or loaded. (`p2pz_directions.encoders` raises it too.)"""
 
 
 def _text_encoder_dir(path: Path) -> Path | None:
@@ -121,9 +121,9 @@ def _read_config(data: bytes, where: str) -> dict[str, Any]:
     try:
         cfg = json.loads(data)
     except ValueError as e:
-        raise ModelEncoderError(f"cannot read {where}: {e}") from None
+        raise EncoderLoadError(f"cannot read {where}: {e}") from None
     if not isinstance(cfg, dict):
-        raise ModelEncoderError(f"{where} is not a JSON object")
+        raise EncoderLoadError(f"{where} is not a JSON object")
     return cfg
 
 
@@ -132,14 +132,16 @@ def _check_model_index(index: dict[str, Any] | None, what: str) -> None:
     if index is None:
         return
     if index.get("text_encoder_2") or index.get("text_encoder_3"):
-        raise ModelEncoderError(
+        raise EncoderLoadError(
             f"{what} has two or more text encoders (text_encoder_2: an SDXL or SD3 pipeline); p2pz directions are "
             "made for one text encoder (Stable Diffusion 1.x / 2.x): use such a model, or name the encoder with "
             "encoder=..."
         )
-    te = index.get("text_encoder")
+    te = index.get("text_encoder", "absent")
+    if te == "absent":
+        return  # the text_encoder/ folder decides
     if not te or not isinstance(te, list) or te[0] is None:
-        raise ModelEncoderError(
+        raise EncoderLoadError(
             f"{what} has no text encoder (model_index.json lists none): p2pz cannot embed captions for it. "
             "Use a Stable Diffusion model with a CLIP text encoder, or name one with encoder=..."
         )
@@ -155,7 +157,7 @@ def _identify(cfg: dict[str, Any], fingerprint, *, label: str | None, where: str
     except (TypeError, ValueError):
         hidden, max_len = 0, 0
     if hidden <= 0 or max_len <= 0:
-        raise ModelEncoderError(f"{where} gives no hidden size / max length: not a text encoder config")
+        raise EncoderLoadError(f"{where} gives no hidden size / max length: not a text encoder config")
     named = str(cfg.get("_name_or_path", ""))
     known = KNOWN_ENCODERS.get(named)
     if known is not None and known.hidden_size == hidden:
@@ -171,6 +173,12 @@ def _identify(cfg: dict[str, Any], fingerprint, *, label: str | None, where: str
 def encoder_from_folder(folder: str | os.PathLike, *, label: str | None = None) -> EncoderInfo:
     """Identify the text encoder stored in ``folder`` (a diffusers model folder or a CLIP folder)."""
     path = Path(folder)
+    if (path / "model_index.json").is_file():
+        try:
+            index = _read_config((path / "model_index.json").read_bytes(), str(path / "model_index.json"))
+        except OSError:
+            index = None
+        _check_model_index(index, f"model {path}")
     te = _text_encoder_dir(path)
     if te is None:
         raise FormatError(
@@ -186,7 +194,7 @@ def encoder_from_folder(folder: str | os.PathLike, *, label: str | None = None) 
     return _identify(cfg, lambda: _fingerprint(te), label=label, where=str(te / "config.json"))
 
 
-def _hub_error(repo_id: str, e: Exception) -> ModelEncoderError:
+def _hub_error(repo_id: str, e: Exception) -> EncoderLoadError:
     """huggingface_hub's errors, said as what to do next (never showing a token)."""
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -197,23 +205,23 @@ def _hub_error(repo_id: str, e: Exception) -> ModelEncoderError:
     )
 
     if isinstance(e, GatedRepoError):
-        return ModelEncoderError(
+        return EncoderLoadError(
             f"model {repo_id} is gated: accept its terms on the Hub, then log in (`hf auth login` or HF_TOKEN)"
         )
     if isinstance(e, RepositoryNotFoundError):
-        return ModelEncoderError(
+        return EncoderLoadError(
             f"unknown model {repo_id!r}: the Hub has no such model repo (or it is private: log in with "
             "`hf auth login`). Check the id, or pass a local diffusers model folder"
         )
     if isinstance(e, RevisionNotFoundError):
-        return ModelEncoderError(f"model {repo_id}: no such revision on the Hub")
+        return EncoderLoadError(f"model {repo_id}: no such revision on the Hub")
     if isinstance(e, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
-        return ModelEncoderError(
+        return EncoderLoadError(
             f"unknown model {repo_id!r}: its text_encoder/config.json is not in the Hugging Face cache and the "
             "Hub cannot be used (HF_HUB_OFFLINE=1, or no connection). Run once with network access (any p2pz "
             "command with --model, or `hf download` of the model), or pass a local diffusers model folder"
         )
-    return ModelEncoderError(
+    return EncoderLoadError(
         f"model {repo_id!r}: cannot read its text encoder config from the Hub ({type(e).__name__}: "
         f"{str(e).splitlines()[0] if str(e) else ''}). Check the id and your connection, or pass a local folder"
     )
@@ -265,7 +273,7 @@ def _hub_fingerprint(repo_id: str, revision: str | None) -> str:
             return _sha256_file(local)[:16]
     config = _hub_file(repo_id, "text_encoder/config.json", revision)
     if config is None:
-        raise ModelEncoderError(f"model {repo_id}: text_encoder/config.json went missing")
+        raise EncoderLoadError(f"model {repo_id}: text_encoder/config.json went missing")
     return hashlib.sha256(config.read_bytes()).hexdigest()[:16]
 
 
@@ -299,7 +307,7 @@ def _encoder_from_hub(repo_id: str, revision: str | None) -> EncoderInfo:
             index = _read_config(_bounded(index_path), f"{repo_id}/model_index.json")
         _check_model_index(index, f"model {repo_id}")
         if cfg_path is None:
-            raise ModelEncoderError(
+            raise EncoderLoadError(
                 f"model {repo_id} has no text encoder (no text_encoder/config.json in the repo): p2pz cannot embed "
                 "captions for it. Use a diffusers Stable Diffusion model (text_encoder/ and tokenizer/), or name "
                 "the text encoder with encoder=..."
@@ -309,7 +317,7 @@ def _encoder_from_hub(repo_id: str, revision: str | None) -> EncoderInfo:
         if not any(
             _hub_file(repo_id, f"tokenizer/{name}", revision, optional=True) for name in _TOKENIZER_FILES
         ):
-            raise ModelEncoderError(
+            raise EncoderLoadError(
                 f"model {repo_id} has a text_encoder/ but no tokenizer/ (tokenizer_config.json, vocab.json, "
                 "tokenizer.json): both are needed to embed captions"
             )
@@ -319,7 +327,7 @@ def _encoder_from_hub(repo_id: str, revision: str | None) -> EncoderInfo:
             label=None,
             where=f"{repo_id}/text_encoder/config.json",
         )
-    except ModelEncoderError:
+    except EncoderLoadError:
         raise
     except Exception as e:  # noqa: BLE001 - every huggingface_hub / network error, said plainly
         from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
@@ -331,7 +339,7 @@ def _encoder_from_hub(repo_id: str, revision: str | None) -> EncoderInfo:
 
 def _bounded(path: Path) -> bytes:
     if path.stat().st_size > _MAX_CONFIG_BYTES:
-        raise ModelEncoderError(f"{path} is over {_MAX_CONFIG_BYTES} bytes: not a config file")
+        raise EncoderLoadError(f"{path} is over {_MAX_CONFIG_BYTES} bytes: not a config file")
     return path.read_bytes()
 
 
@@ -339,7 +347,7 @@ def _check_architecture(cfg: dict[str, Any], what: str) -> None:
     inner = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
     mtype = str(inner.get("model_type", ""))
     if mtype not in TEXT_MODEL_TYPES:
-        raise ModelEncoderError(
+        raise EncoderLoadError(
             f"{what}: its text encoder is a {mtype or 'model of no stated type'!r} (architectures "
             f"{cfg.get('architectures')}), not one p2pz can run ({', '.join(TEXT_MODEL_TYPES)}). Use a Stable "
             "Diffusion model with a CLIP text encoder, or name a supported encoder with encoder=..."

@@ -11,7 +11,7 @@ import pytest
 
 from p2pz_directions import directions, editors
 from p2pz_directions.errors import EncoderMismatchError, FormatError
-from p2pz_directions.models import CLIP_L, KNOWN_MODELS, OPENCLIP_H, ModelEncoderError, encoder_for
+from p2pz_directions.models import CLIP_L, KNOWN_MODELS, OPENCLIP_H, EncoderLoadError, encoder_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 fake_hub = hub_server.fake_hub
@@ -144,7 +144,7 @@ def test_known_architectures_by_config(fake_hub):
 def test_models_that_cannot_work_get_a_clear_error(fake_hub, repo, kwargs, match):
     te = kwargs.pop("te_config")
     config_repo(fake_hub, repo, te, **kwargs)
-    with pytest.raises(ModelEncoderError, match=match):
+    with pytest.raises(EncoderLoadError, match=match):
         encoder_for(model=repo)
 
 
@@ -160,7 +160,7 @@ def test_unknown_repo_and_offline(fake_hub, tiny_sd1, monkeypatch):
     assert encoder_for(model=COMMUNITY) == online  # from the Hugging Face cache
     assert len(fake_hub.requests) == n
     config_repo(fake_hub, "dave/never-fetched", clip_config())
-    with pytest.raises(ModelEncoderError, match="HF_HUB_OFFLINE"):
+    with pytest.raises(EncoderLoadError, match="HF_HUB_OFFLINE"):
         encoder_for(model="dave/never-fetched")
     assert len(fake_hub.requests) == n
 
@@ -186,3 +186,23 @@ def test_the_hubs_sha256_spares_the_weights_download(fake_hub, tiny_sd1, monkeyp
     monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", lfs_metadata)
     assert encoder_for(model=COMMUNITY) == encoder_for(model=tiny_sd1)
     assert not any(p.endswith(".safetensors") for p in resolves(fake_hub))
+
+
+def test_a_local_folder_follows_the_same_rule(tmp_path, tiny_sd1):
+    import shutil
+
+    sdxl = tmp_path / "sdxl-like"
+    shutil.copytree(tiny_sd1, sdxl)
+    index = json.loads((sdxl / "model_index.json").read_text())
+    (sdxl / "model_index.json").write_text(
+        json.dumps({**index, "text_encoder_2": ["transformers", "CLIPTextModel"]})
+    )
+    with pytest.raises(EncoderLoadError, match="two or more text encoders"):
+        encoder_for(model=sdxl)
+    big = tmp_path / "sd15-copy"
+    (big / "text_encoder").mkdir(parents=True)
+    (big / "text_encoder" / "config.json").write_text(json.dumps(clip_config()))
+    assert encoder_for(model=big) == CLIP_L  # by architecture, as for a Hub id
+    (big / "text_encoder" / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 8}))
+    with pytest.raises(EncoderLoadError, match="not one p2pz can run"):
+        encoder_for(model=big)
