@@ -403,17 +403,23 @@ def hub_reachable(timeout: float = 1.5) -> bool:
     """
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
         return False
-    if "hub" in _REACHABLE:
-        return _REACHABLE["hub"]
     import socket
     from urllib.parse import urlparse
 
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host = url.hostname or "huggingface.co"
+    try:
+        port = url.port or (80 if url.scheme == "http" else 443)
+    except ValueError:
+        port = 443
+    key = f"{host}:{port}"
+    if key in _REACHABLE:
+        return _REACHABLE[key]
     ok: list[bool] = []
 
     def probe() -> None:
         try:
-            with socket.create_connection((host, 443), timeout=timeout):
+            with socket.create_connection((host, port), timeout=timeout):
                 ok.append(True)
         except OSError:
             pass
@@ -421,7 +427,7 @@ def hub_reachable(timeout: float = 1.5) -> bool:
     t = threading.Thread(target=probe, daemon=True)  # name lookup ignores socket timeouts
     t.start()
     t.join(timeout + 0.5)
-    _REACHABLE["hub"] = bool(ok)
+    _REACHABLE[key] = bool(ok)
     if not ok:
         import sys
 

@@ -27,16 +27,13 @@ import torch
 
 from .concept import EncoderInfo
 from .dtypes import torch_dtype
-from .errors import FormatError, P2PZError
+from .errors import FormatError
+from .models import EncoderLoadError
 
 __all__ = ["EncoderLoadError", "TextEncoder", "encode_one_by_one", "load_tokenizer", "resolve_device_dtype"]
 
 #: progress callback: (captions done, captions total)
 EncodeProgress = Callable[[int, int], None]
-
-
-class EncoderLoadError(P2PZError, ValueError):
-    """The model has no usable text encoder / tokenizer, or it cannot be loaded."""
 
 
 def resolve_device_dtype(device: str | torch.device | None, dtype: Any) -> tuple[str, torch.dtype]:
@@ -176,6 +173,8 @@ class TextEncoder:
 
         dev, dt = resolve_device_dtype(device, dtype)
         src, tok_sub, te_sub = _locate(model, encoder)
+        # the identity first, from the small files: a model p2pz cannot use fails before any weights load
+        info = encoder_for(encoder=encoder) if encoder is not None else encoder_for(model=model)
         tok = tokenizer if tokenizer is not None else load_tokenizer(model, encoder)
         klass = _text_model_class(src, te_sub)
         try:
@@ -190,10 +189,6 @@ class TextEncoder:
             ) from None
         te = te.to(dev).eval()
         te.requires_grad_(False)
-        if encoder is not None:
-            info = encoder_for(encoder=encoder)
-        else:
-            info = encoder_for(model=model)
         hidden = int(getattr(te.config, "hidden_size", 0) or getattr(te.config, "d_model", 0))
         max_len = int(getattr(tok, "model_max_length", info.max_length) or info.max_length)
         if max_len > 4096:  # "no limit" sentinel of some tokenizers

@@ -22,7 +22,8 @@ Safety: a pack is data only. The index is schema-checked (`pack_schema`) before 
 downloaded, only the files it names are fetched (everything else in the repo is ignored), sizes
 are bounded before download, every file's sha256 is checked against the index, each concept is
 read by `format.read_concept_dir` (JSON and safetensors only, hashes checked), and the pack
-appears in the store in one rename or not at all. Tokens come from huggingface_hub (``HF_TOKEN``,
+appears in the store in one rename or not at all. The files are downloaded into the staged pack
+folder itself (the store's layout is the repo's), so a pulled pack is on disk once. Tokens come from huggingface_hub (``HF_TOKEN``,
 ``hf auth login``) or ``token=``, and never appear in messages.
 """
 
@@ -33,6 +34,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import time
 import warnings
 from collections.abc import Iterator
@@ -787,13 +789,18 @@ def pull(
 
     ``revision`` is a tag, a branch, or a commit id: 7 to 40 hex digits always mean a commit (the
     one commit starting with them, else `AmbiguousNameError`), never a tag of that name. The
-    index is downloaded and checked first, then exactly the files it lists (each checked against
-    it) into the Hugging Face cache (``cache_dir``, default HF_HUB_CACHE); then the installed
-    pack is replaced in one store transaction: the store holds exactly that revision afterwards,
+    index is downloaded (through the Hugging Face cache, ``cache_dir``, default HF_HUB_CACHE) and
+    checked first; then exactly the files it lists go straight into a staged pack folder inside a
+    store transaction (``hf_hub_download(local_dir=...)``; a file the installed pack already holds
+    with the same sha256 is hard-linked instead), so the concepts are on disk once, not in the
+    cache and again in the store. Each is checked against the index, and the staged folder
+    replaces the installed pack in one rename: the store holds exactly that revision afterwards,
     or, after any failure or crash, the pack it held before. A version this store ever installed
     never gets other content (`ImmutableVersionError` unless ``force``). The whole pull must finish
-    within ``deadline_s`` seconds (default ``P2PZ_PULL_DEADLINE``, `constants.pull_deadline_s`), however slowly the server sends.
-    With ``HF_HUB_OFFLINE=1`` only the installed pack or the HF cache are used.
+    within ``deadline_s`` seconds (default ``P2PZ_PULL_DEADLINE``, `constants.pull_deadline_s`),
+    however slowly the server sends. With ``HF_HUB_OFFLINE=1`` only the installed pack is used
+    (another revision installs offline only when its index is in the HF cache and the installed
+    pack holds all its files).
 
     >>> pull("someone/their-pack@v1.0")                            # doctest: +SKIP
     """
@@ -886,39 +893,16 @@ def _pull(store, pr, repo_id, revision, source, offline, token, force, cache_dir
                         f"{label}/{INDEX_FILE} row {i + 1} ({r.ref}): {path} is {sizes[path]} bytes in the repo, "
                         f"the index says {size}"
                     )
-    snap: dict[str, Path] = {}
     with _hub_errors(repo_id, "pull", token, revision):
-        for r in rows:  # exactly the files the index lists, by name: no pattern matching
-            for rel in (r.metadata_path, r.tensor_path):
-                snap[rel] = Path(
-                    hf_hub_download(
-                        repo_id,
-                        rel,
-                        repo_type=REPO_TYPE,
-                        revision=commit,
-                        cache_dir=cache_dir,
-                        token=token,
-                        local_files_only=offline,
-                    )
-                )
         eval_rows = records.hub_pull_rows(
             repo_id, commit, sizes, cache_dir=cache_dir, token=token, offline=offline
         )
-        for r in eval_rows:  # the evaluation records evals.parquet lists, by name
-            snap[r["path"]] = Path(
-                hf_hub_download(
-                    repo_id,
-                    r["path"],
-                    repo_type=REPO_TYPE,
-                    revision=commit,
-                    cache_dir=cache_dir,
-                    token=token,
-                    local_files_only=offline,
-                )
-            )
-    _verify_snapshot(snap, rows, label, commit)
-    records.hub_verify(snap, eval_rows, label, commit)
-    notes = _encoder_warnings(rows, label) + _clash_notes(store, repo_id, rows)
+    # exactly the files the two indexes list, by name (no pattern matching), with their digests
+    wanted = [
+        *((rel, sha, size) for r in rows for rel, sha, size in _row_files(r)),
+        *((e["path"], e["sha256"], e["size"]) for e in eval_rows),
+    ]
+    installed = store.pack_dir(repo_id) if source is not None else None
     new_source = {
         "type": "hub",
         "repo_id": repo_id,
@@ -929,7 +913,28 @@ def _pull(store, pr, repo_id, revision, source, offline, token, force, cache_dir
         "pulled": _now(),
         "num_concepts": len(rows),
     }
-    added, removed = _install(store, repo_id, snap, rows, new_source, force=force, eval_rows=eval_rows)
+    with store.stage_pack() as staged:  # removed on any failure; a crash leaves it to recovery
+        with _hub_errors(repo_id, "pull", token, revision):
+            for rel, sha, size in wanted:
+                if not _reuse_installed(installed, staged, rel, sha, size):
+                    hf_hub_download(  # straight into the staged pack: the store's layout is the repo's
+                        repo_id,
+                        rel,
+                        repo_type=REPO_TYPE,
+                        revision=commit,
+                        local_dir=staged,
+                        token=token,
+                        local_files_only=offline,
+                    )
+        shutil.rmtree(staged / ".cache", ignore_errors=True)  # huggingface_hub's download metadata
+        snap = {rel: staged / rel for rel, _, _ in wanted}
+        _verify_snapshot(snap, rows, label, commit)
+        records.hub_verify(snap, eval_rows, label, commit)
+        notes = _encoder_warnings(rows, label) + _clash_notes(store, repo_id, rows)
+        versions = [StagedVersion(r.encoder.id, r.name, r.version) for r in rows]
+        added, removed = store.install_pack(
+            repo_id, staged, versions, new_source, force=force, extra=records.keep_local_records
+        )
     return PullResult(
         pack=repo_id,
         repo_id=repo_id,
@@ -956,15 +961,31 @@ def _cached_result(store: LocalStore, repo_id: str, revision: str, source, *, of
     )
 
 
-def _drop_cached(path: Path) -> None:
-    """Remove a bad file from the HF cache (its blob and the snapshot link), so a retry downloads it."""
+def _row_files(r: IndexRow) -> tuple[tuple[str, str, int], tuple[str, str, int]]:
+    return (r.metadata_path, r.metadata_sha256, r.metadata_size), (r.tensor_path, r.sha256, r.size)
+
+
+def _reuse_installed(installed: Path | None, staged: Path, rel: str, sha256: str, size: int) -> bool:
+    """Take ``rel`` from the installed pack when it holds the same bytes (same path, size and
+    sha256) instead of downloading it again: a hard link into the staged pack, so the bytes stay
+    on disk once (a copy where the file system has no hard links). False when it must be fetched."""
+    if installed is None:
+        return False
+    old, dest = installed / rel, staged / rel
     try:
-        blob = path.resolve()
-        path.unlink(missing_ok=True)
-        if blob != path:
-            blob.unlink(missing_ok=True)
+        if old.is_symlink() or not old.is_file() or old.stat().st_size != size:
+            return False
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(old, dest)
+        except OSError:
+            shutil.copyfile(old, dest)
+        if _sha256(dest.read_bytes()) == sha256:
+            return True
+        dest.unlink()  # a damaged local copy: download it
     except OSError:
         pass
+    return False
 
 
 def _verify_snapshot(snap: dict[str, Path], rows: list[IndexRow], label: str, commit: str) -> None:
@@ -988,12 +1009,11 @@ def _verify_snapshot(snap: dict[str, Path], rows: list[IndexRow], label: str, co
                 ) from None
             got = _sha256(data)
             if got != want or len(data) != size:
-                _drop_cached(p)
                 raise IntegrityError(
                     f"{label}: {rel} (commit {commit[:10]}) has sha256 {got[:12]}... and {len(data)} bytes, but the "
                     f"index says {want[:12]}... and {size} bytes: the download was corrupted or the file was tampered "
-                    "with. Nothing was installed; the bad copy was removed from the cache, so run the pull again. If "
-                    "it fails again, report it to the pack's owner"
+                    "with. Nothing was installed and the bad copy was deleted, so run the pull again. If it fails "
+                    "again, report it to the pack's owner"
                 )
         where = f"{label}/{r.dir}"
         try:
@@ -1045,30 +1065,6 @@ def _clash_notes(store: LocalStore, repo_id: str, rows: list[IndexRow]) -> list[
             f"'{repo_id}:{name}' or '{sorted(packs)[0]}:{name}'"
         )
     return notes
-
-
-def _install(
-    store: LocalStore,
-    pack: str,
-    snap: dict[str, Path],
-    rows: list[IndexRow],
-    source: dict[str, Any],
-    *,
-    force: bool,
-    eval_rows: list | None = None,
-) -> tuple[list[str], list[str]]:
-    """Swap the pulled revision in as pack ``pack``, in one store transaction (see `LocalStore.install_pack`);
-    the pulled evaluation records go into the same transaction, with the installed pack's own records kept."""
-    versions = [
-        StagedVersion(r.encoder.id, r.name, r.version, snap[r.metadata_path], snap[r.tensor_path])
-        for r in rows
-    ]
-
-    def with_records(staged_pack: Path, installed: Path) -> None:
-        records.hub_install(staged_pack, snap, eval_rows or [])
-        records.keep_local_records(staged_pack, installed)
-
-    return store.install_pack(pack, versions, source, force=force, extra=with_records)
 
 
 def ensure_pack(packref: str | naming.PackRef, store: LocalStore | None = None) -> str:

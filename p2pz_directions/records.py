@@ -716,34 +716,19 @@ def hub_verify(
         got = sha256_bytes(data)
         if got != r["sha256"] or len(data) != r["size"]:
             try:
-                blob = p.resolve()
                 p.unlink(missing_ok=True)
-                if blob != p:
-                    blob.unlink(missing_ok=True)
             except OSError:
                 pass
             raise IntegrityError(
                 f"{label}: {r['path']} (commit {commit[:10]}) has sha256 {got[:12]}... and {len(data)} bytes, but "
                 f"{EVALS_INDEX} says {r['sha256'][:12]}... and {r['size']} bytes: the download was corrupted or the "
-                "file was tampered with. Nothing was installed; the bad copy was removed from the cache, so run the "
-                "pull again"
+                "file was tampered with. Nothing was installed and the bad copy was deleted, so run the pull again"
             )
         try:
             out.append(read_record(p))
         except IntegrityError as e:
             raise IntegrityError(f"{label}: {e}. The pack on the Hub is damaged; tell its owner") from None
     return out
-
-
-def hub_install(staged_pack: Path, snap: Path | Mapping[str, Path], rows: list[dict[str, Any]]) -> None:
-    """Copy the pulled (already verified) records into the staged pack."""
-    import shutil
-
-    d = staged_pack / RECORDS_DIR
-    for r in rows:
-        d.mkdir(parents=True, exist_ok=True)
-        src = snap[r["path"]] if isinstance(snap, Mapping) else snap / r["path"]
-        shutil.copyfile(src, d / f"{r['record_id']}.json")
 
 
 def keep_local_records(staged_pack: Path, installed_pack: Path) -> None:

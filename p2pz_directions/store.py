@@ -7,11 +7,16 @@ Layout under the root (``$P2PZ_HOME``, default ``~/.cache/p2pz``)::
     tmp/                                    scratch of writers; never read
     packs/<pack folder>/pack.json           where the pack came from
     packs/<pack folder>/versions.json       every version the pack ever held, with its content hash
-    packs/<pack folder>/concepts/<encoder slug>/<concept name>/<version>/concept.json
-                                                                        /embedding.safetensors
+    packs/<pack folder>/concepts/<encoder slug>/<name component>/<version>/concept.json
+                                                                          /embedding.safetensors
+    packs/<pack folder>/evals/<record id>.json                           evaluation records
 
 A pack folder is `naming.pack_folder` of its name (``alice/pack`` -> ``alice--pack``; no local
-name holds ``--``, so the two never meet).
+name holds ``--``, so the two never meet). Below it the layout is the Hub pack's layout
+(`pack_schema.concept_dir`: the concept name itself when it is a plain ``[a-z0-9._-]`` word, else
+a slug plus 8 hex of its sha256), so a pull downloads the repo's files straight into a staged pack
+folder (`stage_pack`) and swaps it in: one copy on disk. Folders named by the raw concept name
+(stores written before this layout) are still read.
 
 Writes are transactions, all or nothing as a whole: under the lock, every new version (and the
 new ``pack.json`` / ``versions.json``, or a whole replacement pack folder for a pull) is written
@@ -68,6 +73,7 @@ from .format import (
     read_manifest,
     strict_json,
 )
+from .pack_schema import concept_dir, name_component
 
 DEFAULT_PACK = "local"
 JOURNAL = "journal.json"
@@ -138,13 +144,12 @@ class Problem:
 
 @dataclass
 class StagedVersion:
-    """One version for `LocalStore.install_pack`: its two files, already checked by the caller."""
+    """One version for `LocalStore.install_pack`: its two files lie in the staged pack folder at
+    `pack_schema.concept_dir` (the Hub's path), already checked by the caller."""
 
     encoder_id: str
     name: str
     version: int
-    metadata: Path
-    tensor: Path
 
 
 class PackClashError(P2PZError, ValueError):
@@ -176,7 +181,8 @@ class LocalStore:
         return self.packs_root / pack_dirname(pack)
 
     def version_dir(self, pack: str, encoder_id: str, name: str, version: int) -> Path:
-        return self.pack_dir(pack) / "concepts" / naming.slug(encoder_id) / name / str(int(version))
+        """Where a version is written: the Hub pack's path (`pack_schema.concept_dir`) in the pack folder."""
+        return self.pack_dir(pack) / concept_dir(encoder_id, name, version)
 
     @contextmanager
     def lock(self, timeout: float | None = None) -> Iterator[None]:
@@ -491,7 +497,7 @@ class LocalStore:
             for ed in enc_dirs:
                 if not ed.is_dir():
                     continue
-                name_dirs = [ed / name] if name else sorted(ed.iterdir())
+                name_dirs = _name_dirs(ed, name) if name else sorted(ed.iterdir())
                 for nd in name_dirs:
                     if not nd.is_dir():
                         continue
@@ -500,7 +506,9 @@ class LocalStore:
                             continue
                         try:
                             meta = read_manifest(vd)
-                            if meta["name"] != nd.name or (meta.get("version") not in (None, int(vd.name))):
+                            if not _in_folder(meta["name"], nd.name) or (
+                                meta.get("version") not in (None, int(vd.name))
+                            ):
                                 raise IntegrityError(
                                     f"{vd / META_FILE} is corrupted: it says {meta['name']}@{meta.get('version')} "
                                     f"but lies in {nd.name}/{vd.name}. Run `p2pz verify`, then re-import or re-pull"
@@ -638,43 +646,66 @@ class LocalStore:
                     raise
             return [final for _, final, _ in plans]
 
+    @contextmanager
+    def stage_pack(self) -> Iterator[Path]:
+        """A fresh, empty pack folder inside a new transaction, for a pull to download into
+        (``txn/<pid>-<id>/items/pack``); pass it to `install_pack`. Leaving the block without a
+        commit removes it and everything in it, and so does crash recovery after a ``kill -9``.
+
+        >>> with store.stage_pack() as staged:                                   # doctest: +SKIP
+        ...     hf_hub_download(repo_id, path, repo_type="dataset", local_dir=staged)
+        ...     store.install_pack("alice/pack", staged, versions, source)
+        """
+        txn = self._begin()
+        staged = txn / "items" / "pack"
+        staged.mkdir()
+        try:
+            yield staged
+        finally:
+            if (txn / JOURNAL).exists():
+                _ACTIVE_TXNS.discard(str(txn))  # committed: the next open finishes it
+            else:
+                self._abort(txn)
+
     def install_pack(
         self,
         pack: str,
+        staged_pack: Path,
         versions: Sequence[StagedVersion],
         source: dict[str, Any],
         *,
         force: bool = False,
         extra: Callable[[Path, Path], None] | None = None,
     ) -> tuple[list[str], list[str]]:
-        """Replace pack ``pack`` by exactly ``versions`` (a pulled revision) in one transaction.
+        """Replace pack ``pack`` by the staged pack folder ``staged_pack`` (from `stage_pack`, holding
+        exactly ``versions`` of a pulled revision at their Hub paths) in one transaction.
 
         ``extra(staged_pack, installed_pack)``, when given, is called under the lock just before the
-        commit to add more files to the staged pack folder (the pulled evaluation records); they are
-        swapped in with the rest, or not at all.
+        commit to add more files to the staged pack folder (the installed pack's own evaluation
+        records); they are swapped in with the rest, or not at all.
 
-        The new pack folder is built and read back (every hash) beside the store, then swapped in:
-        a crash at any point leaves the old pack or the new one, never neither. Refused without
-        ``force``: a pack that did not come from this Hub repo (`PackClashError`), and other content
-        under a version this pack ever held (`ImmutableVersionError`), even one a later revision
-        removed. Returns (added, removed) as ``name@version`` lists.
+        Every staged version is read back (every hash) and then the folder is swapped in by the
+        transaction's journal: a crash at any point leaves the old pack or the new one, never
+        neither. The staged files are renamed, never copied. Refused without ``force``: a pack that
+        did not come from this Hub repo (`PackClashError`), and other content under a version this
+        pack ever held (`ImmutableVersionError`), even one a later revision removed. Returns (added,
+        removed) as ``name@version`` lists.
         """
         dest = self.pack_dir(pack)
-        txn = self._begin()
+        txn = staged_pack.parent.parent
+        if staged_pack.name != "pack" or txn.parent != self._txn_root() or str(txn) not in _ACTIVE_TXNS:
+            raise ValueError(f"install_pack: {staged_pack} is not a folder from this store's stage_pack()")
         try:
-            staged_pack = txn / "items" / "pack"
             staged: dict[tuple[str, str, int], str] = {}
             for v in versions:
-                vd = staged_pack / "concepts" / naming.slug(v.encoder_id) / v.name / str(int(v.version))
-                vd.mkdir(parents=True)
-                shutil.copyfile(v.metadata, vd / META_FILE)
-                shutil.copyfile(v.tensor, vd / TENSOR_FILE)
+                vd = staged_pack / concept_dir(v.encoder_id, v.name, v.version)
                 c = read_concept_dir(vd, hint="The pack on the Hub is damaged; tell its owner.")
                 if (c.name, c.version, c.encoder.id) != (v.name, v.version, v.encoder_id):
                     raise IntegrityError(
                         f"{pack}: {v.name}@{v.version} ({v.encoder_id}) says {c.ref} ({c.encoder.id})"
                     )
                 staged[(v.encoder_id, v.name, v.version)] = c.content_hash
+            _fsync_files(staged_pack)  # downloaded files are renamed into place, so make them durable first
             with self.lock():
                 self._recover()
                 old: dict[tuple[str, str, int], str] = {}
@@ -729,9 +760,7 @@ class LocalStore:
                 self._commit(txn, [op])
         except BaseException:
             if (txn / JOURNAL).exists():
-                _ACTIVE_TXNS.discard(str(txn))
-            else:
-                self._abort(txn)
+                _ACTIVE_TXNS.discard(str(txn))  # committed: the next open finishes it
             raise
         added = [f"{n}@{v}" for (enc, n, v) in sorted(staged) if (enc, n, v) not in old]
         removed = [f"{n}@{v}" for (enc, n, v) in sorted(old) if (enc, n, v) not in staged]
@@ -771,7 +800,7 @@ class LocalStore:
                 n += 1
                 try:
                     c = read_concept_dir(vd, pack=p.name)
-                    if str(c.version) != vd.name or c.name != vd.parent.name:
+                    if str(c.version) != vd.name or not _in_folder(c.name, vd.parent.name):
                         raise IntegrityError(
                             f"{vd / META_FILE}: says {c.name}@{c.version}, lies in {vd.parent.name}/{vd.name}"
                         )
@@ -792,6 +821,20 @@ class LocalStore:
 
 class DamagedVersionWarning(UserWarning):
     """A listing skipped a damaged stored version (`p2pz verify` lists them all)."""
+
+
+def _in_folder(name: str, folder: str) -> bool:
+    """Does a concept named ``name`` belong in ``folder``: its Hub path component, or (a store written
+    before the one layout) the raw name?"""
+    return folder == name_component(name) or folder == name
+
+
+def _name_dirs(encoder_dir: Path, name: str) -> list[Path]:
+    try:
+        comp = name_component(name)
+    except (InvalidNameError, ValueError):
+        comp = name
+    return [encoder_dir / comp] + ([encoder_dir / name] if name != comp else [])
 
 
 def _pid_alive(pid: int) -> bool:
@@ -832,6 +875,16 @@ def _fsync_write(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _fsync_files(root: Path) -> None:
+    for d, _dirs, files in os.walk(root):
+        for name in files:
+            fd = os.open(Path(d) / name, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 def _fsync_tree(root: Path) -> None:

@@ -86,6 +86,66 @@ def test_push_pull_round_trip_is_byte_equal(fake_hub, stores):
     )
 
 
+def _copies(roots: list[Path], digest: str) -> set[tuple[int, int]]:
+    """The distinct files (device, inode) under ``roots`` whose bytes have sha256 ``digest``."""
+    import hashlib
+
+    found = set()
+    for root in roots:
+        for p in root.rglob("*"):
+            if p.is_file() and not p.is_symlink() and hashlib.sha256(p.read_bytes()).hexdigest() == digest:
+                st = p.stat()
+                found.add((st.st_dev, st.st_ino))
+    return found
+
+
+def test_pulled_concepts_are_on_disk_once(fake_hub, stores):
+    from huggingface_hub import constants
+
+    mine, other = stores
+    hub.push("mine", REPO, token=fake_hub.token, store=mine, tag="v1.0")
+    quiet_pull(f"{REPO}@v1.0", store=other)
+    cache = Path(constants.HF_HUB_CACHE)
+    pack = other.pack_dir(REPO)
+    rows = pack_schema.read_index(fake_hub.file(REPO, "index.parquet"))
+    for r in rows:
+        for rel, digest in ((r.tensor_path, r.sha256), (r.metadata_path, r.metadata_sha256)):
+            assert (pack / rel).is_file()  # the store's layout is the repo's: same relative path
+            assert _copies([cache, other.root], digest) == {
+                ((pack / rel).stat().st_dev, (pack / rel).stat().st_ino)
+            }, rel
+            assert (pack / rel).stat().st_nlink == 1
+    snapshot_files = sorted(p.name for p in cache.rglob("*") if p.is_file() and "snapshots" in p.parts)
+    assert snapshot_files == ["index.parquet"]  # the cache holds the index, not the concepts
+    assert not (pack / ".cache").exists()  # huggingface_hub's local_dir metadata is not kept
+
+    # a new revision reuses the unchanged files of the installed one (hard links, no download) and
+    # still leaves one copy once the old revision is gone
+    mine.publish(concept("horse", 3), pack="mine")
+    hub.push("mine", REPO, token=fake_hub.token, store=mine, tag="v2.0")
+    before = fake_hub.count("GET", "*/cat/1/embedding.safetensors")
+    got = quiet_pull(f"{REPO}@v2.0", store=other)
+    assert got.added == ["horse@1"] and fake_hub.count("GET", "*/cat/1/embedding.safetensors") == before
+    for r in pack_schema.read_index(fake_hub.file(REPO, "index.parquet")):
+        assert len(_copies([cache, other.root], r.sha256)) == 1, r.ref
+        assert (pack / r.tensor_path).stat().st_nlink == 1
+    assert other.verify(REPO) == (4, [])
+
+
+def test_a_damaged_installed_file_is_downloaded_again(fake_hub, stores):
+    mine, other = stores
+    hub.push("mine", REPO, token=fake_hub.token, store=mine, tag="v1.0")
+    quiet_pull(f"{REPO}@v1.0", store=other)
+    cat = next(e for e in other.entries(pack=REPO) if e.name == "cat").path / "embedding.safetensors"
+    cat.write_bytes(cat.read_bytes()[:-4] + b"\0\0\0\0")  # bit rot in the installed copy
+    mine.publish(concept("horse", 3), pack="mine")
+    hub.push("mine", REPO, token=fake_hub.token, store=mine)
+    before = fake_hub.count("GET", "*/cat/1/embedding.safetensors")
+    assert quiet_pull(REPO, store=other).added == ["horse@1"]
+    assert fake_hub.count("GET", "*/cat/1/embedding.safetensors") == before + 1  # not reused: fetched
+    assert other.verify(REPO) == (4, [])
+
+
 def test_card_index_and_datasets_load(fake_hub, stores):
     from huggingface_hub import DatasetCard
 

@@ -352,3 +352,25 @@ def test_a_damaged_pack_json_or_history_is_reported_by_verify_and_listing_goes_o
     n, problems = store.verify()
     assert n == 1 and sorted(p.path.name for p in problems) == ["pack.json", "versions.json"]
     assert all("corrupted" in p.message for p in problems)
+
+
+def test_store_layout_is_the_hub_layout_and_old_folders_still_read(tmp_path):
+    from p2pz_directions.pack_schema import concept_dir
+
+    store = LocalStore(tmp_path)
+    hat = store.publish(concept("cat wearing a hat", 0), pack="mine")
+    store.publish(concept("cat", 1), pack="mine")
+    vd = store.pack_dir("mine") / concept_dir(ENC.id, "cat wearing a hat", 1)
+    assert (vd / META_FILE).is_file() and vd.parent.name.startswith("cat_wearing_a_hat-")
+    assert (store.pack_dir("mine") / concept_dir(ENC.id, "cat", 1) / TENSOR_FILE).is_file()
+    # a store written before the one layout named the folder by the raw concept name
+    legacy = vd.parent.with_name("cat wearing a hat")
+    vd.parent.rename(legacy)
+    assert [e.path for e in store.entries(name="cat wearing a hat")] == [legacy / "1"]
+    assert store.verify() == (2, [])
+    assert torch.equal(directions.load("cat wearing a hat->cat", store=store).source.embedding, hat.embedding)
+    # and a concept never passes for another one's folder
+    legacy.with_name("dog").mkdir()
+    (legacy / "1").rename(legacy.with_name("dog") / "1")
+    n, problems = store.verify()
+    assert n == 2 and len(problems) == 1 and "lies in dog/1" in problems[0].message
