@@ -131,6 +131,28 @@ def test_equal_to_diffusers(config, mode, reg, eta, ref_pipes, our_editors):
     assert float(np.abs(expected - 0.5).max()) > 0.05  # not a blank image
 
 
+def test_exact_float16_is_bit_equal_to_diffusers(tiny_sd1):
+    """In float16, ``attention="exact"`` (the default on the CPU) rounds as diffusers does: the
+    regularizer's gradients go through autograd there, as in the pipeline (the closed form,
+    used by the fast paths, differs by an ulp here and there, which 3 inversion steps grow to ~1e-2)."""
+    pipe = _reference_pipeline(tiny_sd1, torch_dtype=torch.float16)
+    d = publish_pair(tiny_sd1)
+    prompt, img = "a photo of a cat", test_image(7)
+    common = dict(num_inference_steps=3, cross_attention_guidance_amount=0.1, output_type="np")
+    g = torch.Generator().manual_seed(0)
+    inv = pipe.invert(prompt, image=img, num_inference_steps=3, generator=g, **REG).latents
+    expected = pipe(
+        prompt, source_embeds=d.source_embeds, target_embeds=d.target_embeds, latents=inv, generator=g,
+        negative_prompt=prompt, **common,
+    ).images  # fmt: skip
+    ed = editors.get("pix2pix-zero", pipe=pipe)
+    res = ed.edit(img, d, prompt=prompt, generator=torch.Generator().manual_seed(0), **REG, **common)
+    assert res.inverted_latents.dtype == torch.float16 and res.extra["loops"] == "eager"
+    assert torch.equal(res.inverted_latents, inv)
+    assert float(np.abs(res.image - expected).max()) == 0.0
+    assert float(np.abs(expected - 0.5).max()) > 0.05  # not a blank image
+
+
 def test_regularization_and_direction_change_the_result(our_editors, tiny_sd1):
     ed = our_editors["sd1"]
     d = publish_pair(tiny_sd1)
