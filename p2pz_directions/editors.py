@@ -291,8 +291,7 @@ class Editor:
                     self._components[n] = obj
             else:
                 index = _model_index(self.model, self.revision)
-                for n in missing:
-                    self._components[n] = self._load_one(n, index.get(n))
+                self._components.update(self._load_many(missing, index))
             for n in missing:
                 obj = self._components[n]
                 if isinstance(obj, torch.nn.Module):
@@ -303,7 +302,26 @@ class Editor:
                     obj.requires_grad_(False)
         return {n: self._components[n] for n in names}
 
-    def _load_one(self, name: str, spec: Any) -> Any:
+    def _load_many(self, names: list[str], index: dict[str, Any]) -> dict[str, Any]:
+        """Load ``names`` from ``self.model``; on CUDA the weight-carrying components load at once, each
+        in its own thread (reading the files, building the modules and copying to the GPU overlap).
+        ``P2PZ_LOAD_THREADS=0`` loads them one after the other."""
+        classes = {n: self._component_class(n, index.get(n)) for n in names}  # imports: main thread
+        heavy = [n for n in names if n in ("unet", "vae", "text_encoder")]
+        threads = os.environ.get("P2PZ_LOAD_THREADS", "1") != "0"
+        out: dict[str, Any] = {}
+        if self.device.type == "cuda" and threads and len(heavy) > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(len(heavy), thread_name_prefix="p2pz-load") as pool:
+                futures = {n: pool.submit(self._load_one, n, classes[n]) for n in heavy}
+                out.update({n: f.result() for n, f in futures.items()})
+        for n in names:
+            if n not in out:
+                out[n] = self._load_one(n, classes[n])
+        return out
+
+    def _component_class(self, name: str, spec: Any) -> Any:
         defaults = {
             "unet": ("diffusers", "UNet2DConditionModel"),
             "vae": ("diffusers", "AutoencoderKL"),
@@ -314,7 +332,9 @@ class Editor:
         lib, cls_name = (
             spec if isinstance(spec, (list, tuple)) and len(spec) == 2 and spec[0] else defaults[name]
         )
-        cls = getattr(importlib.import_module(lib), cls_name)
+        return getattr(importlib.import_module(lib), cls_name)
+
+    def _load_one(self, name: str, cls: Any) -> Any:
         kw: dict[str, Any] = {"subfolder": name}
         if self.revision:
             kw["revision"] = self.revision
@@ -323,6 +343,12 @@ class Editor:
             if self.variant:
                 kw["variant"] = self.variant
         try:
+            if self.device.type == "cuda" and "torch_dtype" in kw:
+                # safetensors read straight onto the GPU in the target dtype (no float32 CPU copy)
+                try:
+                    return cls.from_pretrained(self.model, device_map=str(self.device), **kw)
+                except (ImportError, NotImplementedError, TypeError, ValueError):
+                    pass  # no accelerate, or a class without device_map: the CPU route below
             return cls.from_pretrained(self.model, **kw)
         except (OSError, ValueError) as e:
             raise EditorError(
