@@ -303,23 +303,12 @@ class Editor:
         return {n: self._components[n] for n in names}
 
     def _load_many(self, names: list[str], index: dict[str, Any]) -> dict[str, Any]:
-        """Load ``names`` from ``self.model``; on CUDA the weight-carrying components load at once, each
-        in its own thread (reading the files, building the modules and copying to the GPU overlap).
-        ``P2PZ_LOAD_THREADS=0`` loads them one after the other."""
-        classes = {n: self._component_class(n, index.get(n)) for n in names}  # imports: main thread
-        heavy = [n for n in names if n in ("unet", "vae", "text_encoder")]
-        threads = os.environ.get("P2PZ_LOAD_THREADS", "1") != "0"
-        out: dict[str, Any] = {}
-        if self.device.type == "cuda" and threads and len(heavy) > 1:
-            from concurrent.futures import ThreadPoolExecutor
-
-            with ThreadPoolExecutor(len(heavy), thread_name_prefix="p2pz-load") as pool:
-                futures = {n: pool.submit(self._load_one, n, classes[n]) for n in heavy}
-                out.update({n: f.result() for n, f in futures.items()})
-        for n in names:
-            if n not in out:
-                out[n] = self._load_one(n, classes[n])
-        return out
+        """Load ``names`` from ``self.model``, one after the other. (Not in parallel threads:
+        diffusers builds modules under accelerate's ``init_empty_weights``, which patches
+        ``torch.nn.Module`` for the whole process, so a module built meanwhile in another thread
+        gets meta tensors.)"""
+        classes = {n: self._component_class(n, index.get(n)) for n in names}
+        return {n: self._load_one(n, classes[n]) for n in names}
 
     def _component_class(self, name: str, spec: Any) -> Any:
         defaults = {
