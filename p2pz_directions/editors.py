@@ -275,7 +275,8 @@ class Editor:
 
         From ``pipe=`` they are the pipeline's own objects (nothing is copied); from ``model=``
         each is loaded with its ``from_pretrained(model, subfolder=name)``, the class taken from
-        ``model_index.json``.
+        ``model_index.json``; on CUDA with ``device_map``, so the weights go from the safetensors
+        file straight onto the GPU in ``dtype`` (about 0.6-1 s instead of 4 s for SD 1.x on an H200).
         """
         names = names or self.component_names
         missing = [n for n in names if n not in self._components]
