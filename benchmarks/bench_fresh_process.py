@@ -77,7 +77,22 @@ def child_ours(argv: list[str]) -> int:
                 marks.append((f"{phase} end", time.perf_counter()))
             return orig_progress(self, phase, step, total)
 
+        orig_class, orig_one = _editors.Editor._component_class, _editors.Editor._load_one
+
+        def component_class(self, name, *a, **kw):  # the import of the component's library module
+            out = orig_class(self, name, *a, **kw)
+            marks.append((f"load: import {name} class", time.perf_counter()))
+            return out
+
+        def load_one(self, name, *a, **kw):  # from_pretrained (read, build, to the GPU)
+            out = orig_one(self, name, *a, **kw)
+            _sync()
+            marks.append((f"load: {name}", time.perf_counter()))
+            return out
+
         _editors.Editor.load_components = load_components
+        _editors.Editor._component_class = component_class
+        _editors.Editor._load_one = load_one
         _editors.Editor.progress = progress
         prof = None
         if os.environ.get("P2PZ_BENCH_PROFILE"):  # a cProfile of everything after the imports

@@ -178,13 +178,13 @@ def test_picture(size: int, seed: int = 0):
 def make_direction(pipe):
     """Concepts 'cat' / 'dog': mean text embeddings of a few template captions (as the builder does)."""
     from p2pz_directions.concept import Concept, Direction, EncoderInfo
-    from p2pz_directions.sampling import encode_prompt
+    from p2pz_directions.sampling import encode_text as encode_prompt
 
     enc = EncoderInfo("bench/random-clip", pipe.text_encoder.config.hidden_size, "clip")
     cs = []
     for name in ("cat", "dog"):
         caps = [f"a photo of a {name}", f"a painting of a {name}", f"a {name} in the grass"]
-        emb = encode_prompt(pipe.tokenizer, pipe.text_encoder, caps, pipe.device)[0].float().mean(0)
+        emb = encode_prompt(pipe.tokenizer, pipe.text_encoder, caps, pipe.device).float().mean(0)
         cs.append(Concept(name, emb.cpu(), enc))
     return Direction(*cs), enc
 
@@ -376,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
             row["speedup_vs_diffusers"] = results["variants"]["diffusers"]["seconds"] / row["seconds"]
         results["variants"][f"ours-{variant}"] = row
         print(f"ours-{variant}", json.dumps(row), flush=True)
-        if args.batch > 1:  # one batched sampler over several images, against the single-image edit
+        if args.batch > 1 and repeats > 0:  # one batched sampler over several images, vs the single edit
             batch = [test_picture(side, seed=k) for k in range(args.batch)]
             ours(images=batch)  # warm-up (graphs for this batch size)
             btimes = []

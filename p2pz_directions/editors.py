@@ -263,7 +263,8 @@ class Editor:
 
         From ``pipe=`` they are the pipeline's own objects (nothing is copied); from ``model=``
         each is loaded with its ``from_pretrained(model, subfolder=name)``, the class taken from
-        ``model_index.json``.
+        ``model_index.json``; on CUDA with ``device_map``, so the weights go from the safetensors
+        file straight onto the GPU in ``dtype`` (about 0.6-1 s instead of 4 s for SD 1.x on an H200).
         """
         names = names or self.component_names
         missing = [n for n in names if n not in self._components]
@@ -279,8 +280,7 @@ class Editor:
                     self._components[n] = obj
             else:
                 index = _model_index(self.model, self.revision)
-                for n in missing:
-                    self._components[n] = self._load_one(n, index.get(n))
+                self._components.update(self._load_many(missing, index))
             for n in missing:
                 obj = self._components[n]
                 if isinstance(obj, torch.nn.Module):
@@ -291,7 +291,15 @@ class Editor:
                     obj.requires_grad_(False)
         return {n: self._components[n] for n in names}
 
-    def _load_one(self, name: str, spec: Any) -> Any:
+    def _load_many(self, names: list[str], index: dict[str, Any]) -> dict[str, Any]:
+        """Load ``names`` from ``self.model``, one after the other. (Not in parallel threads:
+        diffusers builds modules under accelerate's ``init_empty_weights``, which patches
+        ``torch.nn.Module`` for the whole process, so a module built meanwhile in another thread
+        gets meta tensors.)"""
+        classes = {n: self._component_class(n, index.get(n)) for n in names}
+        return {n: self._load_one(n, classes[n]) for n in names}
+
+    def _component_class(self, name: str, spec: Any) -> Any:
         defaults = {
             "unet": ("diffusers", "UNet2DConditionModel"),
             "vae": ("diffusers", "AutoencoderKL"),
@@ -302,7 +310,9 @@ class Editor:
         lib, cls_name = (
             spec if isinstance(spec, (list, tuple)) and len(spec) == 2 and spec[0] else defaults[name]
         )
-        cls = getattr(importlib.import_module(lib), cls_name)
+        return getattr(importlib.import_module(lib), cls_name)
+
+    def _load_one(self, name: str, cls: Any) -> Any:
         kw: dict[str, Any] = {"subfolder": name}
         if self.revision:
             kw["revision"] = self.revision
@@ -311,6 +321,12 @@ class Editor:
             if self.variant:
                 kw["variant"] = self.variant
         try:
+            if self.device.type == "cuda" and "torch_dtype" in kw:
+                # safetensors read straight onto the GPU in the target dtype (no float32 CPU copy)
+                try:
+                    return cls.from_pretrained(self.model, device_map=str(self.device), **kw)
+                except (ImportError, NotImplementedError, TypeError, ValueError):
+                    pass  # no accelerate, or a class without device_map: the CPU route below
             return cls.from_pretrained(self.model, **kw)
         except (OSError, ValueError) as e:
             raise EditorError(

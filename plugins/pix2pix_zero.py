@@ -446,7 +446,7 @@ class Pix2PixZeroEditor(Editor):
         reg = S.Regularizer(o.lambda_auto_corr, o.lambda_kl, o.num_reg_steps, o.num_auto_corr_rolls)
         predict = S.inversion_predictor(
             unet, inverse, guidance_scale=o.inversion_guidance_scale, regularizer=reg, generator=enc_gen,
-            runner=runner, compile_regularizer=o.compile_regularizer,
+            runner=runner, compile_regularizer=o.compile_regularizer, analytic=not exact,
         )  # fmt: skip
         self.phase = "invert"
         with S.attention_maps(unet, S.AttentionMaps(0, exact=exact)):

@@ -131,6 +131,28 @@ def test_equal_to_diffusers(config, mode, reg, eta, ref_pipes, our_editors):
     assert float(np.abs(expected - 0.5).max()) > 0.05  # not a blank image
 
 
+def test_exact_float16_is_bit_equal_to_diffusers(tiny_sd1):
+    """In float16, ``attention="exact"`` (the default on the CPU) rounds as diffusers does: the
+    regularizer's gradients go through autograd there, as in the pipeline (the closed form,
+    used by the fast paths, differs by an ulp here and there, which 3 inversion steps grow to ~1e-2)."""
+    pipe = _reference_pipeline(tiny_sd1, torch_dtype=torch.float16)
+    d = publish_pair(tiny_sd1)
+    prompt, img = "a photo of a cat", test_image(7)
+    common = dict(num_inference_steps=3, cross_attention_guidance_amount=0.1, output_type="np")
+    g = torch.Generator().manual_seed(0)
+    inv = pipe.invert(prompt, image=img, num_inference_steps=3, generator=g, **REG).latents
+    expected = pipe(
+        prompt, source_embeds=d.source_embeds, target_embeds=d.target_embeds, latents=inv, generator=g,
+        negative_prompt=prompt, **common,
+    ).images  # fmt: skip
+    ed = editors.get("pix2pix-zero", pipe=pipe)
+    res = ed.edit(img, d, prompt=prompt, generator=torch.Generator().manual_seed(0), **REG, **common)
+    assert res.inverted_latents.dtype == torch.float16 and res.extra["loops"] == "eager"
+    assert torch.equal(res.inverted_latents, inv)
+    assert float(np.abs(res.image - expected).max()) == 0.0
+    assert float(np.abs(expected - 0.5).max()) > 0.05  # not a blank image
+
+
 def test_regularization_and_direction_change_the_result(our_editors, tiny_sd1):
     ed = our_editors["sd1"]
     d = publish_pair(tiny_sd1)
@@ -165,23 +187,114 @@ def test_graph_loops_need_cuda(our_editors, tiny_sd2):
         our_editors["sd2"].edit(test_image(6), d, prompt="a cat", num_inference_steps=1, loops="static")
 
 
+@pytest.fixture
+def no_tf32():
+    """Plain float32 convolutions (cuDNN uses TF32 by default), so that kernel choices differ by
+    float32 rounding only."""
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = before
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_graph_loops_equal_eager_loops_on_gpu(tiny_sd2):
-    """The CUDA-graph replays compute what the eager loop does (one loop, two runner modes)."""
+def test_step_graphs_replayed_on_new_inputs_equal_eager_steps(tiny_sd2, no_tf32):
+    """Each pix2pix-zero step, captured with one set of inputs and replayed with another (latents,
+    timestep, alpha, roll shifts, step index), equals the eager step on the second set: no input,
+    random draw or closure value is frozen into a graph. No sampling loop amplifies rounding here."""
+    from diffusers import UNet2DConditionModel
+
+    from p2pz_directions import sampling as S
+
+    unet = UNet2DConditionModel.from_pretrained(str(tiny_sd2), subfolder="unet").to("cuda").eval()
+    unet.requires_grad_(False)
+    c, hw, dim = unet.config.in_channels, unet.config.sample_size, unet.config.cross_attention_dim
+    g = torch.Generator().manual_seed(0)
+
+    def inputs(t, seed):
+        x = torch.randn(1, c, hw, hw, generator=g).cuda()
+        e = torch.randn(1, 77, dim, generator=g).cuda()
+        shifts = S.draw_roll_shifts(tuple(x.shape), torch.Generator().manual_seed(seed), 4).cuda()
+        return x, torch.tensor(t, device="cuda"), e, torch.tensor(0.1 * seed, device="cuda"), shifts
+
+    runner = S.UNetRunner("graphs")
+    reg = S.Regularizer(20.0, 20.0, 2, 2)
+
+    def inv(x, t, e, alpha, shifts):
+        return S.inversion_step(
+            unet, x, t, e, alpha, shifts, guidance_scale=1.0, regularizer=reg, prediction_type="v_prediction"
+        )
+
+    first, second = inputs(101, 1), inputs(801, 2)
+    a1, a2 = runner("invert", inv, *first), runner("invert", inv, *second)
+    assert len(runner.graphs) == 1 and _rel(a1, a2) > 1e-2  # one graph, other inputs, other output
+    assert _rel(a2, inv(*second)) < 1e-4 and _rel(a1, inv(*first)) < 1e-4
+
+    maps, eager_maps = S.AttentionMaps(2), S.AttentionMaps(2)
+    (x1, t1, *_), (x2, t2, *_) = first, second
+    e = torch.randn(2, 77, dim, generator=g).cuda()
+    e_edit = e + 0.5 * torch.randn(2, 77, dim, generator=g).cuda()  # as a direction moves the caption
+    i0, i1 = torch.tensor(0, device="cuda"), torch.tensor(1, device="cuda")
+
+    def ref(m):
+        return lambda x, t, emb, i: S.reference_step(unet, m, x, t, emb, i, guidance_scale=7.5)
+
+    with S.attention_maps(unet, maps):
+        r1, r2 = runner("reference", ref(maps), x1, t1, e, i0), runner("reference", ref(maps), x2, t2, e, i1)
+    with S.attention_maps(unet, eager_maps):
+        e1, e2 = ref(eager_maps)(x1, t1, e, i0), ref(eager_maps)(x2, t2, e, i1)
+    assert _rel(r1, e1) < 1e-4 and _rel(r2, e2) < 1e-4 and _rel(r1, r2) > 1e-2
+    assert len(maps.buffers) == len(eager_maps.buffers) > 0
+    for got, want in zip(maps.buffers, eager_maps.buffers, strict=True):
+        assert _rel(got, want) < 1e-4  # both steps' maps written, at their own index
+
+    def edit(x, t, emb, i):
+        return S.cross_attention_guided_step(unet, maps, x, t, emb, i, amount=0.01, guidance_scale=7.5)
+
+    with S.attention_maps(unet, maps):
+        (n1, l1), (n2, l2) = (
+            runner("edit", edit, x1, t1, e_edit, i0),
+            runner("edit", edit, x2, t2, e_edit, i1),
+        )
+        (m1, k1), (m2, k2) = edit(x1, t1, e_edit, i0), edit(x2, t2, e_edit, i1)
+    assert len(runner.graphs) == 3
+    assert _rel(n1, m1) < 1e-4 and _rel(n2, m2) < 1e-4 and _rel(n1, n2) > 1e-2
+    assert _rel(l1, k1) < 1e-4 and _rel(l2, k2) < 1e-4 and (l2 - x2).abs().max() > 0  # the guidance moved x
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_graph_loops_equal_eager_loops_on_gpu(tiny_sd2, no_tf32):
+    """The CUDA-graph loops compute what the eager loops do, to within the eager loops' own
+    run-to-run spread on the GPU: a few of the kernels the guided steps use are not deterministic
+    (the backward passes of fused attention and of nearest upsampling add with atomics), and 2 x 2
+    guided steps grow that rounding. Measured on an H200: see benchmarks/RESULTS.md."""
     ed = editors.get("pix2pix-zero", model=str(tiny_sd2), device="cuda", dtype=torch.float32)
     d = publish_pair(tiny_sd2)
     kw = dict(prompt="a cat", num_inference_steps=2, seed=0, output_type="np", attention="fused", eta=0.3)
-    kw.update(REG)
+    kw.update(REG, cross_attention_guidance_amount=0.01)  # the SD 2.x setting (NAN_ADVICE)
     eager = ed.edit(test_image(6), d, loops="eager", **kw)
+    eager2 = ed.edit(test_image(6), d, loops="eager", **kw)
     graphs = ed.edit(test_image(6), d, loops="graphs", **kw)
     n_graphs = len(ed.runners["graphs"].graphs)
     again = ed.edit(test_image(6), d, loops="graphs", **kw)  # the captured graphs are replayed
     assert graphs.extra["loops"] == "graphs" and eager.extra["loops"] == "eager"
     assert n_graphs == len(ed.runners["graphs"].graphs) == 3  # invert, reference, edit
     assert (graphs.inverted_latents - eager.inverted_latents).abs().max().item() < 1e-4
-    assert np.abs(graphs.image - eager.image).max() < 1e-3
-    assert np.abs(graphs.image - again.image).max() == 0.0
+    spread = float(np.abs(eager.image - eager2.image).max())
+    tol = max(1e-3, 4 * spread)
+    diff, replay = (
+        float(np.abs(graphs.image - eager.image).max()),
+        float(np.abs(graphs.image - again.image).max()),
+    )
+    assert diff < tol, f"graphs vs eager {diff:.2e}; eager vs eager {spread:.2e}"
+    assert replay < tol, f"graphs vs graphs {replay:.2e}; eager vs eager {spread:.2e}"
+    assert float(np.abs(eager.image - 0.5).max()) > 0.05  # not a blank image
 
 
 def test_pipe_components_are_reused_and_restored(ref_pipes):

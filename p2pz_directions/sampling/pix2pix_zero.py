@@ -408,9 +408,12 @@ def inversion_step(
     guidance_scale: float,
     regularizer: Regularizer | None,
     prediction_type: str,
+    analytic: bool = True,
 ) -> torch.Tensor:
     """One inversion model evaluation: the (guided) noise prediction, regularized
-    (`regularize_noise_pred`) when ``regularizer`` is active. ``shifts``: ``[num_draws, levels, B * C]``."""
+    (`regularize_noise_pred`) when ``regularizer`` is active. ``shifts``: ``[num_draws, levels, B * C]``.
+    ``analytic=False`` takes the regularizer's gradients through autograd, as diffusers does (the
+    same rounding in float16; the closed form differs there by a few ulps per step)."""
     eps = _eps(unet, x, t, embeds, guidance_scale)
     if regularizer is None or not regularizer.active:
         return eps
@@ -418,6 +421,7 @@ def inversion_step(
         eps, x, alpha_prod_t, prediction_type, lambda_auto_corr=regularizer.lambda_auto_corr,
         lambda_kl=regularizer.lambda_kl, num_reg_steps=regularizer.num_reg_steps,
         num_auto_corr_rolls=regularizer.num_auto_corr_rolls, shifts=shifts if shifts.numel() else None,
+        analytic=analytic,
     )  # fmt: skip
 
 
@@ -465,15 +469,17 @@ def inversion_predictor(
     runner: UNetRunner | None = None,
     embeds_key: str = "prompt_embeds",
     compile_regularizer: bool = False,
+    analytic: bool = True,
 ) -> Predictor:
     """The predictor of pix2pix-zero's inversion (`inversion_step` through ``runner``). The roll
-    amounts are drawn on the host from ``generator`` each step, in diffusers' order."""
+    amounts are drawn on the host from ``generator`` each step, in diffusers' order.
+    ``analytic=False``: the regularizer's gradients through autograd (diffusers' float16 rounding)."""
     runner = runner or UNetRunner("eager")
     pred_type = inverse_scheduler.config.prediction_type
     reg = regularizer if regularizer is not None and regularizer.active else None
-    key = (id(unet), guidance_scale, reg, pred_type, compile_regularizer)
+    key = (id(unet), guidance_scale, reg, pred_type, compile_regularizer, analytic)
     fn = lambda *a: inversion_step(  # noqa: E731
-        unet, *a, guidance_scale=guidance_scale, regularizer=reg, prediction_type=pred_type
+        unet, *a, guidance_scale=guidance_scale, regularizer=reg, prediction_type=pred_type, analytic=analytic
     )
     if compile_regularizer and reg is not None:
         fn = runner.resource(("compiled-inversion", key), lambda: torch.compile(fn, dynamic=False))

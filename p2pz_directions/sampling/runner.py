@@ -65,7 +65,7 @@ class UNetRunner:
     """
 
     mode: str = "eager"
-    warmup: int = 2
+    warmup: int = 1
     compile_kwargs: dict[str, Any] = field(default_factory=dict)
     _graphs: dict[Hashable, _Graph | None] = field(default_factory=dict, repr=False)
     _compiled: dict[Hashable, Callable[..., Any]] = field(default_factory=dict, repr=False)
