@@ -73,7 +73,7 @@ def ensure_builtin_plugins() -> None:
     machine runs from a checkout on PYTHONPATH)."""
     import importlib
 
-    from p2pz_directions import plugins
+    from p2pz_directions.editing import plugins
 
     have = plugins.editors()
     for name, module in (("pix2pix-zero", "pix2pix_zero"), ("diffedit", "diffedit"), ("sdedit", "sdedit")):
@@ -85,7 +85,7 @@ def build_model(folder: Path, tiny: bool) -> Path:
     """Write a random-weight SD model (tiny, or SD-1.4-sized) to ``folder``."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
-    from p2pz_directions.demo import make_components, make_tokenizer
+    from p2pz_directions.editing.demo import make_components, make_tokenizer
 
     if tiny:
         comps = make_components("sd1", seed=0)
@@ -125,9 +125,9 @@ def build_model(folder: Path, tiny: bool) -> Path:
 
 
 def publish_concepts(model: Path) -> None:
-    from p2pz_directions.concept import Concept
-    from p2pz_directions.models import encoder_for
-    from p2pz_directions.store import LocalStore
+    from p2pz_directions.core.concept import Concept
+    from p2pz_directions.core.store import LocalStore
+    from p2pz_directions.editing.models import encoder_for
 
     enc = encoder_for(model=str(model))
     g = torch.Generator().manual_seed(0)

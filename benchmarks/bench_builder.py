@@ -4,7 +4,7 @@
    12 heads, intermediate 3072, vocab 49408; random weights, float16 on the GPU) embeds 1000
    captions, once with the authors' loop (one caption per forward pass, as in
    ``make_edit_direction.py`` and diffusers' docs) and once with our batched
-   `p2pz_directions.encoders.TextEncoder.encode`, in the same run. The anchor measured on one
+   `p2pz_directions.builder.encoders.TextEncoder.encode`, in the same run. The anchor measured on one
    H100 is 5.3 s (loop) vs 0.045 s (batched).
 2. **Full build**: ``build("cat", "dog", n=1000)`` end to end (generate, filter, encode both
    concepts, publish to a temporary registry) with a Flan-T5-XL-sized model (d_model 2048, d_ff
@@ -43,9 +43,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from p2pz_directions.captioners import FlanT5Captioner, TemplateCaptioner  # noqa: E402
-from p2pz_directions.concept import EncoderInfo  # noqa: E402
-from p2pz_directions.encoders import TextEncoder, encode_one_by_one  # noqa: E402
+from p2pz_directions.builder.captioners import FlanT5Captioner, TemplateCaptioner  # noqa: E402
+from p2pz_directions.builder.encoders import TextEncoder, encode_one_by_one  # noqa: E402
+from p2pz_directions.core.concept import EncoderInfo  # noqa: E402
 
 CLIP_L = dict(
     hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, vocab_size=49408
@@ -191,8 +191,8 @@ def bench_encoding(args, device: str, dtype: torch.dtype, workdir: Path) -> dict
 
 
 def bench_build(args, device: str, dtype: torch.dtype, workdir: Path) -> dict:
-    from p2pz_directions.builder import run_build
-    from p2pz_directions.store import LocalStore
+    from p2pz_directions.builder.pipeline import run_build
+    from p2pz_directions.core.store import LocalStore
 
     t5_sizes = T5_TINY if args.tiny else T5_XL
     clip_sizes = CLIP_TINY if args.tiny else CLIP_L
@@ -226,7 +226,7 @@ def bench_build(args, device: str, dtype: torch.dtype, workdir: Path) -> dict:
         near_dup = None
     filt = {"require_mention": False, "max_chars": 10_000, "near_duplicate_threshold": near_dup}
     if near_dup is not None:  # load MiniLM outside the timed region, as a warm process would have it
-        from p2pz_directions.filtering import load_minilm
+        from p2pz_directions.builder.filtering import load_minilm
 
         load_minilm(device)
     # warm-up: one small generate + encode

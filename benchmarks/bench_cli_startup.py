@@ -36,8 +36,8 @@ def _seed_store(home: Path) -> None:
     env = {**os.environ, "P2PZ_HOME": str(home), "HF_HUB_OFFLINE": "1"}
     code = (
         "import torch\n"
-        "from p2pz_directions.concept import Concept, EncoderInfo\n"
-        "from p2pz_directions.store import LocalStore\n"
+        "from p2pz_directions.core.concept import Concept, EncoderInfo\n"
+        "from p2pz_directions.core.store import LocalStore\n"
         "enc = EncoderInfo('openai/clip-vit-large-patch14', 768, 'clip')\n"
         "g = torch.Generator().manual_seed(0)\n"
         "LocalStore().publish_many([Concept(n, torch.randn(77, 768, generator=g), enc) for n in ('cat', 'dog')])\n"

@@ -45,7 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from p2pz_directions.concept import Concept, Direction, EncoderInfo  # noqa: E402
+from p2pz_directions.core.concept import Concept, Direction, EncoderInfo  # noqa: E402
 
 
 def ensure_builtin_plugins() -> None:
@@ -53,7 +53,7 @@ def ensure_builtin_plugins() -> None:
     (the GPU machine runs from a checkout on PYTHONPATH)."""
     import importlib
 
-    from p2pz_directions import plugins
+    from p2pz_directions.editing import plugins
 
     have = plugins.editors()
     for name, module in (("pix2pix-zero", "pix2pix_zero"), ("diffedit", "diffedit"), ("sdedit", "sdedit")):

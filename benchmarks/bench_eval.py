@@ -36,7 +36,7 @@ def make_clip_b32(path: Path) -> Path:
     """CLIP ViT-B/32 sizes (vision 768 x 12, patch 32, 224 px; text 512 x 12; projection 512), random."""
     from transformers import CLIPConfig, CLIPModel
 
-    from p2pz_directions.demo import make_tokenizer
+    from p2pz_directions.editing.demo import make_tokenizer
 
     tok = make_tokenizer(path)
     cfg = CLIPConfig(

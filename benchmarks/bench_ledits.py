@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_diffedit_sdedit import build_components, measure, test_image  # noqa: E402
 
-from p2pz_directions.concept import Concept, Direction, EncoderInfo  # noqa: E402
+from p2pz_directions.core.concept import Concept, Direction, EncoderInfo  # noqa: E402
 
 UNET_TINY_3 = dict(
     sample_size=32,
@@ -60,7 +60,7 @@ UNET_TINY_3 = dict(
 
 def ensure_ledits_plugin() -> None:
     """Register the editor directly where the package's entry points are not installed."""
-    from p2pz_directions import plugins
+    from p2pz_directions.editing import plugins
 
     if "ledits" not in plugins.editors():
         plugins.register(importlib.import_module("p2pz_plugins.ledits"), name="builtin-ledits")

@@ -177,7 +177,7 @@ def test_picture(size: int, seed: int = 0):
 
 def make_direction(pipe):
     """Concepts 'cat' / 'dog': mean text embeddings of a few template captions (as the builder does)."""
-    from p2pz_directions.concept import Concept, Direction, EncoderInfo
+    from p2pz_directions.core.concept import Concept, Direction, EncoderInfo
     from p2pz_directions.sampling import encode_text as encode_prompt
 
     enc = EncoderInfo("bench/random-clip", pipe.text_encoder.config.hidden_size, "clip")

@@ -34,8 +34,8 @@ def main() -> int:
     from tiny_sd import make_tiny_sd
 
     from p2pz_directions import editors
-    from p2pz_directions.concept import Concept, Direction
-    from p2pz_directions.models import encoder_for
+    from p2pz_directions.core.concept import Concept, Direction
+    from p2pz_directions.editing.models import encoder_for
 
     if det:
         torch.backends.cudnn.deterministic = True

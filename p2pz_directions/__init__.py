@@ -12,11 +12,11 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "directions": "p2pz_directions.directions",
-    "editors": "p2pz_directions.editors",
-    "hub": "p2pz_directions.hub",
-    "search": "p2pz_directions.search",
-    "store": "p2pz_directions.store",
+    "directions": "p2pz_directions.core.directions",
+    "editors": "p2pz_directions.editing.editors",
+    "hub": "p2pz_directions.packs.hub",
+    "search": "p2pz_directions.packs.search",
+    "store": "p2pz_directions.core.store",
 }
 
 
@@ -26,11 +26,11 @@ _FROM_CONCEPT = ("Concept", "Direction", "EncoderInfo")
 
 def __getattr__(name: str) -> Any:
     if name in _FROM_CONCEPT:
-        return getattr(importlib.import_module("p2pz_directions.concept"), name)
+        return getattr(importlib.import_module("p2pz_directions.core.concept"), name)
     if name in _LAZY:
         return importlib.import_module(_LAZY[name])
     if name == "build":
-        return importlib.import_module("p2pz_directions.builder").build
+        return importlib.import_module("p2pz_directions.builder.pipeline").build
     raise AttributeError(f"module 'p2pz_directions' has no attribute {name!r}")
 
 

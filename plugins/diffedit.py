@@ -23,11 +23,11 @@ from typing import Any
 
 import torch
 
-from p2pz_directions import images as imgs
 from p2pz_directions import sampling as S
-from p2pz_directions.concept import Direction
-from p2pz_directions.editors import Editor, EditorError, EditorOptionError, EditResult
-from p2pz_directions.hookspecs import hookimpl
+from p2pz_directions.core.concept import Direction
+from p2pz_directions.editing import images as imgs
+from p2pz_directions.editing.editors import Editor, EditorError, EditorOptionError, EditResult
+from p2pz_directions.editing.hookspecs import hookimpl
 from p2pz_directions.sampling import diffedit as D
 
 __all__ = ["DiffEditEditor", "DiffEditOptions", "mask_to_image", "prepare_mask"]

@@ -31,9 +31,9 @@ from typing import Any
 import torch
 
 from p2pz_directions import sampling as S
-from p2pz_directions.concept import Direction
-from p2pz_directions.editors import Editor, EditorOptionError, EditResult
-from p2pz_directions.hookspecs import hookimpl
+from p2pz_directions.core.concept import Direction
+from p2pz_directions.editing.editors import Editor, EditorOptionError, EditResult
+from p2pz_directions.editing.hookspecs import hookimpl
 from p2pz_directions.sampling import ledits as L
 
 __all__ = ["LEditsEditor", "LEditsOptions", "concept_rows"]

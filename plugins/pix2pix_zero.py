@@ -41,9 +41,9 @@ from typing import Any
 import torch
 
 from p2pz_directions import sampling as S
-from p2pz_directions.concept import Direction
-from p2pz_directions.editors import Editor, EditorError, EditorOptionError, EditResult
-from p2pz_directions.hookspecs import hookimpl
+from p2pz_directions.core.concept import Direction
+from p2pz_directions.editing.editors import Editor, EditorError, EditorOptionError, EditResult
+from p2pz_directions.editing.hookspecs import hookimpl
 
 __all__ = ["BlipCaptioner", "InversionResult", "Pix2PixZeroEditor", "Pix2PixZeroOptions"]
 
@@ -232,7 +232,7 @@ class Pix2PixZeroEditor(Editor):
         if self._captioner is None:
             self._captioner = BlipCaptioner(self.caption_model, device=self.device, dtype=self.dtype)
         elif isinstance(self._captioner, str):
-            from p2pz_directions import plugins
+            from p2pz_directions.editing import plugins
 
             found = plugins.image_captioners()
             if self._captioner not in found:

@@ -23,11 +23,11 @@ from typing import Any
 
 import torch
 
-from p2pz_directions import images as imgs
 from p2pz_directions import sampling as S
-from p2pz_directions.concept import Direction
-from p2pz_directions.editors import Editor, EditorError, EditorOptionError, EditResult
-from p2pz_directions.hookspecs import hookimpl
+from p2pz_directions.core.concept import Direction
+from p2pz_directions.editing import images as imgs
+from p2pz_directions.editing.editors import Editor, EditorError, EditorOptionError, EditResult
+from p2pz_directions.editing.hookspecs import hookimpl
 
 __all__ = ["IMG2IMG_SCHEDULERS", "SDEditEditor", "SDEditOptions"]
 
@@ -120,7 +120,7 @@ class SDEditEditor(Editor):
     def captioner(self) -> Any:
         """The image captioner (the ``blip`` plugin unless another is given), made on first use."""
         if self._captioner is None or isinstance(self._captioner, str):
-            from p2pz_directions import plugins
+            from p2pz_directions.editing import plugins
 
             name, found = self._captioner or "blip", plugins.image_captioners()
             if name not in found:

@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import os
 
-from p2pz_directions import constants
 from p2pz_directions.app import create_app, launch
+from p2pz_directions.core import constants
 
 
 def _ensure_directions(model: str) -> None:
     """The authors' SD 1.4 concepts, when nothing in the registry fits the model (SD 1.x only)."""
     from p2pz_directions import directions
-    from p2pz_directions.legacy import AUTHORS_SD14_URLS, import_pt
-    from p2pz_directions.models import CLIP_L, encoder_for
+    from p2pz_directions.editing.models import CLIP_L, encoder_for
+    from p2pz_directions.packs.legacy import AUTHORS_SD14_URLS, import_pt
 
     if not constants.flag("P2PZ_AUTHORS", default=True):
         return

@@ -57,12 +57,12 @@ def add_other_encoder_concepts(registry: Path) -> None:
     """``other:horse`` and ``other:zebra`` for CLIP ViT-L/14 (random embeddings of its shape)."""
     import torch
 
-    from p2pz_directions.models import CLIP_L
-    from p2pz_directions.store import LocalStore
+    from p2pz_directions.core.store import LocalStore
+    from p2pz_directions.editing.models import CLIP_L
 
     g = torch.Generator().manual_seed(0)
     concepts = []
-    from p2pz_directions.concept import Concept
+    from p2pz_directions.core.concept import Concept
 
     for name in ("horse", "zebra"):
         emb = torch.randn(77, 768, generator=g)

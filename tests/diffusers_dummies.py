@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from p2pz_directions.concept import Concept, Direction, EncoderInfo
+from p2pz_directions.core.concept import Concept, Direction, EncoderInfo
 
 __all__ = [
     "SCHED_ARGS",

@@ -280,7 +280,7 @@ class FakeHub:
 
     def upload_index(self, repo_id: str, rows: list[dict], extra: dict[str, bytes] | None = None) -> str:
         """Commit ``rows`` as the pack's index.parquet (no checks at all), plus ``extra`` files."""
-        from p2pz_directions.pack_schema import index_schema
+        from p2pz_directions.packs.pack_schema import index_schema
 
         return self.upload(
             repo_id, {"index.parquet": self._parquet(rows, index_schema()), **(extra or {})}, message="index"

@@ -48,7 +48,7 @@ def client(server):
 
 @pytest.fixture(scope="module")
 def picture(tmp_path_factory) -> Path:
-    from p2pz_directions.demo import demo_image
+    from p2pz_directions.editing.demo import demo_image
 
     p = tmp_path_factory.mktemp("pics") / "cat.png"
     demo_image(64).save(p)
@@ -126,7 +126,7 @@ def test_build_then_edit_with_the_new_direction(client, server, picture):
     )
     assert ref == "mine:tiger->red fox"
     assert "published" in summary and "mine" in summary
-    from p2pz_directions.store import LocalStore
+    from p2pz_directions.core.store import LocalStore
 
     names = {(e.pack, e.name) for e in LocalStore(server.registry).entries()}
     assert ("mine", "red fox") in names and ("mine", "tiger") in names
@@ -247,7 +247,7 @@ def test_option_specs_from_an_options_dataclass():
 
 
 def test_option_specs_fall_back_to_the_run_signature():
-    from p2pz_directions import plugins
+    from p2pz_directions.editing import plugins
 
     cls = plugins.editors()["pix2pix-zero"]
     specs = {s.name: s for s in option_specs(cls)}
@@ -302,7 +302,7 @@ def test_backend_reports_progress_per_phase_and_keeps_one_editor(tmp_path, monke
     monkeypatch.setenv("P2PZ_HOME", str(tmp_path / "demo" / "registry"))
     be = Backend(model, device="cpu", dtype="float32", demo=True, work_dir=tmp_path / "out")
     seen: list[tuple[float, str]] = []
-    from p2pz_directions.demo import demo_image
+    from p2pz_directions.editing.demo import demo_image
 
     out = be.edit(
         demo_image(64), "demo:cat->dog", "diffedit", steps=2, progress=lambda f, d: seen.append((f, d))

@@ -82,7 +82,7 @@ def shots(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def picture(tmp_path_factory) -> Path:
-    from p2pz_directions.demo import demo_image
+    from p2pz_directions.editing.demo import demo_image
 
     p = tmp_path_factory.mktemp("pics") / "cat.png"
     demo_image(64).save(p)

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from p2pz_directions.atomic import atomic_open, atomic_path, write_bytes
-from p2pz_directions.dtypes import UnknownDtypeError, dtype_name, torch_dtype
+from p2pz_directions.core.atomic import atomic_open, atomic_path, write_bytes
+from p2pz_directions.core.dtypes import UnknownDtypeError, dtype_name, torch_dtype
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -53,7 +53,7 @@ def test_no_other_module_builds_its_own_temp_file():
         for i, line in enumerate(p.read_text("utf-8").splitlines(), 1):
             if re.search(r"mkstemp\(|with_name\(f\"\.[^\"]*\.tmp", line):
                 found.append(f"{p.relative_to(REPO)}:{i}: {line.strip()}")
-    assert not found, "use p2pz_directions.atomic:\n" + "\n".join(found)
+    assert not found, "use p2pz_directions.core.atomic:\n" + "\n".join(found)
 
 
 @pytest.mark.parametrize(
@@ -77,10 +77,10 @@ def test_defaults_follow_the_device_and_unknown_names_are_refused():
 
 
 def test_the_callers_share_the_parser():
-    from p2pz_directions.captioners import _resolve_dtype
-    from p2pz_directions.cli_options import UsageError, check_dtype
-    from p2pz_directions.editors import EditorOptionError, parse_dtype
-    from p2pz_directions.encoders import resolve_device_dtype
+    from p2pz_directions.builder.captioners import _resolve_dtype
+    from p2pz_directions.builder.encoders import resolve_device_dtype
+    from p2pz_directions.cli.options import UsageError, check_dtype
+    from p2pz_directions.editing.editors import EditorOptionError, parse_dtype
 
     assert _resolve_dtype("bf16", "cpu") is torch.bfloat16
     assert resolve_device_dtype("cpu", "half") == ("cpu", torch.float16)

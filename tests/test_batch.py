@@ -19,10 +19,10 @@ from p2pz_directions import batch
 from p2pz_directions.batch import jobs as jobs_mod
 from p2pz_directions.batch.results import STATE_DIR, read_journals
 from p2pz_directions.cli import main
-from p2pz_directions.concept import Concept
-from p2pz_directions.editors import EditResult
-from p2pz_directions.models import encoder_for
-from p2pz_directions.store import LocalStore
+from p2pz_directions.core.concept import Concept
+from p2pz_directions.core.store import LocalStore
+from p2pz_directions.editing.editors import EditResult
+from p2pz_directions.editing.models import encoder_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 fake_hub = hub_server.fake_hub  # the fixture
@@ -354,7 +354,7 @@ def test_journal_ignores_a_cut_line(tmp_path):
 
 
 def test_gpus_launches_accelerate_with_the_same_arguments(capsys, monkeypatch, tmp_path):
-    from p2pz_directions import cli_batch
+    from p2pz_directions.cli import batch as cli_batch
 
     picture(tmp_path / "x.png", 0)
     seen = {}

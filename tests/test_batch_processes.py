@@ -18,9 +18,9 @@ from PIL import Image
 
 from p2pz_directions.batch.results import STATE_DIR, read_journals
 from p2pz_directions.cli import main
-from p2pz_directions.concept import Concept
-from p2pz_directions.models import encoder_for
-from p2pz_directions.store import LocalStore
+from p2pz_directions.core.concept import Concept
+from p2pz_directions.core.store import LocalStore
+from p2pz_directions.editing.models import encoder_for
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 

@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from p2pz_directions import Direction, build, directions
-from p2pz_directions.builder import BuildError, BuildResult, build_concept, reencode, run_build
-from p2pz_directions.captioners import DEFAULT_PROMPT, CaptionerError, TemplateCaptioner
-from p2pz_directions.concept import Concept
-from p2pz_directions.encoders import EncoderLoadError, TextEncoder, encode_one_by_one
-from p2pz_directions.errors import AmbiguousNameError, FormatError, InvalidNameError, NotFoundError
-from p2pz_directions.filtering import NotEnoughCaptionsError
-from p2pz_directions.models import encoder_for
-from p2pz_directions.store import LocalStore
+from p2pz_directions.builder.captioners import DEFAULT_PROMPT, CaptionerError, TemplateCaptioner
+from p2pz_directions.builder.encoders import EncoderLoadError, TextEncoder, encode_one_by_one
+from p2pz_directions.builder.filtering import NotEnoughCaptionsError
+from p2pz_directions.builder.pipeline import BuildError, BuildResult, build_concept, reencode, run_build
+from p2pz_directions.core.concept import Concept
+from p2pz_directions.core.errors import AmbiguousNameError, FormatError, InvalidNameError, NotFoundError
+from p2pz_directions.core.store import LocalStore
+from p2pz_directions.editing.models import encoder_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -237,7 +237,7 @@ def test_reencode_for_another_encoder(tiny_sd1, tiny_sd2, monkeypatch):
     def no_caption_model(*a, **k):
         raise AssertionError("reencode must not need a caption model")
 
-    monkeypatch.setattr("p2pz_directions.captioners.FlanT5Captioner.load", no_caption_model)
+    monkeypatch.setattr("p2pz_directions.builder.captioners.FlanT5Captioner.load", no_caption_model)
     c = reencode("cat", model=tiny_sd2)
     assert c.encoder == encoder_for(model=tiny_sd2) and c.embedding.shape == (77, 64)
     assert c.captions == d.source.captions and c.ref == "local:cat@1"
@@ -285,7 +285,7 @@ def test_run_build_timings_and_json(tiny_sd1):
 
 
 def test_run_build_with_a_loaded_encoder_and_recipe_files(tiny_sd1, tmp_path):
-    from p2pz_directions import recipes
+    from p2pz_directions.builder import recipes
 
     te = TextEncoder.from_pretrained(tiny_sd1)
     r = run_build("cat", "dog", text_encoder=te, captioner="templates", n=16, filter_options=FAST)

@@ -8,8 +8,8 @@ from collections import Counter
 import pytest
 import torch
 
-from p2pz_directions import captioners
-from p2pz_directions.captioners import (
+from p2pz_directions.builder import captioners
+from p2pz_directions.builder.captioners import (
     DEFAULT_PROMPT,
     Captioner,
     CaptionerError,
@@ -213,8 +213,8 @@ def test_flan_keep_truncated_for_fixed_length_timing(tiny_t5):
 
 
 def test_captioner_from_a_plugin_hook():
-    from p2pz_directions import plugins
-    from p2pz_directions.hookspecs import hookimpl
+    from p2pz_directions.editing import plugins
+    from p2pz_directions.editing.hookspecs import hookimpl
 
     class Echo:
         name = "echo"

@@ -8,8 +8,8 @@ import pytest
 from rich.console import Console
 
 from p2pz_directions.cli import main
-from p2pz_directions.cli_build import RichProgress
-from p2pz_directions.store import LocalStore
+from p2pz_directions.cli.build import RichProgress
+from p2pz_directions.core.store import LocalStore
 
 FAST = ["--near-duplicates", "off"]
 

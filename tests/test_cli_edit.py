@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 
 from p2pz_directions.cli import main
-from p2pz_directions.concept import Concept
-from p2pz_directions.models import encoder_for
-from p2pz_directions.store import LocalStore
+from p2pz_directions.core.concept import Concept
+from p2pz_directions.core.store import LocalStore
+from p2pz_directions.editing.models import encoder_for
 
 
 def run(capsys, *args):

@@ -8,10 +8,10 @@ import hub_server
 import pytest
 import torch
 
-from p2pz_directions import pack_schema
 from p2pz_directions.cli import main
-from p2pz_directions.concept import Concept, EncoderInfo
-from p2pz_directions.store import default_store
+from p2pz_directions.core.concept import Concept, EncoderInfo
+from p2pz_directions.core.store import default_store
+from p2pz_directions.packs import pack_schema
 
 ENC = EncoderInfo("local/clip-test0123456789ab", 32, "clip")
 fake_hub = hub_server.fake_hub  # the fixture

@@ -10,14 +10,14 @@ import torch
 from PIL import Image
 
 from p2pz_directions.cli import main
-from p2pz_directions.concept import Concept
-from p2pz_directions.models import encoder_for
+from p2pz_directions.core.concept import Concept
+from p2pz_directions.editing.models import encoder_for
 
 
 @pytest.fixture
 def registry(tiny_sd1):
     """The concepts 'cat' and 'dog' for the tiny model's encoder, in this test's registry."""
-    from p2pz_directions.store import default_store
+    from p2pz_directions.core.store import default_store
 
     enc = encoder_for(model=str(tiny_sd1))
     g = torch.Generator().manual_seed(0)

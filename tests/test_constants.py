@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from p2pz_directions import constants
-from p2pz_directions.constants import ConfigError
+from p2pz_directions.core import constants
+from p2pz_directions.core.constants import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 SOURCES = ["p2pz_directions", "plugins", "registry", "space"]
 #: reads of a P2PZ_ variable outside constants.py that are not settings: (file, why)
-NOT_SETTINGS = {"p2pz_directions/demo.py": "saves P2PZ_HOME to restore it after the demo"}
+NOT_SETTINGS = {"p2pz_directions/editing/demo.py": "saves P2PZ_HOME to restore it after the demo"}
 
 
 def _files():
@@ -44,10 +44,10 @@ def test_only_constants_reads_p2pz_variables():
     problems = []
     for f in _files():
         rel = str(f.relative_to(REPO))
-        if rel == "p2pz_directions/constants.py" or rel in NOT_SETTINGS:
+        if rel == "p2pz_directions/core/constants.py" or rel in NOT_SETTINGS:
             continue
         problems += _env_reads(f)
-    assert not problems, "read these through p2pz_directions.constants:\n" + "\n".join(problems)
+    assert not problems, "read these through p2pz_directions.core.constants:\n" + "\n".join(problems)
 
 
 def test_the_check_finds_a_stray_read(tmp_path):
@@ -128,7 +128,7 @@ def test_offline_is_huggingface_hubs_constant(monkeypatch):
 
 def test_constants_imports_nothing_heavy():
     code = (
-        "import sys, p2pz_directions.constants as c; c.home(); c.debug(); "
+        "import sys, p2pz_directions.core.constants as c; c.home(); c.debug(); "
         "heavy = [m for m in ('torch', 'huggingface_hub', 'numpy', 'diffusers', 'transformers') if m in sys.modules]; "
         "print(heavy)"
     )
@@ -143,11 +143,11 @@ def test_the_debug_switch_never_fails(monkeypatch):
 
 
 def test_a_bad_setting_is_one_cli_error_line(monkeypatch, tmp_path):
-    from p2pz_directions.errors import P2PZError
+    from p2pz_directions.core.errors import P2PZError
 
     assert issubclass(ConfigError, P2PZError)  # the CLI prints P2PZError as `error: ...`, exit 1
     monkeypatch.setenv("P2PZ_LOCK_TIMEOUT", "soon")
-    from p2pz_directions.store import LocalStore
+    from p2pz_directions.core.store import LocalStore
 
     with pytest.raises(ConfigError, match="P2PZ_LOCK_TIMEOUT"):
         with LocalStore(tmp_path / "reg").lock():

@@ -32,8 +32,8 @@ import pytest
 import torch
 
 from p2pz_directions import hub
-from p2pz_directions.concept import Concept, EncoderInfo
-from p2pz_directions.store import LocalStore
+from p2pz_directions.core.concept import Concept, EncoderInfo
+from p2pz_directions.core.store import LocalStore
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 fake_hub = hub_server.fake_hub

@@ -8,10 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from p2pz_directions import diagnostics, directions
+from p2pz_directions import directions
+from p2pz_directions.builder import diagnostics
 from p2pz_directions.cli import main
-from p2pz_directions.concept import Concept, EncoderInfo
-from p2pz_directions.store import LocalStore
+from p2pz_directions.core.concept import Concept, EncoderInfo
+from p2pz_directions.core.store import LocalStore
 
 ENC = EncoderInfo("local/clip-test0123456789ab", 32, "clip")
 OTHER = EncoderInfo("local/clip-other123456789a", 32, "clip")

@@ -13,11 +13,11 @@ import torch
 from PIL import Image
 
 from p2pz_directions import editors
-from p2pz_directions.concept import Concept, Direction
-from p2pz_directions.editors import EditorOptionError
-from p2pz_directions.errors import EncoderMismatchError, P2PZError
-from p2pz_directions.images import ImageError
-from p2pz_directions.models import encoder_for
+from p2pz_directions.core.concept import Concept, Direction
+from p2pz_directions.core.errors import EncoderMismatchError, P2PZError
+from p2pz_directions.editing.editors import EditorOptionError
+from p2pz_directions.editing.images import ImageError
+from p2pz_directions.editing.models import encoder_for
 
 TOL = 1e-4
 STEPS = 6
@@ -281,7 +281,7 @@ def test_mask_only_reuse_latents_and_several_images(sd1):
 
 
 def test_direction_by_name_resolves_through_the_store(sd1):
-    from p2pz_directions.store import default_store
+    from p2pz_directions.core.store import default_store
 
     path, ed, d = sd1
     store = default_store()
@@ -298,7 +298,7 @@ def test_direction_by_name_resolves_through_the_store(sd1):
 def test_plugin_is_discovered_through_the_entry_point_group():
     from p2pz_plugins.diffedit import DiffEditEditor
 
-    from p2pz_directions import plugins
+    from p2pz_directions.editing import plugins
 
     assert "diffedit" in editors.available()
     assert plugins.editors()["diffedit"] is DiffEditEditor

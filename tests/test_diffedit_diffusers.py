@@ -20,7 +20,7 @@ from diffusers_dummies import SCHED_ARGS, floats_tensor, frozen, random_directio
 from PIL import Image
 
 from p2pz_directions import editors
-from p2pz_directions.concept import Direction, EncoderInfo
+from p2pz_directions.core.concept import Direction, EncoderInfo
 
 TOL = 1e-4
 pytestmark = [
@@ -338,7 +338,7 @@ def test_output_types(tokenizer, output_type):
 def test_unsupported_scheduler_is_refused_by_name(tokenizer):
     from diffusers import EulerDiscreteScheduler
 
-    from p2pz_directions.errors import P2PZError
+    from p2pz_directions.core.errors import P2PZError
 
     pipe = make_pipe(dummy_components(tokenizer), scheduler=EulerDiscreteScheduler(**SCHED_ARGS))
     with pytest.raises(P2PZError, match="DDIMScheduler") as e:

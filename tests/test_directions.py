@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from p2pz_directions import directions
-from p2pz_directions.concept import Concept, Direction, EncoderInfo
-from p2pz_directions.errors import AmbiguousNameError, EncoderMismatchError, NotFoundError
-from p2pz_directions.legacy import import_pt
-from p2pz_directions.store import LocalStore
+from p2pz_directions.core.concept import Concept, Direction, EncoderInfo
+from p2pz_directions.core.errors import AmbiguousNameError, EncoderMismatchError, NotFoundError
+from p2pz_directions.core.store import LocalStore
+from p2pz_directions.packs.legacy import import_pt
 
 CLIP_L = "openai/clip-vit-large-patch14"
 ENC = EncoderInfo("test/enc-a", 16, "test")

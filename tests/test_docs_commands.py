@@ -19,9 +19,9 @@ import torch
 from PIL import Image
 
 from p2pz_directions.cli import main
-from p2pz_directions.concept import Concept
-from p2pz_directions.models import encoder_for
-from p2pz_directions.store import LocalStore
+from p2pz_directions.core.concept import Concept
+from p2pz_directions.core.store import LocalStore
+from p2pz_directions.editing.models import encoder_for
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -110,13 +110,13 @@ def test_the_docs_have_commands():
 
 @pytest.fixture(scope="module")
 def demo_model(tmp_path_factory) -> Path:
-    from p2pz_directions.demo import DEMO_CONFIG, make_tiny_sd
+    from p2pz_directions.editing.demo import DEMO_CONFIG, make_tiny_sd
 
     return make_tiny_sd(tmp_path_factory.mktemp("docs-demo-model"), DEMO_CONFIG)
 
 
 def _workdir(path: Path) -> None:
-    from p2pz_directions.demo import demo_image
+    from p2pz_directions.editing.demo import demo_image
 
     for name in ("cat.png", "fruits.png", "photo.png"):
         demo_image(64).save(path / name)

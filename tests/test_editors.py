@@ -13,12 +13,14 @@ import pytest
 import torch
 from PIL import Image
 
-from p2pz_directions import editors, plugins
-from p2pz_directions.concept import Concept, Direction, EncoderInfo
-from p2pz_directions.editors import Editor, EditorError, EditorOptionError, EditResult, parse_dtype
-from p2pz_directions.errors import EncoderMismatchError, NotFoundError
-from p2pz_directions.hookspecs import hookimpl
-from p2pz_directions.images import (
+from p2pz_directions import editors
+from p2pz_directions.core.concept import Concept, Direction, EncoderInfo
+from p2pz_directions.core.errors import EncoderMismatchError, NotFoundError
+from p2pz_directions.core.store import LocalStore
+from p2pz_directions.editing import plugins
+from p2pz_directions.editing.editors import Editor, EditorError, EditorOptionError, EditResult, parse_dtype
+from p2pz_directions.editing.hookspecs import hookimpl
+from p2pz_directions.editing.images import (
     ImageError,
     ImageResizedWarning,
     fit_to_multiple,
@@ -26,8 +28,7 @@ from p2pz_directions.images import (
     prepare_image,
     side_by_side,
 )
-from p2pz_directions.models import encoder_for
-from p2pz_directions.store import LocalStore
+from p2pz_directions.editing.models import encoder_for
 
 
 def publish_pair(folder, names=("cat", "dog"), pack="local", seed=0) -> Direction:

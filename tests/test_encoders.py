@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from p2pz_directions.encoders import EncoderLoadError, TextEncoder, encode_one_by_one, load_tokenizer
-from p2pz_directions.models import encoder_for
+from p2pz_directions.builder.encoders import EncoderLoadError, TextEncoder, encode_one_by_one, load_tokenizer
+from p2pz_directions.editing.models import encoder_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

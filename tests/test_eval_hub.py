@@ -9,10 +9,11 @@ import hub_server
 import pytest
 import torch
 
-from p2pz_directions import directions, hub, records
-from p2pz_directions.concept import Concept, EncoderInfo
-from p2pz_directions.errors import IntegrityError
-from p2pz_directions.store import LocalStore
+from p2pz_directions import directions, hub
+from p2pz_directions.core import records
+from p2pz_directions.core.concept import Concept, EncoderInfo
+from p2pz_directions.core.errors import IntegrityError
+from p2pz_directions.core.store import LocalStore
 
 ENC = EncoderInfo("local/clip-test0123456789ab", 32, "clip")
 REPO = "alice/pack"

@@ -11,15 +11,16 @@ import pytest
 import torch
 from PIL import Image
 
-from p2pz_directions import directions, editors, records
+from p2pz_directions import directions, editors
 from p2pz_directions.cli import main
-from p2pz_directions.concept import Concept
-from p2pz_directions.editors import Editor, EditResult
-from p2pz_directions.errors import NotFoundError
+from p2pz_directions.core import records
+from p2pz_directions.core.concept import Concept
+from p2pz_directions.core.errors import NotFoundError
+from p2pz_directions.core.store import LocalStore
+from p2pz_directions.editing.editors import Editor, EditResult
+from p2pz_directions.editing.models import encoder_for
 from p2pz_directions.eval import EvalError, ScorerModelError, evaluate
 from p2pz_directions.eval.tiny import make_tiny_clip, make_tiny_dino
-from p2pz_directions.models import encoder_for
-from p2pz_directions.store import LocalStore
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FAST = {"num_inference_steps": 2, "prompt": "a cat"}

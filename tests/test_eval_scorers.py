@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from p2pz_directions import plugins
+from p2pz_directions.editing import plugins
+from p2pz_directions.editing.hookspecs import hookimpl
 from p2pz_directions.eval import builtin, scorers
 from p2pz_directions.eval.scorers import ScorerError, ScorerModelError
 from p2pz_directions.eval.tiny import make_tiny_clip, make_tiny_dino
-from p2pz_directions.hookspecs import hookimpl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from p2pz_directions.filtering import (
+from p2pz_directions.builder.filtering import (
     CaptionFilter,
     FilterReport,
     clean_caption,

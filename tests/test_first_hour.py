@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 
 from p2pz_directions.cli import main
-from p2pz_directions.cli_options import cli_syntax, parse_opts
-from p2pz_directions.concept import Concept
-from p2pz_directions.models import CLIP_L, encoder_for
-from p2pz_directions.store import LocalStore
+from p2pz_directions.cli.options import cli_syntax, parse_opts
+from p2pz_directions.core.concept import Concept
+from p2pz_directions.core.store import LocalStore
+from p2pz_directions.editing.models import CLIP_L, encoder_for
 
 REPO = Path(__file__).resolve().parent.parent
 HEAVY = ("torch", "transformers", "diffusers")
@@ -154,7 +154,7 @@ def test_show_without_torch_matches_the_torch_path(capsys, clip_cat_dog):
     ],
 )
 def test_mistakes_are_one_line_before_model_work(capsys, cat_dog, photo, tmp_path, args, needle, monkeypatch):
-    import p2pz_directions.editors as editors_mod
+    import p2pz_directions.editing.editors as editors_mod
 
     def no_loading(*a, **k):
         raise AssertionError("model weights were loaded for a bad command line")
@@ -212,7 +212,7 @@ def test_opt_values_typed_from_the_editor(cat_dog):
 
 # --- offline: said at once, with the flag to pass --------------------------------------------------
 def test_offline_without_prompt_says_pass_prompt_at_once(capsys, cat_dog, photo, monkeypatch):
-    from p2pz_directions import cli_options
+    from p2pz_directions.cli import options as cli_options
 
     if cli_options.in_hf_cache("Salesforce/blip-image-captioning-base", "config.json"):
         pytest.skip("BLIP is in this machine's Hugging Face cache: captioning would work offline")
@@ -237,7 +237,7 @@ def test_direction_for_another_encoder_is_an_encoder_mismatch(capsys, tiny_sd1, 
     assert "exists only for text encoder openai/clip-vit-large-patch14" in err and "Did you mean" not in err
     assert "p2pz reencode cat --model" in err
     from p2pz_directions import directions
-    from p2pz_directions.errors import EncoderMismatchError
+    from p2pz_directions.core.errors import EncoderMismatchError
 
     with pytest.raises(EncoderMismatchError):
         directions.load("cat->dog", model=str(tiny_sd1))
@@ -294,7 +294,7 @@ def test_edit_several_images_into_a_folder_with_two_directions(capsys, cat_dog, 
 # --- the demo model: SD-shaped ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def sd_shaped(tmp_path_factory):
-    from p2pz_directions.demo import make_tiny_sd
+    from p2pz_directions.editing.demo import make_tiny_sd
 
     return make_tiny_sd(tmp_path_factory.mktemp("tiny-8x"), "sd1-8x")
 
@@ -341,7 +341,7 @@ def test_editor_that_takes_lists_gets_one_call(capsys, cat_dog, tmp_path, monkey
     import dataclasses
 
     from p2pz_directions import editors
-    from p2pz_directions.editors import Editor, EditResult
+    from p2pz_directions.editing.editors import Editor, EditResult
 
     @dataclasses.dataclass(frozen=True)
     class Opts:

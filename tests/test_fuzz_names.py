@@ -20,10 +20,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from p2pz_directions import naming, pack_schema
-from p2pz_directions.concept import Concept, EncoderInfo
-from p2pz_directions.errors import IntegrityError, InvalidNameError
-from p2pz_directions.format import META_FILE, read_manifest, write_concept_dir
+from p2pz_directions.core import naming
+from p2pz_directions.core.concept import Concept, EncoderInfo
+from p2pz_directions.core.errors import IntegrityError, InvalidNameError
+from p2pz_directions.core.format import META_FILE, read_manifest, write_concept_dir
+from p2pz_directions.packs import pack_schema
 
 ENC = EncoderInfo("test/fuzz", 4, "test", max_length=2)
 NAMES = st.text(

@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 
 from p2pz_directions import directions, editors
-from p2pz_directions.concept import Concept, Direction
-from p2pz_directions.errors import EncoderMismatchError, FormatError
-from p2pz_directions.models import encoder_for
-from p2pz_directions.store import LocalStore
+from p2pz_directions.core.concept import Concept, Direction
+from p2pz_directions.core.errors import EncoderMismatchError, FormatError
+from p2pz_directions.core.store import LocalStore
+from p2pz_directions.editing.models import encoder_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -19,16 +19,18 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from p2pz_directions import cli, directions, hub, naming, pack_schema
-from p2pz_directions.concept import Concept, EncoderInfo
-from p2pz_directions.errors import (
+from p2pz_directions import cli, directions, hub
+from p2pz_directions.core import naming
+from p2pz_directions.core.concept import Concept, EncoderInfo
+from p2pz_directions.core.errors import (
     AmbiguousNameError,
     ImmutableVersionError,
     IntegrityError,
     InvalidNameError,
     NotFoundError,
 )
-from p2pz_directions.store import LocalStore, PackClashError
+from p2pz_directions.core.store import LocalStore, PackClashError
+from p2pz_directions.packs import pack_schema
 
 ENC = EncoderInfo("local/clip-test0123456789ab", 8, "clip", max_length=4)
 REPO = "alice/pack"

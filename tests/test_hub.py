@@ -13,15 +13,16 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from p2pz_directions import directions, hub, pack_schema
-from p2pz_directions.concept import Concept, EncoderInfo
-from p2pz_directions.errors import (
+from p2pz_directions import directions, hub
+from p2pz_directions.core.concept import Concept, EncoderInfo
+from p2pz_directions.core.errors import (
     AmbiguousNameError,
     ImmutableVersionError,
     IntegrityError,
     NotFoundError,
 )
-from p2pz_directions.store import LocalStore
+from p2pz_directions.core.store import LocalStore
+from p2pz_directions.packs import pack_schema
 
 ENC = EncoderInfo("local/clip-test0123456789ab", 32, "clip")
 REPO = "alice/pack"

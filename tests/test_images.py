@@ -10,7 +10,7 @@ import torch
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image, ImageOps
 
-from p2pz_directions.images import (
+from p2pz_directions.editing.images import (
     ImageError,
     ImageResizedWarning,
     fit_to_multiple,

@@ -23,10 +23,10 @@ import torch
 from PIL import Image
 
 from p2pz_directions import editors
-from p2pz_directions.concept import Concept, Direction
-from p2pz_directions.editors import EditorOptionError
-from p2pz_directions.errors import EncoderMismatchError
-from p2pz_directions.models import encoder_for
+from p2pz_directions.core.concept import Concept, Direction
+from p2pz_directions.core.errors import EncoderMismatchError
+from p2pz_directions.editing.editors import EditorOptionError
+from p2pz_directions.editing.models import encoder_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -50,7 +50,7 @@ def make_deep_sd(path, config: str):
     """A tiny SD folder whose UNet has 3 levels (cross-attention at 1/2 and 1/4 of the latents)."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-    from p2pz_directions.demo import make_components, make_tokenizer
+    from p2pz_directions.editing.demo import make_components, make_tokenizer
 
     comps = make_components(config)
     sd2 = config == "sd2"
@@ -376,7 +376,7 @@ def test_callback_on_step_end_equals_diffusers(tiny_sd2):
 
 def test_cli_edit_with_per_direction_opt_and_one_line_errors(capsys, tiny_sd1, tmp_path):
     from p2pz_directions.cli import main
-    from p2pz_directions.store import LocalStore
+    from p2pz_directions.core.store import LocalStore
 
     enc = encoder_for(model=str(tiny_sd1))
     g = torch.Generator().manual_seed(0)

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from p2pz_directions import directions
-from p2pz_directions.errors import FormatError, UnsafeFileError
-from p2pz_directions.legacy import DownloadError, import_pt
-from p2pz_directions.store import LocalStore
+from p2pz_directions.core.errors import FormatError, UnsafeFileError
+from p2pz_directions.core.store import LocalStore
+from p2pz_directions.packs.legacy import DownloadError, import_pt
 
 CLIP_L = "openai/clip-vit-large-patch14"
 MARKER = "p2pz-pwned-marker"
@@ -280,7 +280,7 @@ def test_a_body_longer_than_it_said_is_cut_at_the_bound(monkeypatch, online):
 
 
 def test_a_bad_setting_is_a_clear_error(monkeypatch, online):
-    from p2pz_directions.constants import ConfigError
+    from p2pz_directions.core.constants import ConfigError
 
     monkeypatch.setenv("P2PZ_DOWNLOAD_DEADLINE", "soon")
     with pytest.raises(ConfigError, match="P2PZ_DOWNLOAD_DEADLINE='soon' is not a number"):

@@ -10,8 +10,8 @@ import hub_server
 import pytest
 
 from p2pz_directions import directions, editors
-from p2pz_directions.errors import EncoderMismatchError, FormatError
-from p2pz_directions.models import CLIP_L, KNOWN_MODELS, OPENCLIP_H, EncoderLoadError, encoder_for
+from p2pz_directions.core.errors import EncoderMismatchError, FormatError
+from p2pz_directions.editing.models import CLIP_L, KNOWN_MODELS, OPENCLIP_H, EncoderLoadError, encoder_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 fake_hub = hub_server.fake_hub

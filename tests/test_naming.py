@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from p2pz_directions import naming
-from p2pz_directions.errors import InvalidNameError
+from p2pz_directions.core import naming
+from p2pz_directions.core.errors import InvalidNameError
 
 WORD = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789_", min_size=1, max_size=12)
 CONCEPT = st.lists(WORD, min_size=1, max_size=4).map(" ".join)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from p2pz_directions import pack_schema
+from p2pz_directions.packs import pack_schema
 
 ENC = "local/clip-test0123456789ab"
 

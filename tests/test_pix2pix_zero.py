@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 
 from p2pz_directions import editors
-from p2pz_directions.concept import Concept, Direction
-from p2pz_directions.editors import EditorError, EditorOptionError
-from p2pz_directions.models import encoder_for
-from p2pz_directions.store import LocalStore
+from p2pz_directions.core.concept import Concept, Direction
+from p2pz_directions.core.store import LocalStore
+from p2pz_directions.editing.editors import EditorError, EditorOptionError
+from p2pz_directions.editing.models import encoder_for
 
 TOL = 1e-4
 STEPS = 2

@@ -20,8 +20,8 @@ from diffusers_dummies import dummy_components, random_direction
 
 from p2pz_directions import editors
 from p2pz_directions import sampling as S
-from p2pz_directions.concept import Direction, EncoderInfo
-from p2pz_directions.editors import EditorOptionError
+from p2pz_directions.core.concept import Direction, EncoderInfo
+from p2pz_directions.editing.editors import EditorOptionError
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore::FutureWarning")]
 TOL = 1e-4

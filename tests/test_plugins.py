@@ -7,9 +7,10 @@ import textwrap
 import pytest
 
 import p2pz_directions
-from p2pz_directions import editors, plugins
-from p2pz_directions.editors import Editor, EditResult
-from p2pz_directions.hookspecs import ENTRY_POINT_GROUP, hookimpl
+from p2pz_directions import editors
+from p2pz_directions.editing import plugins
+from p2pz_directions.editing.editors import Editor, EditResult
+from p2pz_directions.editing.hookspecs import ENTRY_POINT_GROUP, hookimpl
 
 
 @pytest.fixture(autouse=True)
@@ -31,8 +32,8 @@ def _fake_distribution(root, name: str, entry_points: dict[str, str], modules: d
 
 
 GOOD = """
-from p2pz_directions.editors import Editor, EditResult
-from p2pz_directions.hookspecs import hookimpl
+from p2pz_directions.editing.editors import Editor, EditResult
+from p2pz_directions.editing.hookspecs import hookimpl
 
 class Echo(Editor):
     name = "echo"
@@ -46,7 +47,7 @@ def p2pz_register_editors():
 """
 
 RAISING = """
-from p2pz_directions.hookspecs import hookimpl
+from p2pz_directions.editing.hookspecs import hookimpl
 
 @hookimpl
 def p2pz_register_editors():

@@ -7,10 +7,11 @@ import json
 import pytest
 import torch
 
-from p2pz_directions import directions, records
-from p2pz_directions.concept import Concept, Direction, EncoderInfo
-from p2pz_directions.errors import FormatError, IntegrityError, NotFoundError
-from p2pz_directions.store import LocalStore
+from p2pz_directions import directions
+from p2pz_directions.core import records
+from p2pz_directions.core.concept import Concept, Direction, EncoderInfo
+from p2pz_directions.core.errors import FormatError, IntegrityError, NotFoundError
+from p2pz_directions.core.store import LocalStore
 
 ENC = EncoderInfo("local/clip-test0123456789ab", 32, "clip")
 

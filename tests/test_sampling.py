@@ -12,7 +12,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
-    from p2pz_directions.demo import make_components, make_tokenizer
+    from p2pz_directions.editing.demo import make_components, make_tokenizer
 
     comps = make_components("sd1")
     comps["tokenizer"] = make_tokenizer(tmp_path_factory.mktemp("tok"))

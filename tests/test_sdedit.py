@@ -8,10 +8,10 @@ import torch
 from PIL import Image
 
 from p2pz_directions import editors
-from p2pz_directions.concept import Concept, Direction
-from p2pz_directions.editors import EditorOptionError
-from p2pz_directions.errors import P2PZError
-from p2pz_directions.models import encoder_for
+from p2pz_directions.core.concept import Concept, Direction
+from p2pz_directions.core.errors import P2PZError
+from p2pz_directions.editing.editors import EditorOptionError
+from p2pz_directions.editing.models import encoder_for
 
 TOL = 1e-4
 STEPS = 8
@@ -210,7 +210,7 @@ def test_callbacks_see_and_replace_latents(tiny_sd1):
 def test_plugin_is_discovered():
     from p2pz_plugins.sdedit import SDEditEditor
 
-    from p2pz_directions import plugins
+    from p2pz_directions.editing import plugins
 
     assert {"diffedit", "sdedit"} <= set(editors.available())
     assert plugins.editors()["sdedit"] is SDEditEditor

@@ -20,7 +20,7 @@ import torch
 from diffusers_dummies import floats_tensor, frozen, random_direction
 
 from p2pz_directions import editors
-from p2pz_directions.concept import Direction, EncoderInfo
+from p2pz_directions.core.concept import Direction, EncoderInfo
 
 TOL = 1e-4
 pytestmark = [
@@ -275,7 +275,7 @@ def test_interrupt(tokenizer):
 def test_unsupported_scheduler_is_refused_by_name(tokenizer):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from p2pz_directions.errors import P2PZError
+    from p2pz_directions.core.errors import P2PZError
 
     pipe = make_pipe(dummy_components(tokenizer), scheduler=FlowMatchEulerDiscreteScheduler())
     ed = editors.get("sdedit", pipe=pipe, device="cpu", dtype=torch.float32)

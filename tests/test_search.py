@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from p2pz_directions import directions, hub, minilm, search
-from p2pz_directions.concept import Concept, EncoderInfo
-from p2pz_directions.errors import NotFoundError
-from p2pz_directions.store import LocalStore
+from p2pz_directions import directions, hub, search
+from p2pz_directions.builder import minilm
+from p2pz_directions.core.concept import Concept, EncoderInfo
+from p2pz_directions.core.errors import NotFoundError
+from p2pz_directions.core.store import LocalStore
 
 ENC = EncoderInfo("local/clip-test0123456789ab", 32, "clip")
 fake_hub = hub_server.fake_hub  # the fixture

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from p2pz_directions import directions
-from p2pz_directions.concept import Concept, EncoderInfo
-from p2pz_directions.errors import FormatError, ImmutableVersionError, IntegrityError, NotFoundError
-from p2pz_directions.format import META_FILE, TENSOR_FILE
-from p2pz_directions.store import LocalStore
+from p2pz_directions.core.concept import Concept, EncoderInfo
+from p2pz_directions.core.errors import FormatError, ImmutableVersionError, IntegrityError, NotFoundError
+from p2pz_directions.core.format import META_FILE, TENSOR_FILE
+from p2pz_directions.core.store import LocalStore
 
 ENC = EncoderInfo("test/enc-a", 16, "test")
 ENC_B = EncoderInfo("test/enc-b", 16, "test")
@@ -116,7 +116,7 @@ def test_truncated_or_edited_metadata_is_caught():
 
 def test_crash_mid_write_leaves_no_visible_version(monkeypatch):
     store = LocalStore()
-    import p2pz_directions.store as store_mod
+    import p2pz_directions.core.store as store_mod
 
     def boom(src, dst):
         raise KeyboardInterrupt("simulated crash at the commit point")
@@ -134,7 +134,7 @@ def test_crash_mid_write_leaves_no_visible_version(monkeypatch):
 def test_crash_after_the_commit_point_is_rolled_forward_on_open(monkeypatch):
     store = LocalStore()
     store.publish(concept("bird", 9))
-    import p2pz_directions.store as store_mod
+    import p2pz_directions.core.store as store_mod
 
     real = os.replace
     calls = []
@@ -185,7 +185,7 @@ def test_two_processes_publishing_at_once_both_succeed(tmp_path):
 def test_lock_timeout_gives_clear_error(tmp_path):
     from filelock import FileLock
 
-    from p2pz_directions.errors import StoreLockedError
+    from p2pz_directions.core.errors import StoreLockedError
 
     store = LocalStore(tmp_path / "s")
     store.root.mkdir(parents=True)
@@ -202,7 +202,7 @@ def test_lock_timeout_gives_clear_error(tmp_path):
 
 
 def _locked_try(root, q):
-    from p2pz_directions.errors import StoreLockedError
+    from p2pz_directions.core.errors import StoreLockedError
 
     try:
         with LocalStore(root).lock(timeout=0.2):
@@ -229,7 +229,7 @@ def test_unknown_pack_lists_installed():
 
 def test_env_home_is_honoured(tmp_path, monkeypatch):
     monkeypatch.setenv("P2PZ_HOME", str(tmp_path / "elsewhere"))
-    from p2pz_directions.store import default_store
+    from p2pz_directions.core.store import default_store
 
     assert default_store().root == tmp_path / "elsewhere"
     assert os.fspath(LocalStore().root) == os.fspath(tmp_path / "elsewhere")
@@ -294,7 +294,7 @@ def test_cli_verify_exits_1_and_list_skips_the_damaged_version(capsys):
 
 # -- the writer refuses what the reader would refuse, before writing anything ------------------------
 def test_writes_the_reader_would_refuse_are_refused_first():
-    from p2pz_directions.format import MAX_CAPTIONS
+    from p2pz_directions.core.format import MAX_CAPTIONS
 
     store = LocalStore()
     too_many = concept("cat", 0, captions=[f"c{i}" for i in range(MAX_CAPTIONS + 1)])
@@ -355,7 +355,7 @@ def test_a_damaged_pack_json_or_history_is_reported_by_verify_and_listing_goes_o
 
 
 def test_store_layout_is_the_hub_layout_and_old_folders_still_read(tmp_path):
-    from p2pz_directions.pack_schema import concept_dir
+    from p2pz_directions.packs.pack_schema import concept_dir
 
     store = LocalStore(tmp_path)
     hat = store.publish(concept("cat wearing a hat", 0), pack="mine")

@@ -1,7 +1,7 @@
 """Tiny random-weight Stable Diffusion models for the tests, built offline and saved like a real
 model folder (diffusers' ``get_dummy_components()`` style).
 
-The builders live in the package (`p2pz_directions.demo`), since ``p2pz demo`` needs them on a
+The builders live in the package (`p2pz_directions.editing.demo`), since ``p2pz demo`` needs them on a
 fresh install too; the tests import them from here.
 
 Configs:
@@ -10,6 +10,6 @@ Configs:
   (stands in for OpenCLIP ViT-H/14)
 """
 
-from p2pz_directions.demo import make_components, make_text_encoder, make_tiny_sd, make_tokenizer
+from p2pz_directions.editing.demo import make_components, make_text_encoder, make_tiny_sd, make_tokenizer
 
 __all__ = ["make_components", "make_text_encoder", "make_tiny_sd", "make_tokenizer"]

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..errors import P2PZError
+from p2pz_directions.core.errors import P2PZError
 
 __all__ = ["INSTALL_HINT", "DEMO_PACK", "create_app", "launch", "prepare_demo", "require_gradio"]
 
@@ -47,9 +47,9 @@ def prepare_demo(folder: str | os.PathLike = "p2pz-app-demo", *, n_captions: int
     Sets ``P2PZ_HOME`` to ``folder/registry`` for this process, so the app's registry is the
     demo's own (your registry is not touched). Reuses what an earlier run made.
     """
-    from ..builder import build
-    from ..demo import make_tiny_sd
-    from ..store import LocalStore
+    from p2pz_directions.builder.pipeline import build
+    from p2pz_directions.core.store import LocalStore
+    from p2pz_directions.editing.demo import make_tiny_sd
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -88,8 +88,8 @@ def create_app(
     ``demo=True`` uses the tiny random-weight model made by `prepare_demo` (CPU, float32, few steps).
     """
     require_gradio()
-    from .backend import Backend
-    from .page import build_page
+    from p2pz_directions.app.backend import Backend
+    from p2pz_directions.app.page import build_page
 
     if demo:
         model = prepare_demo(demo_dir)

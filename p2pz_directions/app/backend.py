@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import EncoderMismatchError, NotFoundError, P2PZError
+from p2pz_directions.core.errors import EncoderMismatchError, NotFoundError, P2PZError
 
 __all__ = [
     "AppInputError",
@@ -294,18 +294,18 @@ class EditorPool:
         self.lock = threading.RLock()
 
     def names(self) -> list[str]:
-        from .. import editors
+        from p2pz_directions import editors
 
         return editors.available()
 
     def factory(self, name: str) -> Any:
-        from .. import plugins
+        from p2pz_directions.editing import plugins
 
         return plugins.editors().get(name)
 
     def get(self, name: str) -> Any:
         """The warm editor ``name`` (created on first use; unknown names raise `NotFoundError`)."""
-        from .. import editors
+        from p2pz_directions import editors
 
         key = (self.model, name)
         with self._guard:
@@ -348,7 +348,7 @@ def mask_overlay(image: Any, mask: Any, color: tuple[int, int, int] = (255, 40, 
 def _as_pil(x: Any):
     if x is None or hasattr(x, "save"):
         return x
-    from ..images import load_image
+    from p2pz_directions.editing.images import load_image
 
     try:
         return load_image(x)
@@ -424,7 +424,7 @@ class Backend:
     # -- registry ------------------------------------------------------------------------------
     @property
     def store(self):
-        from ..store import default_store
+        from p2pz_directions.core.store import default_store
 
         return self._store or default_store()
 
@@ -440,7 +440,7 @@ class Backend:
 
     def directions(self) -> list[str]:
         """Directions ``a->b`` available for this model's text encoder."""
-        from .. import directions
+        from p2pz_directions import directions
 
         return directions.list("*", encoder=self.encoder_info.id, store=self.store)
 
@@ -472,7 +472,7 @@ class Backend:
 
     def concept_detail(self, ref: str) -> str:
         """Markdown about one concept (``pack:name``, any encoder): versions, encoder, captions, hash."""
-        from .. import naming
+        from p2pz_directions.core import naming
 
         ref = (ref or "").strip()
         if not ref:
@@ -501,7 +501,7 @@ class Backend:
 
     def search(self, query: str, k: int = 8) -> list[tuple[str, str]]:
         """Directions and concepts by meaning: ``[(label, value)]``; value is a direction name to pick."""
-        from .. import search
+        from p2pz_directions import search
 
         query = " ".join(str(query or "").split())
         if not query:
@@ -521,7 +521,7 @@ class Backend:
     # -- editing -------------------------------------------------------------------------------
     def resolve(self, direction: str, editor: Any) -> Any:
         """The `Direction` for this model, or an error saying which encoder it was built for."""
-        from .. import directions
+        from p2pz_directions import directions
 
         if not isinstance(direction, str) or not direction.strip():
             raise AppInputError("pick a direction (e.g. cat->dog), or search for one by meaning")
@@ -651,7 +651,7 @@ class Backend:
     def text_encoder(self):
         """The model's text encoder for builds, loaded once."""
         if self._text_encoder is None:
-            from ..encoders import TextEncoder
+            from p2pz_directions.builder.encoders import TextEncoder
 
             self._text_encoder = TextEncoder.from_pretrained(
                 self.model, device=_device_str(self.device), dtype=self.dtype
@@ -676,8 +676,8 @@ class Backend:
 
         Returns ``(direction reference to pick, markdown summary)``.
         """
-        from .. import naming
-        from ..builder import DEFAULT_FLAN_T5, run_build
+        from p2pz_directions.builder.pipeline import DEFAULT_FLAN_T5, run_build
+        from p2pz_directions.core import naming
 
         source, target = (source or "").strip(), (target or "").strip()
         if not source or not target:
@@ -745,7 +745,7 @@ class Backend:
 
     def pull(self, repo_id: str) -> str:
         """Pull a Hub pack ``owner/name[@revision]`` into the local registry; a summary line."""
-        from .. import hub
+        from p2pz_directions import hub
 
         repo_id = (repo_id or "").strip()
         if not repo_id or "/" not in repo_id:

@@ -18,7 +18,7 @@ from typing import Any
 
 import gradio as gr
 
-from .backend import AppInputError, Backend, OptionSpec, known_options, readable_error
+from p2pz_directions.app.backend import AppInputError, Backend, OptionSpec, known_options, readable_error
 
 __all__ = ["build_page"]
 

@@ -25,9 +25,16 @@ The same from the shell (``p2pz batch --help``)::
 
 from __future__ import annotations
 
-from .jobs import InputImage, Job, JobFileError, collect_inputs, dataset_inputs, make_jobs
-from .results import load_results, push_to_hub
-from .runner import BatchReport, plan_jobs, run, run_jobs
+from p2pz_directions.batch.jobs import (
+    InputImage,
+    Job,
+    JobFileError,
+    collect_inputs,
+    dataset_inputs,
+    make_jobs,
+)
+from p2pz_directions.batch.results import load_results, push_to_hub
+from p2pz_directions.batch.runner import BatchReport, plan_jobs, run, run_jobs
 
 __all__ = [
     "BatchReport",

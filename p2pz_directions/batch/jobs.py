@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import P2PZError
+from p2pz_directions.core.errors import P2PZError
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -208,7 +208,7 @@ def _file_input(path: Path, name: str, overrides: tuple = ()) -> InputImage:
 
 
 def _memory_input(obj: Any, i: int) -> InputImage:
-    from ..images import load_image
+    from p2pz_directions.editing.images import load_image
 
     img = load_image(obj)
     h = hashlib.sha256(f"{img.mode}:{img.size}:".encode() + img.tobytes()).hexdigest()

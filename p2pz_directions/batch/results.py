@@ -26,8 +26,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..atomic import write_bytes
-from ..errors import P2PZError
+from p2pz_directions.core.atomic import write_bytes
+from p2pz_directions.core.errors import P2PZError
 
 __all__ = [
     "COLUMNS",

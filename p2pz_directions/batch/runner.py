@@ -39,9 +39,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import P2PZError, StoreLockedError
-from . import results as res_mod
-from .jobs import InputImage, Job, collect_inputs, dataset_inputs, make_jobs, parse_seeds, parse_sweep
+from p2pz_directions.batch import results as res_mod
+from p2pz_directions.batch.jobs import (
+    InputImage,
+    Job,
+    collect_inputs,
+    dataset_inputs,
+    make_jobs,
+    parse_seeds,
+    parse_sweep,
+)
+from p2pz_directions.core.errors import P2PZError, StoreLockedError
 
 __all__ = ["BatchReport", "run", "run_jobs"]
 
@@ -96,7 +104,7 @@ def load_input(inp: InputImage) -> Any:
     """The input as an RGB PIL image (an `ImageError` naming it when it cannot be read)."""
     from PIL import Image, UnidentifiedImageError
 
-    from ..images import ImageError, load_image, to_rgb
+    from p2pz_directions.editing.images import ImageError, load_image, to_rgb
 
     src = inp.source
     if isinstance(src, (bytes, bytearray)):
@@ -228,7 +236,7 @@ class _Worker:
             if name in self._given:
                 self._editors[key] = self._given[name]
             else:
-                from .. import editors
+                from p2pz_directions import editors
 
                 try:
                     self._editors[key] = editors.get(name, model=model, device=self.device, dtype=self.dtype)
@@ -388,7 +396,7 @@ def run_jobs(
     this with the same plan; each edits its shard; process 0's report holds the merged table."""
     from rich.console import Console
 
-    from ..images import ImageResizedWarning
+    from p2pz_directions.editing.images import ImageResizedWarning
 
     if batch_size < 1:
         raise P2PZError(f"batch size must be at least 1, not {batch_size}")

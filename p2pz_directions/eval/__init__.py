@@ -3,7 +3,7 @@
 The paper's metrics as scorer plugins (CLIP accuracy, DINO structure distance, plus CLIP
 directional similarity and background SSIM), a runner over the editors' public API, mean ± std
 per direction × editor, winners, a grid image, and evaluation records stored with the pack
-(`p2pz_directions.records`). ``p2pz eval`` is the command line of `evaluate`.
+(`p2pz_directions.core.records`). ``p2pz eval`` is the command line of `evaluate`.
 
 >>> from p2pz_directions.eval import evaluate
 >>> res = evaluate("cat->dog", "cats/", editor="pix2pix-zero",

@@ -28,9 +28,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..hookspecs import hookimpl
-from .preprocess import Preprocess, as_pil, model_config, read_preprocessor_config
-from .scorers import Metric, Scorer, ScorerModelError, check_batch
+from p2pz_directions.editing.hookspecs import hookimpl
+from p2pz_directions.eval.preprocess import Preprocess, as_pil, model_config, read_preprocessor_config
+from p2pz_directions.eval.scorers import Metric, Scorer, ScorerModelError, check_batch
 
 CLIP_DEFAULT = "openai/clip-vit-base-patch32"
 DINO_DEFAULT = "facebook/dino-vitb8"

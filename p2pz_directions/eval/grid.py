@@ -11,7 +11,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from .preprocess import as_pil
+from p2pz_directions.eval.preprocess import as_pil
 
 LABEL_H = 18
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .. import constants
+from p2pz_directions.core import constants
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -27,7 +27,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def as_pil(img: Any) -> Image.Image:
     """A PIL RGB image from PIL (any mode), an ``HxWxC`` array (uint8, or float in 0..1) or a
     ``CxHxW`` / ``HxWxC`` tensor in 0..1."""
-    from ..images import to_rgb
+    from p2pz_directions.editing.images import to_rgb
 
     if isinstance(img, Image.Image):
         return to_rgb(img)
@@ -138,7 +138,7 @@ def model_config(model: str, what: str, expected: str, revision: str | None = No
     """The transformers config of ``model``, read before any weights; clear errors for a missing model."""
     from transformers import AutoConfig
 
-    from .scorers import ScorerModelError
+    from p2pz_directions.eval.scorers import ScorerModelError
 
     try:
         return AutoConfig.from_pretrained(model, revision=revision)

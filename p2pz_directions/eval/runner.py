@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import P2PZError
-from . import aggregate
-from .scorers import Scorer
+from p2pz_directions.core.errors import P2PZError
+from p2pz_directions.eval import aggregate
+from p2pz_directions.eval.scorers import Scorer
 
 __all__ = ["EvalError", "EvalResult", "evaluate", "load_image_set", "DEFAULT_SCORERS"]
 
@@ -75,7 +75,7 @@ def load_image_set(images: Any) -> tuple[list[InputImage], str]:
     (over the sorted per-image hashes, so order and file names do not change it)."""
     from PIL import Image
 
-    from ..images import load_image, to_rgb
+    from p2pz_directions.editing.images import load_image, to_rgb
 
     if images is None:
         raise EvalError("no images to evaluate on: give --images FOLDER (or files)")
@@ -238,12 +238,12 @@ def evaluate(
     """
     import torch
 
-    from .. import directions as dirs
-    from .. import editors as editors_mod
-    from .. import records
-    from ..store import default_store
-    from . import scorers as scorers_mod
-    from .grid import make_grid
+    from p2pz_directions import directions as dirs
+    from p2pz_directions import editors as editors_mod
+    from p2pz_directions.core import records
+    from p2pz_directions.core.store import default_store
+    from p2pz_directions.eval import scorers as scorers_mod
+    from p2pz_directions.eval.grid import make_grid
 
     store = store or default_store()
     tick = progress or (lambda *_: None)

@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..errors import NotFoundError, P2PZError
+from p2pz_directions.core.errors import NotFoundError, P2PZError
 
 __all__ = [
     "Metric",
@@ -123,20 +123,20 @@ def check_batch(
 def _ensure_builtin() -> None:
     """Register the built-in scorers in-process when their entry point is not installed (a source
     checkout whose ``pip install -e .`` predates them)."""
-    from .. import plugins
+    from p2pz_directions.editing import plugins
 
     pm = plugins.get_plugin_manager()
     if pm.has_plugin("p2pz-scorers") or any(
         getattr(p, "__name__", "") == "p2pz_directions.eval.builtin" for p in pm.get_plugins()
     ):
         return
-    from . import builtin
+    from p2pz_directions.eval import builtin
 
     plugins.register(builtin, name="p2pz-scorers")
 
 
 def _registry() -> dict[str, Callable[..., Any]]:
-    from .. import plugins
+    from p2pz_directions.editing import plugins
 
     _ensure_builtin()
     return plugins.scorers()

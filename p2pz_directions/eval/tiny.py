@@ -22,7 +22,7 @@ def make_tiny_clip(path: str | os.PathLike, *, image_size: int = 32, hidden: int
     and a CLIP ``preprocessor_config.json``, saved to ``path``."""
     from transformers import CLIPConfig, CLIPModel
 
-    from ..demo import make_tokenizer
+    from p2pz_directions.editing.demo import make_tokenizer
 
     path = Path(path)
     tok = make_tokenizer(path)

@@ -32,9 +32,9 @@ A text-to-image sampler in six lines (docs/plugins.md has a whole editor)::
     image = decode_latents(vae, x, "pil")[0]
 """
 
-from . import ledits  # noqa: F401 - LEDITS++ functions, as sampling.ledits
-from .guidance import cfg, do_cfg, guidance_scale_embedding, rescale_noise_cfg
-from .latents import (
+from p2pz_directions.sampling import ledits  # noqa: F401 - LEDITS++ functions, as sampling.ledits
+from p2pz_directions.sampling.guidance import cfg, do_cfg, guidance_scale_embedding, rescale_noise_cfg
+from p2pz_directions.sampling.latents import (
     decode_latents,
     encode_image,
     epsilon_from_output,
@@ -46,7 +46,7 @@ from .latents import (
     retrieve_latents,
     vae_scale_factor,
 )
-from .loop import (
+from p2pz_directions.sampling.loop import (
     LoopState,
     Predictor,
     StepEndCallback,
@@ -56,7 +56,7 @@ from .loop import (
     invert,
     unet_forward,
 )
-from .pix2pix_zero import (
+from p2pz_directions.sampling.pix2pix_zero import (
     AttentionMaps,
     Regularizer,
     attention_maps,
@@ -73,8 +73,8 @@ from .pix2pix_zero import (
     reference_step,
     regularize_noise_pred,
 )
-from .runner import RUNNER_MODES, UNetRunner
-from .schedulers import (
+from p2pz_directions.sampling.runner import RUNNER_MODES, UNetRunner
+from p2pz_directions.sampling.schedulers import (
     UnsupportedSchedulerError,
     check_scheduler,
     copy_scheduler,
@@ -83,7 +83,7 @@ from .schedulers import (
     is_inverse_scheduler,
     strength_timesteps,
 )
-from .text import encode_prompt, encode_text
+from p2pz_directions.sampling.text import encode_prompt, encode_text
 
 __all__ = [
     "RUNNER_MODES",

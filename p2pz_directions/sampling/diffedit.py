@@ -33,11 +33,11 @@ from typing import Any
 
 import torch
 
-from .guidance import cfg
-from .loop import StepEndCallback, cfg_predictor
-from .pix2pix_zero import regularize_noise_pred
-from .runner import UNetRunner
-from .schedulers import UnsupportedSchedulerError, check_scheduler, copy_scheduler
+from p2pz_directions.sampling.guidance import cfg
+from p2pz_directions.sampling.loop import StepEndCallback, cfg_predictor
+from p2pz_directions.sampling.pix2pix_zero import regularize_noise_pred
+from p2pz_directions.sampling.runner import UNetRunner
+from p2pz_directions.sampling.schedulers import UnsupportedSchedulerError, check_scheduler, copy_scheduler
 
 __all__ = [
     "DIFFEDIT_SCHEDULERS",

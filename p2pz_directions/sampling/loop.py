@@ -24,9 +24,9 @@ from typing import Any, Protocol
 
 import torch
 
-from .guidance import cfg, do_cfg, guidance_scale_embedding
-from .runner import UNetRunner
-from .schedulers import is_inverse_scheduler
+from p2pz_directions.sampling.guidance import cfg, do_cfg, guidance_scale_embedding
+from p2pz_directions.sampling.runner import UNetRunner
+from p2pz_directions.sampling.schedulers import is_inverse_scheduler
 
 __all__ = [
     "LoopState",

@@ -28,10 +28,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .guidance import cfg
-from .latents import epsilon_from_output
-from .loop import Predictor, unet_forward
-from .runner import UNetRunner
+from p2pz_directions.sampling.guidance import cfg
+from p2pz_directions.sampling.latents import epsilon_from_output
+from p2pz_directions.sampling.loop import Predictor, unet_forward
+from p2pz_directions.sampling.runner import UNetRunner
 
 __all__ = [
     "AttentionMaps",

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ..editors import EditorOptionError
+from p2pz_directions.editing.editors import EditorOptionError
 
 __all__ = [
     "UnsupportedSchedulerError",

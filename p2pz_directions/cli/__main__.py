@@ -1,0 +1,7 @@
+"""`python -m p2pz_directions.cli`."""
+
+import sys
+
+from p2pz_directions.cli import main
+
+sys.exit(main())
