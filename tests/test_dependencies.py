@@ -193,3 +193,23 @@ def test_floors_check_reports_versions_other_than_the_floor(tmp_path):
     problems = f.check_installed(constraints)
     assert problems[0].startswith("pytest: floor 0.1, installed ")
     assert problems[1] == "_no-such-distribution: floor 1, not installed"
+
+
+def _commands(script: Path) -> list[str]:
+    """The shell lines of a CI script, comments and blank lines left out."""
+    lines = (line.split(" #")[0].strip() for line in script.read_text().splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def test_ci_runs_the_readme_test_command_and_the_floors():
+    """`.ci/run` runs the README's test command and then `.ci/min-deps`, which runs pytest at the floors;
+    in both, pytest's exit code 5 (no tests collected) is a failure."""
+    readme = (REPO / "README.md").read_text()
+    assert ".venv/bin/python -m pytest -q" in readme
+    run = _commands(REPO / ".ci" / "run")
+    assert ".venv/bin/python -m pytest -q" in run and "bash .ci/min-deps" in run
+    assert run.index("bash .ci/min-deps") > run.index(".venv/bin/python -m pytest -q")
+    min_deps = _commands(REPO / ".ci" / "min-deps")
+    assert any(line.startswith('"$V/bin/python" -m pytest -q') for line in min_deps)
+    for lines in (run, min_deps):
+        assert any('"$rc" -eq 5' in line for line in lines)
