@@ -71,11 +71,15 @@ class RichProgress:
         self.events: list[tuple[str, str, int, int | None]] = []
 
     def __enter__(self) -> RichProgress:
-        self.progress.__enter__()
+        # a disabled rich Progress still writes an empty line when it stops (rich < 14.3, output not a
+        # terminal), which would come before a one-line error: start one only when it draws
+        if self.enabled:
+            self.progress.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.progress.__exit__(*exc)
+        if self.enabled:
+            self.progress.__exit__(*exc)
 
     def __call__(self, stage: str, concept: str, done: int, total: int | None) -> None:
         self.events.append((stage, concept, done, total))

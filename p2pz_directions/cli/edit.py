@@ -70,11 +70,15 @@ class PhaseProgress:
         self.tasks: dict[str, Any] = {}
 
     def __enter__(self) -> PhaseProgress:
-        self.progress.__enter__()
+        # a disabled rich Progress still writes an empty line when it stops (rich < 14.3, output not a
+        # terminal), which would come before a one-line error: start one only when it draws
+        if self.enabled:
+            self.progress.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.progress.__exit__(*exc)
+        if self.enabled:
+            self.progress.__exit__(*exc)
 
     def __call__(self, phase: str, step: int, total: int) -> None:
         if phase not in self.tasks:

@@ -55,6 +55,7 @@ class _Bars:
             console=err,
             disable=not enabled,
         )
+        self.enabled = enabled
         self.tasks: dict[str, Any] = {}
         self.started = False
 
@@ -68,7 +69,9 @@ class _Bars:
     def __call__(self, phase: str, done: int, total: int) -> None:
         if phase == "load":
             return
-        if not self.started:  # drawn once the checks passed and work begins
+        # drawn once the checks passed and work begins; never started when disabled: a disabled rich
+        # Progress still writes an empty line when it stops (rich < 14.3, output not a terminal)
+        if not self.started and self.enabled:
             self.p.__enter__()
             self.started = True
         if phase not in self.tasks:
