@@ -386,3 +386,27 @@ def test_attention_maps_record_and_guide(parts):
         assert float(maps.loss) > 0 and not torch.allclose(moved, x)
     assert n_layers == sum("attn2" in k for k in before) and maps.buffers[0].shape[0] == 2
     assert {k: type(v) for k, v in unet.attn_processors.items()} == before
+
+
+def test_compile_cache_dir_is_under_p2pz_home_unless_inductor_is_told(monkeypatch, tmp_path):
+    from p2pz_directions.sampling.runner import compile_cache_dir
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("P2PZ_HOME", str(tmp_path / "home"))
+    assert compile_cache_dir() == tmp_path / "home" / "torch-compile"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert compile_cache_dir() == tmp_path / "mine"
+
+
+@pytest.mark.slow
+def test_compiled_steps_persist_their_kernels_under_p2pz_home(monkeypatch, tmp_path):
+    """Issue 10: compilation is kept in a persistent cache under the p2pz cache dir, so only the first
+    process on a machine pays for it (inductor's FX-graph cache lands there)."""
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("P2PZ_HOME", str(tmp_path / "home"))
+    runner = S.UNetRunner("compile")
+    x = torch.linspace(-1, 1, 16)
+    y = runner("sin-cos", lambda v: torch.sin(v) * 2 + v.cos(), x)
+    assert torch.allclose(y, torch.sin(x) * 2 + x.cos(), atol=1e-6)
+    folder = tmp_path / "home" / "torch-compile"
+    assert (folder / "fxgraph").is_dir() and any((folder / "fxgraph").rglob("*")), sorted(folder.iterdir())

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from p2pz_directions.sampling.guidance import cfg
 from p2pz_directions.sampling.latents import epsilon_from_output
 from p2pz_directions.sampling.loop import Predictor, unet_forward
-from p2pz_directions.sampling.runner import UNetRunner
+from p2pz_directions.sampling.runner import UNetRunner, compiled
 
 __all__ = [
     "AttentionMaps",
@@ -482,7 +482,7 @@ def inversion_predictor(
         unet, *a, guidance_scale=guidance_scale, regularizer=reg, prediction_type=pred_type, analytic=analytic
     )
     if compile_regularizer and reg is not None:
-        fn = runner.resource(("compiled-inversion", key), lambda: torch.compile(fn, dynamic=False))
+        fn = runner.resource(("compiled-inversion", key), lambda: compiled(fn, dynamic=False))
 
     def predict(x: torch.Tensor, t: Any, i: int, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         dev = x.device

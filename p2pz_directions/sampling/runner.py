@@ -11,7 +11,9 @@ function* over tensors, ``fn(*inputs) -> tensor or tuple of tensors``, under a n
   static tensors, warms ``fn`` up on a side stream, captures it as a ``torch.cuda.CUDAGraph`` and
   keeps it; every call copies its inputs in and replays the graph. The captured ``fn`` is the one
   given first: what it closes over must not change while the key stays the same;
-- ``mode="compile"``: ``torch.compile(fn)`` kept per (name, key).
+- ``mode="compile"``: ``torch.compile(fn)`` kept per (name, key). Compiled kernels go to a
+  persistent cache under the p2pz cache dir (`compile_cache_dir`), so only the first run on a
+  machine pays for the compilation.
 
 Outputs are copied out of the static tensors, so callers may keep them across steps. The runner
 owns its graphs (`graphs`, `clear`) and the objects they are bound to (`resource`), so nothing is
@@ -25,16 +27,38 @@ hidden on the UNet or the editor.
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["RUNNER_MODES", "UNetRunner"]
+from p2pz_directions.core import constants
+
+__all__ = ["RUNNER_MODES", "UNetRunner", "compile_cache_dir", "compiled"]
 
 RUNNER_MODES = ("eager", "graphs", "compile")
+
+
+def compile_cache_dir() -> Path:
+    """Where `torch.compile`'s kernels persist between processes: ``$TORCHINDUCTOR_CACHE_DIR`` when the
+    user set it, else ``<p2pz home>/torch-compile`` (``$P2PZ_HOME``, default ``~/.cache/p2pz``; see
+    docs/configuration.md). Inductor's FX-graph and Triton caches live below it, so a second process
+    compiling the same step loads the kernels instead of generating them."""
+    env = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    return Path(env) if env else constants.home() / "torch-compile"
+
+
+def compiled(fn: Callable[..., Any], **compile_kwargs: Any) -> Callable[..., Any]:
+    """``torch.compile(fn, **compile_kwargs)`` with its kernels in the persistent `compile_cache_dir`."""
+    folder = compile_cache_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    # read by inductor when it compiles (not at import), so setting it here is enough
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+    return torch.compile(fn, **compile_kwargs)
 
 
 def _signature(inputs: tuple[torch.Tensor, ...]) -> tuple:
@@ -102,7 +126,7 @@ class UNetRunner:
         if self.mode == "compile":
             ck = (name, key)
             if ck not in self._compiled:
-                self._compiled[ck] = torch.compile(fn, **self.compile_kwargs)
+                self._compiled[ck] = compiled(fn, **self.compile_kwargs)
             return self._compiled[ck](*inputs)
         gk = (name, key, _signature(inputs))
         if gk not in self._graphs:
