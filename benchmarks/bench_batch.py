@@ -83,9 +83,9 @@ def ensure_builtin_plugins() -> None:
 
 def build_model(folder: Path, tiny: bool) -> Path:
     """Write a random-weight SD model (tiny, or SD-1.4-sized) to ``folder``."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 
-    from p2pz_directions.editing.demo import make_components, make_tokenizer
+    from p2pz_directions.editing.demo import make_components, make_tokenizer, sd_scheduler
 
     if tiny:
         comps = make_components("sd1", seed=0)
@@ -104,14 +104,7 @@ def build_model(folder: Path, tiny: bool) -> Path:
         te = CLIPTextModel(
             CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, projection_dim=768, **CLIP_L)
         )
-        sched = DDIMScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            clip_sample=False,
-            set_alpha_to_one=False,
-            steps_offset=1,
-        )
+        sched = sd_scheduler()
         comps = {"unet": unet.half(), "vae": vae.half(), "text_encoder": te.half(), "scheduler": sched}
     pipe = StableDiffusionPipeline(
         **comps,

@@ -143,8 +143,10 @@ def _small_init(module: torch.nn.Module, std: float) -> None:
 
 
 def build_components(tiny: bool, device: str, dtype: torch.dtype, init: str, workdir: Path) -> dict[str, Any]:
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
+
+    from p2pz_directions.editing.demo import sd_scheduler
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**(UNET_TINY if tiny else UNET_SD14))
@@ -158,14 +160,7 @@ def build_components(tiny: bool, device: str, dtype: torch.dtype, init: str, wor
             _small_init(m, 0.02)
     for m in (unet, vae, text_encoder):
         m.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    scheduler = sd_scheduler()
     return dict(
         unet=unet,
         vae=vae,

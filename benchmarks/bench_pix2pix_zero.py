@@ -111,11 +111,12 @@ def build_pipeline(size: str, device: torch.device, dtype: torch.dtype, init: st
     from diffusers import (
         AutoencoderKL,
         DDIMInverseScheduler,
-        DDIMScheduler,
         StableDiffusionPix2PixZeroPipeline,
         UNet2DConditionModel,
     )
     from transformers import CLIPTextConfig, CLIPTextModel
+
+    from p2pz_directions.editing.demo import sd_scheduler
 
     torch.manual_seed(0)
     with device:  # initialise on the device: seconds instead of minutes for 860M parameters
@@ -143,10 +144,7 @@ def build_pipeline(size: str, device: torch.device, dtype: torch.dtype, init: st
                         p.copy_(torch.randn(p.shape, generator=g, device=device) * 0.02)
     for m in (unet, vae, text_encoder):
         m.to(dtype=dtype).eval().requires_grad_(False)
-    scheduler = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        set_alpha_to_one=False, steps_offset=1,
-    )  # fmt: skip
+    scheduler = sd_scheduler()
     pipe = StableDiffusionPix2PixZeroPipeline(
         vae=vae,
         text_encoder=text_encoder,

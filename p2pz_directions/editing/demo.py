@@ -101,10 +101,26 @@ def make_text_encoder(hidden_size: int = 32, seed: int = 0, vocab_size: int = 10
 TINY_CONFIGS = ("sd1", "sd2", "sd1-8x")
 
 
+def sd_scheduler(**overrides: Any) -> Any:
+    """Stable Diffusion's own DDIM schedule (scaled-linear betas 0.00085..0.012, ``steps_offset=1``),
+    as its ``scheduler/scheduler_config.json`` sets it; ``overrides`` change single settings."""
+    from diffusers import DDIMScheduler
+
+    settings = dict(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    return DDIMScheduler(**{**settings, **overrides})
+
+
 def _sd_shaped_components(seed: int) -> dict[str, Any]:
     """A tiny model shaped like SD 1.x: the VAE downsamples 8x (three steps), the UNet works on
     latents of any size a multiple of 2; channel counts are small enough for a CPU."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(  # attention only at 1/4 of the latent size: 16x16 tokens for 512 px
@@ -132,14 +148,7 @@ def _sd_shaped_components(seed: int) -> dict[str, Any]:
         sample_size=512,
         mid_block_add_attention=False,
     )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    scheduler = sd_scheduler()
     return {"unet": unet, "vae": vae, "text_encoder": make_text_encoder(32, seed), "scheduler": scheduler}
 
 
@@ -147,7 +156,7 @@ def make_components(config: str = "sd1", seed: int = 0) -> dict[str, Any]:
     """UNet, VAE, text encoder and DDIM scheduler of a tiny SD model (``"sd1"``: epsilon, D=32;
     ``"sd2"``: v-prediction, linear projections, D=64; ``"sd1-8x"``: epsilon, D=32, an 8x VAE
     like SD's, so real photo sizes work)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
     if config not in TINY_CONFIGS:
         raise ValueError(f"unknown tiny config {config!r}; use one of {', '.join(TINY_CONFIGS)}")
@@ -179,15 +188,7 @@ def make_components(config: str = "sd1", seed: int = 0) -> dict[str, Any]:
         latent_channels=4,
         sample_size=64,
     )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type="v_prediction" if sd2 else "epsilon",
-    )
+    scheduler = sd_scheduler(prediction_type="v_prediction" if sd2 else "epsilon")
     return {"unet": unet, "vae": vae, "text_encoder": make_text_encoder(d, seed), "scheduler": scheduler}
 
 
