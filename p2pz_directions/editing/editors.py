@@ -369,10 +369,18 @@ class Editor:
         if image is not None:
             images = [self._load_image(i) for i in (image if isinstance(image, list) else [image])]
             images, notes = self._fit_images(images)
-        self._progress, self._interrupt = progress, False
+        self._interrupt = False
+        return self._timed_run(lambda: self.run(images, direction, opts), direction, notes, progress)
+
+    def _timed_run(
+        self, call: Any, direction: Direction, notes: list[str], progress: ProgressCallback | None
+    ) -> EditResult:
+        """``call()`` with ``progress`` reported and CUDA OOM turned into advice; the result's ``extra``
+        gets the editor, the direction, the seconds and any notes."""
+        self._progress = progress
         t0 = time.perf_counter()
         try:
-            result = self.run(images, direction, opts)
+            result = call()
         except torch.OutOfMemoryError as e:
             raise self._oom(e) from None
         finally:
@@ -445,20 +453,7 @@ class Editor:
             image, note = prepare_image(image, self.image_multiple)
             if note:
                 notes.append(note)
-        self._progress = progress
-        t0 = time.perf_counter()
-        try:
-            result = self.run(image, direction, **options)
-        except torch.OutOfMemoryError as e:
-            raise self._oom(e) from None
-        finally:
-            self._progress = None
-        result.extra.setdefault("editor", self.name)
-        result.extra.setdefault("direction", direction.name)
-        result.extra.setdefault("seconds", time.perf_counter() - t0)
-        if notes:
-            result.extra.setdefault("notes", []).extend(notes)
-        return result
+        return self._timed_run(lambda: self.run(image, direction, **options), direction, notes, progress)
 
     def run(self, image: Any, direction: Direction, *args: Any, **options: Any) -> EditResult:
         """Do the edit: ``run(images, direction, options)`` with ``images`` a list (or None) and
