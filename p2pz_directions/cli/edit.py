@@ -86,13 +86,6 @@ class PhaseProgress:
         self.progress.update(self.tasks[phase], completed=step, total=total)
 
 
-def _parse_opt(pairs: list[str] | None, editor: Any = None) -> dict[str, Any]:
-    """``KEY=VALUE`` pairs, typed from the editor's options (see `cli_options.parse_opts`)."""
-    from p2pz_directions.cli.options import parse_opts
-
-    return parse_opts(pairs, editor)
-
-
 def _save(img: Any, path: Path) -> None:
     """Write an image atomically: a temp file in the same folder, then a rename."""
     from p2pz_directions.core.atomic import atomic_path
@@ -235,6 +228,7 @@ def register(app: typer.Typer) -> None:
             check_inputs,
             check_model_available,
             editor_kwargs,
+            parse_opts,
             quiet_loading,
         )
 
@@ -274,7 +268,7 @@ def register(app: typer.Typer) -> None:
             options["num_inversion_steps"] = options.pop(
                 "num_inference_steps"
             )  # LEDITS++: --steps are its inversion steps
-        options.update(_parse_opt(opt, ed))
+        options.update(parse_opts(opt, ed))
         ed._check_options(options)
         _check_captioner_reachable(ed, options, len(images))
         ds = [ed.resolve_direction(name) for name in direction]

@@ -87,13 +87,14 @@ def register(app: typer.Typer) -> None:
         import numpy as np
 
         from p2pz_directions import editors
-        from p2pz_directions.cli.edit import PhaseProgress, _parse_opt, _save
+        from p2pz_directions.cli.edit import PhaseProgress, _save
         from p2pz_directions.cli.options import (
             check_device,
             check_dtype,
             check_image_output,
             check_inputs,
             check_model_available,
+            parse_opts,
             quiet_loading,
         )
 
@@ -116,7 +117,7 @@ def register(app: typer.Typer) -> None:
             options["target_prompt"] = target_prompt
         quiet_loading()
         ed = editors.get("diffedit", model=model, device=device, dtype=dtype)
-        options.update(_parse_opt(opt, ed))
+        options.update(parse_opts(opt, ed))
         options["mask_only"] = True
         d = ed.resolve_direction(direction)  # name and encoder first: nothing loads for a wrong one
         with PhaseProgress(("mask",), enabled=not quiet and not as_json) as cb:
