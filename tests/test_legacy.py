@@ -80,6 +80,13 @@ def test_missing_encoder_is_a_clear_error(tmp_path):
         import_pt([tmp_path / "missing.pt"], encoder="x/y", progress=False)
 
 
+def _serve(handler) -> tuple[http.server.ThreadingHTTPServer, str]:
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv, f"http://127.0.0.1:{srv.server_address[1]}"
+
+
 @pytest.fixture
 def http_dir(tmp_path):
     """Serve ``tmp_path/www`` on 127.0.0.1 and a free port."""
@@ -93,10 +100,8 @@ def http_dir(tmp_path):
         def log_message(self, *a):
             pass
 
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    yield www, f"http://127.0.0.1:{srv.server_address[1]}"
+    srv, base = _serve(H)
+    yield www, base
     srv.shutdown()
 
 
@@ -205,24 +210,15 @@ def test_a_dribbling_server_is_cut_off_by_the_deadline(monkeypatch, online):
             except OSError:
                 pass
 
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Dribble)
-    srv.daemon_threads = True
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    srv, base = _serve(Dribble)
     monkeypatch.setenv("P2PZ_DOWNLOAD_DEADLINE", "1")
     t0 = time.monotonic()
     try:
         with pytest.raises(DownloadError, match="P2PZ_DOWNLOAD_DEADLINE"):
-            import_pt([f"http://127.0.0.1:{srv.server_address[1]}/cat.pt"], encoder="x/y", progress=False)
+            import_pt([f"{base}/cat.pt"], encoder="x/y", progress=False)
     finally:
         srv.shutdown()
     assert time.monotonic() - t0 < 5
-
-
-def _serve(handler) -> tuple[http.server.ThreadingHTTPServer, str]:
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    srv.daemon_threads = True
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    return srv, f"http://127.0.0.1:{srv.server_address[1]}"
 
 
 def test_a_silent_server_is_cut_off_by_the_deadline_not_the_read_timeout(monkeypatch, online):
