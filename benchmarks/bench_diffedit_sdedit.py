@@ -12,10 +12,14 @@ One 512x512 image, 50 steps, one seeded CPU generator per run:
 - **DiffEdit** (mask + invert + edit, anchor on an H100: 4.3 s). diffusers:
   ``generate_mask(source, target)`` -> ``invert(source)`` -> ``__call__(target, negative=source)``
   with the direction's concept embeddings as ``*_prompt_embeds``; ours: ``editors.get("diffedit",
-  pipe=...).edit(image, direction, seed=0)``, once eager and once with ``cuda_graphs=True``.
+  pipe=...).edit(image, direction, seed=0)``.
 - **SDEdit** at strength 0.75 (anchor 1.45 s). diffusers: ``StableDiffusionImg2ImgPipeline`` with
   ``prompt_embeds = caption + delta``; ours: ``editors.get("sdedit", pipe=...).edit(image,
-  direction, prompt_embeds=caption, strength=0.75, seed=0)``, eager and with CUDA graphs.
+  direction, prompt_embeds=caption, strength=0.75, seed=0)``.
+
+Ours runs with ``loops="eager"``, ``"graphs"`` (CUDA graphs, the default on CUDA) and, with
+``--compile``, ``"compile"`` (torch.compile'd steps captured as CUDA graphs; ``first_run_s`` holds
+the compiling run).
 
 For each: median seconds over ``--repeats`` runs after ``--warmup`` runs, peak GPU memory
 (``torch.cuda.max_memory_allocated``, weights included), and the max abs difference of the output
@@ -206,9 +210,13 @@ def sync(device: str) -> None:
 
 def measure(fn, device: str, warmup: int, repeats: int) -> dict[str, Any]:
     """Median seconds over ``repeats`` after ``warmup`` runs, peak memory, and the last output."""
-    out = None
-    for _ in range(warmup):
+    out, first = None, []
+    for _ in range(warmup):  # the first run captures the graphs (and, for loops="compile", compiles)
+        sync(device)
+        t0 = time.perf_counter()
         out = fn()
+        sync(device)
+        first.append(time.perf_counter() - t0)
     times = []
     peak = None
     for _ in range(repeats):
@@ -226,6 +234,7 @@ def measure(fn, device: str, warmup: int, repeats: int) -> dict[str, Any]:
         "seconds": statistics.median(times),
         "seconds_all": [round(t, 4) for t in times],
         "peak_gb": None if peak is None else round(peak / 1e9, 3),
+        "first_run_s": round(first[0], 3) if first else None,
         "_out": out,
     }
 
@@ -276,11 +285,9 @@ def bench_diffedit(args, device: str, pipe, direction: Direction, image) -> dict
         ).images[0]
         return {"image": img, "mask": mask[0], "inverted": inv}
 
-    def ours(graphs: bool):
+    def ours(loops: str):
         def fn():
-            res = ed.edit(
-                image, direction, seed=0, num_inference_steps=steps, output_type="np", cuda_graphs=graphs
-            )
+            res = ed.edit(image, direction, seed=0, num_inference_steps=steps, output_type="np", loops=loops)
             return {
                 "image": res.image,
                 "mask": res.extra["latent_mask"][0, 0],
@@ -289,9 +296,11 @@ def bench_diffedit(args, device: str, pipe, direction: Direction, image) -> dict
 
         return fn
 
-    variants = {"diffusers": theirs, "ours": ours(False)}
+    variants = {"diffusers": theirs, "ours": ours("eager")}
     if device.startswith("cuda"):
-        variants["ours_cuda_graphs"] = ours(True)
+        variants["ours_cuda_graphs"] = ours("graphs")
+    if args.compile:
+        variants["ours_compile"] = ours("compile")
     res = run_variants(variants, device, args.warmup, args.repeats)
     ref = res.get("diffusers", {}).get("_out")
     for name, r in res.items():
@@ -325,7 +334,7 @@ def bench_sdedit(args, device: str, pipe, direction: Direction, image) -> dict[s
             output_type="np",
         ).images[0]
 
-    def ours(graphs: bool):
+    def ours(loops: str):
         def fn():
             return ed.edit(
                 image,
@@ -335,14 +344,16 @@ def bench_sdedit(args, device: str, pipe, direction: Direction, image) -> dict[s
                 num_inference_steps=steps,
                 seed=0,
                 output_type="np",
-                cuda_graphs=graphs,
+                loops=loops,
             ).image
 
         return fn
 
-    variants = {"diffusers": theirs, "ours": ours(False)}
+    variants = {"diffusers": theirs, "ours": ours("eager")}
     if device.startswith("cuda"):
-        variants["ours_cuda_graphs"] = ours(True)
+        variants["ours_cuda_graphs"] = ours("graphs")
+    if args.compile:
+        variants["ours_compile"] = ours("compile")
     res = run_variants(variants, device, args.warmup, args.repeats)
     ref = res.get("diffusers", {}).get("_out")
     for name, r in res.items():
@@ -355,13 +366,24 @@ def bench_sdedit(args, device: str, pipe, direction: Direction, image) -> dict[s
 
 
 def print_table(results: dict[str, Any], anchors: bool) -> None:
-    rows = [("task", "variant", "seconds", "vs diffusers", "peak GB", "max abs diff", "anchor H100")]
+    rows = [
+        (
+            "task",
+            "variant",
+            "seconds",
+            "first run s",
+            "vs diffusers",
+            "peak GB",
+            "max abs diff",
+            "anchor H100",
+        )
+    ]
     for task in ("diffedit", "sdedit"):
         res = results.get(task, {})
         base = res.get("diffusers", {}).get("seconds")
         for name, r in res.items():
             if "error" in r:
-                rows.append((task, name, "error", "-", "-", r["error"][:60], "-"))
+                rows.append((task, name, "error", "-", "-", "-", r["error"][:60], "-"))
                 continue
             speed = f"{base / r['seconds']:.2f}x" if base and name != "diffusers" else "-"
             diff = r.get("max_abs_diff_image")
@@ -370,6 +392,7 @@ def print_table(results: dict[str, Any], anchors: bool) -> None:
                     task,
                     name,
                     f"{r['seconds']:.3f}",
+                    "-" if r.get("first_run_s") is None else f"{r['first_run_s']:.2f}",
                     speed,
                     "-" if r.get("peak_gb") is None else f"{r['peak_gb']:.2f}",
                     "-" if diff is None else f"{diff:.2e}",
@@ -398,6 +421,11 @@ def main(argv: list[str] | None = None) -> int:
         "--init", choices=("small", "default"), default="small", help="weight init (see docstring)"
     )
     ap.add_argument("--only", choices=("diffedit", "sdedit"), default=None)
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help='also time loops="compile" (first run compiles; see first_run_s)',
+    )
     args = ap.parse_args(argv)
 
     device = args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")

@@ -241,10 +241,14 @@ def prepare(work: Path, tiny: bool, device: str) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 
 
-def run_ours(prep: dict, editor: str, out: Path, steps: int, device: str, extra_env: dict) -> dict[str, Any]:
+def run_ours(
+    prep: dict, editor: str, out: Path, steps: int, device: str, extra_env: dict, opts: list[str] = ()
+) -> dict[str, Any]:
     report = out.with_suffix(".json")
     argv = ["edit", str(prep["photo"]), "-d", "cat->dog", "--editor", editor, "--model", str(prep["model"])]
     argv += ["--prompt", CAPTION, "--steps", str(steps), "--device", device, "-o", str(out), "--quiet"]
+    for o in opts:
+        argv += ["--opt", o]
     env = dict(prep["env"], P2PZ_BENCH_REPORT=str(report), **extra_env)
     t0 = time.perf_counter()
     r = subprocess.run(
@@ -301,7 +305,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--editors", default="pix2pix-zero,diffedit,sdedit")
     ap.add_argument("--skip-diffusers", action="store_true")
-    ap.add_argument("--cache-dir", default=None, help="P2PZ cache dir for compiled kernels (default: fresh)")
+    ap.add_argument(
+        "--cache-dir",
+        default=None,
+        help="torch.compile's kernel cache (default: <fresh P2PZ_HOME>/torch-compile)",
+    )
+    ap.add_argument(
+        "--opt", action="append", default=[], help="an editor option for every edit, e.g. loops=compile"
+    )
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument(
         "--profile", type=Path, default=None, help="also one cProfiled run per editor, into this folder"
@@ -326,19 +337,18 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         prep = prepare(work, args.tiny, device)
         results["info"]["prepare_s"] = prep["prepare_s"]
-        cache = args.cache_dir or str(work / "p2pz-cache")
-        extra_env = {"P2PZ_CACHE_DIR": cache}
+        extra_env = {"TORCHINDUCTOR_CACHE_DIR": args.cache_dir} if args.cache_dir else {}
         print(json.dumps(results["info"]), flush=True)
         for editor in args.editors.split(","):
             rows = []
             for i in range(args.runs):
-                row = run_ours(prep, editor, work / f"{editor}-{i}.png", steps, device, extra_env)
+                row = run_ours(prep, editor, work / f"{editor}-{i}.png", steps, device, extra_env, args.opt)
                 rows.append(row)
                 print(editor, i, json.dumps(row), flush=True)
             if args.profile:
                 args.profile.mkdir(parents=True, exist_ok=True)
                 env = dict(extra_env, P2PZ_BENCH_PROFILE=str(args.profile / f"{editor}.txt"))
-                run_ours(prep, editor, work / f"{editor}-prof.png", steps, device, env)
+                run_ours(prep, editor, work / f"{editor}-prof.png", steps, device, env, args.opt)
             ok = [r for r in rows if "error" not in r]
             results["ours"][editor] = {
                 "first_run_s": rows[0]["wall_s"],

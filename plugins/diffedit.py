@@ -104,6 +104,7 @@ class DiffEditOptions:
     cross_attention_kwargs: dict[str, Any] | None = _opt(None, "passed to the UNet's attention processors")
     clip_skip: int | None = _opt(None, "CLIP layers skipped for positive prompts")
     cuda_graphs: bool | None = _opt(None, "replay the UNet from CUDA graphs (default: on for CUDA)")
+    loops: str = _opt("auto", "eager, graphs (CUDA graphs), compile (torch.compile + graphs), or auto")
 
 
 class OptionValueError(EditorOptionError, ValueError):
@@ -128,18 +129,11 @@ class DiffEditEditor(Editor):
     options = DiffEditOptions
     component_names = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
-    def __init__(self, model: Any = None, **kw: Any) -> None:
-        super().__init__(model, **kw)
-        self.runners: dict[str, S.UNetRunner] = {}  # the UNet runner of each mode, kept across edits
-
-    def runner(self, cuda_graphs: bool | None) -> S.UNetRunner:
-        mode = "graphs" if self.device.type == "cuda" and cuda_graphs is not False else "eager"
-        return self.runners.setdefault(mode, S.UNetRunner(mode))
-
     def run(self, images: list[Any] | None, direction: Direction, o: DiffEditOptions) -> EditResult:
         """Mask, invert, edit (options: `DiffEditOptions`). One generator is used in diffusers' order."""
         # 1. check inputs (images at full precision, `images.prepare_image`); the pipeline's schedulers
         user_mask, n_edit = _check(images, o)
+        self.loop_mode(o.loops, o.cuda_graphs)
         image, note = imgs.prepare_image(images if len(images) > 1 else images[0], self.image_multiple)
         comps = self.load_components(("unet", "vae", "scheduler"))
         unet, vae = comps["unet"], comps["vae"]
@@ -276,7 +270,7 @@ class DiffEditEditor(Editor):
             )
             embeds = torch.cat([neg, cond])
         predict = D.inversion_predictor(
-            unet, inverse, guidance_scale=g, runner=self.runner(o.cuda_graphs), cross_attention_kwargs=o.cross_attention_kwargs,
+            unet, inverse, guidance_scale=g, runner=self.options_runner(o), cross_attention_kwargs=o.cross_attention_kwargs,
             num_reg_steps=o.num_reg_steps, lambda_auto_corr=o.lambda_auto_corr, lambda_kl=o.lambda_kl,
             num_auto_corr_rolls=o.num_auto_corr_rolls, generator=gen,
         )  # fmt: skip
@@ -311,7 +305,7 @@ class DiffEditEditor(Editor):
         )
         timesteps = D.diffedit_timesteps(scheduler, o.num_inference_steps, o.inpaint_strength, self.device)
         predict = S.cfg_predictor(
-            unet, guidance_scale=o.guidance_scale, runner=self.runner(o.cuda_graphs), cross_attention_kwargs=o.cross_attention_kwargs,
+            unet, guidance_scale=o.guidance_scale, runner=self.options_runner(o), cross_attention_kwargs=o.cross_attention_kwargs,
         )  # fmt: skip
         self.progress("edit", 0, n_edit)
         latents = S.denoise(

@@ -94,6 +94,9 @@ class LEditsOptions:
     cuda_graphs: bool | None = field(
         default=None, metadata=_h("replay UNet steps as CUDA graphs (default on CUDA)")
     )
+    loops: str = field(
+        default="auto", metadata=_h("eager, graphs (CUDA graphs), compile (torch.compile + graphs), or auto")
+    )
 
 
 def _item(text: str) -> Any:
@@ -283,11 +286,6 @@ class LEditsEditor(Editor):
     #: one UNet batch holds 1 + 2 * (directions' terms) rows
     max_directions = 8
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        #: the UNet runners (eager, CUDA graphs), which own the graphs and attention stores of the edits
-        self.runners: dict[str, S.UNetRunner] = {}
-
     # -- options and directions (checked before any model work) ----------------------------------
     def make_options(self, **options: Any) -> LEditsOptions:
         """`LEditsOptions` from keyword options: command-line strings for the flags (``"False"``), the
@@ -309,6 +307,7 @@ class LEditsEditor(Editor):
             raise EditorOptionError(
                 f"output_type must be 'pil', 'np', 'pt' or 'latent', not {opts.output_type!r}"
             )
+        self.loop_mode(opts.loops, opts.cuda_graphs)
         return opts
 
     def combine_directions(self, directions: list[Direction]) -> _Many:
@@ -355,7 +354,7 @@ class LEditsEditor(Editor):
         uncond = enc(opts.negative_prompt or "", None)
         embeds = torch.cat([uncond, rows.to(device=self.device, dtype=self.dtype)])
         inversion = _inversion_model(
-            self._model(unet, ("invert",), opts.cuda_graphs, lambda: None)[0],
+            self._model(unet, ("invert",), opts, lambda: None)[0],
             enc(opts.source_prompt, opts.clip_skip), enc("", None), opts,
         )  # fmt: skip
         # 5. sample: edit-friendly inversion (x_T, noise maps zs), then semantic guidance with DDPM steps
@@ -391,7 +390,7 @@ class LEditsEditor(Editor):
         masks = opts.use_intersect_mask or opts.use_cross_attn_mask
         hw = (x.shape[-2] // 4, x.shape[-1] // 4)
         run_edit, store = self._model(
-            unet, ("edit", len(guide), hw, masks), opts.cuda_graphs,
+            unet, ("edit", len(guide), hw, masks), opts,
             lambda: _AttnStore(hw[0] * hw[1], len(guide)) if masks else None,
         )  # fmt: skip
         if store is not None:
@@ -406,12 +405,11 @@ class LEditsEditor(Editor):
             progress=lambda i, n: self.progress("edit", i, n), pipe=self,
         )  # fmt: skip
 
-    def _model(self, unet: Any, key: tuple, cuda_graphs: bool | None, make_store: Any) -> tuple[Any, Any]:
+    def _model(self, unet: Any, key: tuple, opts: LEditsOptions, make_store: Any) -> tuple[Any, Any]:
         """``(call(x, t, embeds), attention store)`` for inversion (``key[0] == "invert"``) or an edit
         step, through the editor's `UNetRunner` (CUDA graphs by default on CUDA): the graphs it
         captures, and the store they write into, serve every later edit of the same shape."""
-        mode = "graphs" if self.device.type == "cuda" and cuda_graphs is not False else "eager"
-        runner = self.runners.setdefault(mode, S.UNetRunner(mode))
+        runner = self.options_runner(opts)
         full = (id(unet), *key)
         store = runner.resource(("ledits-store", *full), make_store)
         if key[0] == "invert":

@@ -219,8 +219,7 @@ class Pix2PixZeroEditor(Editor):
         self._captioner = captioner
         self.caption_model = caption_model
         self._scheduler, self._inverse_scheduler = scheduler, inverse_scheduler
-        #: one `UNetRunner` per loop mode; its graphs are kept between edits of the same settings
-        self.runners: dict[str, S.UNetRunner] = {}
+        #: the settings each loop mode's `UNetRunner` (``self.runners``) holds graphs for
         self._runner_keys: dict[str, Any] = {}
         #: the loop running now ("invert", "reference", "edit"), for ``callback_on_step_end``
         self.phase: str | None = None
@@ -330,12 +329,9 @@ class Pix2PixZeroEditor(Editor):
     def _loop_mode(self, o: Pix2PixZeroOptions, exact: bool) -> str:
         """``o.loops``, with ``"auto"`` resolved: CUDA graphs on a GPU (unless the maps are kept
         elsewhere or attention is exact), eager loops otherwise."""
-        mode = o.loops
-        if mode == "auto":
-            gpu = self.device.type == "cuda" and o.attention_maps_device is None and not exact
-            mode = "graphs" if gpu else "eager"
-        if mode == "graphs" and self.device.type != "cuda":
-            raise EditorOptionError("loops='graphs' needs a CUDA device; use 'eager' on the CPU")
+        mode = self.loop_mode(o.loops)
+        if o.loops == "auto" and (o.attention_maps_device is not None or exact):
+            mode = "eager"
         if mode != "eager" and o.attention_maps_device is not None:
             raise EditorOptionError("attention_maps_device needs loops='eager'")
         return mode
@@ -350,7 +346,7 @@ class Pix2PixZeroEditor(Editor):
     def _runner(self, mode: str, pixels: Any, exact: bool, o: Pix2PixZeroOptions) -> S.UNetRunner:
         """The editor's `UNetRunner` of ``mode``; its graphs and map buffers are freed when the
         settings they were captured for change (they are kept between edits of the same settings)."""
-        runner = self.runners.setdefault(mode, S.UNetRunner(mode))
+        runner = self.unet_runner(mode)
         key = (
             o.num_inference_steps, o.guidance_scale, o.cross_attention_guidance_amount, o.inversion_guidance_scale,
             o.lambda_auto_corr, o.lambda_kl, o.num_reg_steps, o.num_auto_corr_rolls, o.num_images_per_prompt,
@@ -536,10 +532,6 @@ def _check_options(images: list[Any] | None, o: Pix2PixZeroOptions) -> None:
         raise EditorOptionError(str(e)) from None
     if o.attention not in ("auto", "exact", "fused"):
         raise EditorOptionError(f"attention must be 'auto', 'exact' or 'fused', not {o.attention!r}")
-    if o.loops not in ("auto", *S.RUNNER_MODES):
-        raise EditorOptionError(
-            f"loops must be 'auto', {', '.join(map(repr, S.RUNNER_MODES))}; not {o.loops!r}"
-        )
 
 
 def _check_finite(latents: torch.Tensor, phase: str) -> None:

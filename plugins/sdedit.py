@@ -92,6 +92,7 @@ class SDEditOptions:
     callback: Any = _opt(None, "the older fn(step, t, latents), every callback_steps steps")
     callback_steps: int = _opt(1, "how often the older callback is called")
     cuda_graphs: bool | None = _opt(None, "replay the UNet from CUDA graphs (default: on for CUDA)")
+    loops: str = _opt("auto", "eager, graphs (CUDA graphs), compile (torch.compile + graphs), or auto")
 
 
 class SDEditEditor(Editor):
@@ -114,7 +115,6 @@ class SDEditEditor(Editor):
         super().__init__(model, **kw)
         self._captioner = captioner
         self.caption_model = caption_model
-        self.runners: dict[str, S.UNetRunner] = {}  # the UNet runner of each mode, kept across edits
 
     @property
     def captioner(self) -> Any:
@@ -135,10 +135,6 @@ class SDEditEditor(Editor):
             }
             self._captioner = found[name](**kw)
         return self._captioner
-
-    def runner(self, cuda_graphs: bool | None) -> S.UNetRunner:
-        mode = "graphs" if self.device.type == "cuda" and cuda_graphs is not False else "eager"
-        return self.runners.setdefault(mode, S.UNetRunner(mode))
 
     def run(self, images: list[Any] | None, direction: Direction, o: SDEditOptions) -> EditResult:
         """Noise to ``strength``, denoise with the edited prompt (options: `SDEditOptions`)."""
@@ -164,7 +160,7 @@ class SDEditEditor(Editor):
         guided = S.do_cfg(unet, o.guidance_scale)
         tensors = {"prompt_embeds": torch.cat([neg, pos]) if guided else pos, "negative_prompt_embeds": neg}
         predict = S.cfg_predictor(
-            unet, guidance_scale=o.guidance_scale, runner=self.runner(o.cuda_graphs),
+            unet, guidance_scale=o.guidance_scale, runner=self.options_runner(o),
             cross_attention_kwargs=o.cross_attention_kwargs,
         )  # fmt: skip
         self.progress("edit", 0, n_run)
@@ -196,6 +192,7 @@ class SDEditEditor(Editor):
                 "a prompt, use the pix2pix-zero editor"
             )
         _check_options(o)
+        self.loop_mode(o.loops, o.cuda_graphs)
         if o.mode == "target" and (o.prompt is not None or o.prompt_embeds is not None):
             raise EditorOptionError(
                 "mode='target' conditions on the target concept alone; drop prompt/prompt_embeds, or use "

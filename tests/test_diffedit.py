@@ -381,8 +381,12 @@ def test_cuda_graphs_option_is_eager_on_cpu(sd1):
     a = ed.edit(_image(32), d, **kw)
     b = ed.edit(_image(32), d, cuda_graphs=True, **kw)
     assert np.array_equal(a.image, b.image)
-    assert ed.runner(True).mode == "eager", "no CUDA device: the UNet runs eagerly"
-    assert ed.runner(True) is ed.runner(None), "one runner per mode, kept by the editor"
+    assert ed.loop_mode("auto", True) == "eager", "no CUDA device: the UNet runs eagerly"
+    assert set(ed.runners) == {"eager"}, "one runner per mode, kept by the editor"
+    with pytest.raises(EditorOptionError, match="loops='graphs' needs a CUDA device"):
+        ed.edit(_image(32), d, loops="graphs", **kw)
+    with pytest.raises(EditorOptionError, match="loops must be 'auto'"):
+        ed.edit(_image(32), d, loops="fast", **kw)
 
 
 @pytest.mark.gpu

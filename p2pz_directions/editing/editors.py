@@ -183,6 +183,8 @@ class Editor:
         self._components: dict[str, Any] = {}
         self._progress: ProgressCallback | None = None
         self._interrupt = False
+        #: the `UNetRunner` of each loop mode (`unet_runner`): its graphs and compiled steps, kept across edits
+        self.runners: dict[str, Any] = {}
 
     @property
     def interrupt(self) -> bool:
@@ -333,6 +335,40 @@ class Editor:
                 f"cannot load {name} of {self.model}: {e}. Check the model id or folder; offline, the model "
                 f"must already be in the Hugging Face cache (HF_HUB_OFFLINE=1 is set: {constants.hf_offline()})"
             ) from None
+
+    # -- the UNet loops -------------------------------------------------------------------------
+    def loop_mode(self, loops: str = "auto", cuda_graphs: bool | None = None) -> str:
+        """The `UNetRunner` mode of an edit's loops: ``loops`` is ``"eager"``, ``"graphs"`` (CUDA
+        graphs, CUDA only), ``"compile"`` (``torch.compile``d steps, replayed as CUDA graphs on CUDA;
+        the first run on a machine compiles for minutes, see docs/configuration.md) or ``"auto"``:
+        CUDA graphs on a CUDA device unless the older ``cuda_graphs=False`` says eager, eager
+        elsewhere."""
+        from p2pz_directions.sampling.runner import RUNNER_MODES
+
+        if loops not in ("auto", *RUNNER_MODES):
+            raise EditorOptionError(
+                f"loops must be 'auto', {', '.join(map(repr, RUNNER_MODES))}; not {loops!r}"
+            )
+        if loops == "auto":
+            return "graphs" if self.device.type == "cuda" and cuda_graphs is not False else "eager"
+        if loops == "graphs" and self.device.type != "cuda":
+            raise EditorOptionError(
+                "loops='graphs' needs a CUDA device; use 'eager' (or 'compile') on the CPU"
+            )
+        return loops
+
+    def unet_runner(self, mode: str) -> Any:
+        """The editor's `UNetRunner` of ``mode``, kept across edits: the graphs it captures and the
+        steps it compiles serve every later edit of the same settings and shapes."""
+        from p2pz_directions.sampling.runner import UNetRunner
+
+        if mode not in self.runners:
+            self.runners[mode] = UNetRunner(mode)
+        return self.runners[mode]
+
+    def options_runner(self, o: Any) -> Any:
+        """The `UNetRunner` of options ``o``: their ``loops`` (default ``"auto"``) and ``cuda_graphs``."""
+        return self.unet_runner(self.loop_mode(getattr(o, "loops", "auto"), getattr(o, "cuda_graphs", None)))
 
     # -- progress -------------------------------------------------------------------------------
     def progress(self, phase: str, step: int, total: int) -> None:

@@ -11,9 +11,10 @@ function* over tensors, ``fn(*inputs) -> tensor or tuple of tensors``, under a n
   static tensors, warms ``fn`` up on a side stream, captures it as a ``torch.cuda.CUDAGraph`` and
   keeps it; every call copies its inputs in and replays the graph. The captured ``fn`` is the one
   given first: what it closes over must not change while the key stays the same;
-- ``mode="compile"``: ``torch.compile(fn)`` kept per (name, key). Compiled kernels go to a
-  persistent cache under the p2pz cache dir (`compile_cache_dir`), so only the first run on a
-  machine pays for the compilation.
+- ``mode="compile"``: ``torch.compile(fn)`` kept per (name, key); on CUDA the compiled ``fn`` is
+  then captured as a CUDA graph exactly as in ``"graphs"`` (inductor's fused kernels, launched all
+  at once), on the CPU it is called as it is. Compiled kernels go to a persistent cache under the
+  p2pz cache dir (`compile_cache_dir`), so only the first run on a machine pays for the compilation.
 
 Outputs are copied out of the static tensors, so callers may keep them across steps. The runner
 owns its graphs (`graphs`, `clear`) and the objects they are bound to (`resource`), so nothing is
@@ -63,6 +64,10 @@ def compiled(fn: Callable[..., Any], **compile_kwargs: Any) -> Callable[..., Any
 
 def _signature(inputs: tuple[torch.Tensor, ...]) -> tuple:
     return tuple((tuple(x.shape), x.dtype, x.device) for x in inputs)
+
+
+def _on_cuda(inputs: tuple[torch.Tensor, ...]) -> bool:
+    return bool(inputs) and all(x.is_cuda for x in inputs)
 
 
 def _copy_out(out: Any) -> Any:
@@ -126,8 +131,13 @@ class UNetRunner:
         if self.mode == "compile":
             ck = (name, key)
             if ck not in self._compiled:
-                self._compiled[ck] = compiled(fn, **self.compile_kwargs)
-            return self._compiled[ck](*inputs)
+                kwargs = (
+                    {"dynamic": False, **self.compile_kwargs} if _on_cuda(inputs) else self.compile_kwargs
+                )
+                self._compiled[ck] = compiled(fn, **kwargs)
+            fn = self._compiled[ck]
+            if not _on_cuda(inputs):
+                return fn(*inputs)
         gk = (name, key, _signature(inputs))
         if gk not in self._graphs:
             self._graphs[gk] = self._capture(fn, inputs)
@@ -146,8 +156,10 @@ class UNetRunner:
         static = tuple(x.detach().clone() for x in inputs)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
+        # a compiled fn compiles in its first warm-up run; the second settles inductor's lazy work
+        warmup = max(self.warmup, 2) if self.mode == "compile" else self.warmup
         with torch.cuda.stream(side):
-            for _ in range(self.warmup):
+            for _ in range(warmup):
                 fn(*static)
         torch.cuda.current_stream().wait_stream(side)
         if self._pool is None:

@@ -1,0 +1,146 @@
+"""Where a UNet step's time goes: one sampling step of each kind, timed per runner variant.
+
+For issue 10 (speed). An SD-1.4-sized UNet (random weights, float16, 64x64 latents = 512x512
+images) runs three steps through `UNetRunner`, each in several variants:
+
+- ``cfg``: a classifier-free-guided noise prediction at batch 2 (SDEdit's and DiffEdit's step, the
+  reference pass of pix2pix-zero without the maps);
+- ``reference``: pix2pix-zero's reference step (batch 2, cross-attention maps recorded);
+- ``guided``: pix2pix-zero's cross-attention-guided step (forward + backward + forward at batch 2).
+
+Variants: ``graphs`` (CUDA graphs of the eager step, the default), ``compile`` (the step compiled
+with ``torch.compile`` and then captured as a CUDA graph), each with ``+cl`` (UNet in
+channels_last memory format, no cudnn.benchmark). Reported per variant: the first call (compile +
+capture) in seconds, the median step in milliseconds over ``--reps`` replays, and the max abs
+difference of the step's output from the ``graphs`` variant's.
+
+Usage::
+
+    python benchmarks/diag_unet_step.py --json benchmarks/results/unet_step_h200.json      # GPU
+    python benchmarks/diag_unet_step.py --tiny                                              # CPU smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench_pix2pix_zero import build_pipeline  # noqa: E402
+
+from p2pz_directions import sampling as S  # noqa: E402
+from p2pz_directions.sampling import pix2pix_zero as P  # noqa: E402
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--variants", default="graphs,graphs+cl,compile,compile+cl")
+    ap.add_argument("--steps", default="cfg,reference,guided")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    with tempfile.TemporaryDirectory() as tmp:
+        pipe = build_pipeline("tiny" if args.tiny else "sd14", device, dtype, "small", Path(tmp))
+    unet = pipe.unet
+    side = 8 if args.tiny else 64
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(1, 4, side, side, generator=g).to(device, dtype)
+    emb = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g).to(device, dtype)
+    t = torch.tensor(501, device=device)
+    idx = torch.zeros((), dtype=torch.int64, device=device)
+    maps = P.AttentionMaps(num_steps=1)
+    with P.attention_maps(unet, maps):  # record the maps the guided step compares with
+        P.reference_step(unet, maps, x, t, emb, idx, guidance_scale=7.5)
+
+    def cfg_step(x, t, emb):
+        return S.cfg(S.unet_forward(unet, torch.cat([x] * 2), t, emb), 7.5)
+
+    def reference(x, t, emb):
+        return P.reference_step(unet, ref_maps, x, t, emb, idx, guidance_scale=7.5)
+
+    def guided(x, t, emb):
+        return P.cross_attention_guided_step(unet, maps, x, t, emb, idx, amount=0.1, guidance_scale=7.5)[0]
+
+    ref_maps = P.AttentionMaps(num_steps=1)
+    steps = {"cfg": cfg_step, "reference": reference, "guided": guided}
+    info = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "dtype": str(dtype),
+        "latents": f"{side}x{side}",
+    }
+    print(json.dumps(info), flush=True)
+    rows: dict[str, dict] = {}
+    base_out: dict[str, torch.Tensor] = {}
+    for spec in args.variants.split(","):
+        mode, *flags = spec.split("+")
+        if device.type != "cuda" and mode == "graphs":
+            mode = "eager"
+        fmt = torch.channels_last if "cl" in flags else torch.contiguous_format
+        unet.to(memory_format=fmt)
+        for name in args.steps.split(","):
+            runner = S.UNetRunner(mode)
+            fn = steps[name]
+            try:
+                with P.attention_maps(unet, maps if name == "guided" else ref_maps):
+                    sync(device)
+                    t0 = time.perf_counter()
+                    out = runner(name, fn, x, t, emb)
+                    sync(device)
+                    first = time.perf_counter() - t0
+                    times = []
+                    for _ in range(args.reps):
+                        t0 = time.perf_counter()
+                        out = runner(name, fn, x, t, emb)
+                        sync(device)
+                        times.append(time.perf_counter() - t0)
+            except Exception as e:  # noqa: BLE001 - report and go on
+                rows[f"{spec}/{name}"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+                print(spec, name, "FAILED", rows[f"{spec}/{name}"]["error"], flush=True)
+                continue
+            row = {"first_s": first, "median_ms": 1000 * statistics.median(times)}
+            if name in base_out:
+                row["max_abs_diff_vs_first_variant"] = float((out.float() - base_out[name]).abs().max())
+            else:
+                base_out[name] = out.float()
+            rows[f"{spec}/{name}"] = row
+            print(spec, name, json.dumps(row), flush=True)
+            runner.clear()
+    unet.to(memory_format=torch.contiguous_format)
+    print("\n| variant | step | first call s | median ms | max abs diff |")
+    print("| --- | --- | --- | --- | --- |")
+    for k, r in rows.items():
+        v, s = k.split("/")
+        if "error" in r:
+            print(f"| {v} | {s} | failed: {r['error'][:80]} | | |")
+        else:
+            d = r.get("max_abs_diff_vs_first_variant")
+            print(
+                f"| {v} | {s} | {r['first_s']:.2f} | {r['median_ms']:.2f} | {'-' if d is None else f'{d:.2e}'} |"
+            )
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"info": info, "rows": rows}, indent=2), "utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
