@@ -99,6 +99,42 @@ def test_console_script_runs():
     assert r.returncode == 0 and "p2pz-directions" in r.stdout
 
 
+_ENTRY = """
+import atexit, sys
+if sys.argv[1] == "torch":
+    import torch  # noqa: F401 - as every editing command has
+atexit.register(lambda: print("atexit ran", flush=True))
+sys.argv = ["p2pz", *sys.argv[2:]]
+from p2pz_directions.cli import entry
+entry()
+"""
+
+
+@pytest.mark.parametrize(
+    "torch_loaded, fast_exit, fast", [("torch", "", True), ("torch", "0", False), ("plain", "", False)]
+)
+def test_console_script_ends_without_teardown_once_torch_is_loaded(tmp_path, torch_loaded, fast_exit, fast):
+    # the output and the exit code survive os._exit; the interpreter's shutdown (atexit) is skipped
+    # only where torch was loaded, and P2PZ_FAST_EXIT=0 keeps it
+    import os
+
+    env = dict(os.environ, P2PZ_HOME=str(tmp_path), P2PZ_FAST_EXIT=fast_exit)
+    ok = subprocess.run(
+        [sys.executable, "-c", _ENTRY, torch_loaded, "--version"], capture_output=True, text=True, env=env
+    )
+    bad = subprocess.run(
+        [sys.executable, "-c", _ENTRY, torch_loaded, "show", "no-such-concept"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert ok.returncode == 0 and "p2pz-directions" in ok.stdout
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "no-such-concept" in bad.stderr
+    assert ("atexit ran" not in ok.stdout) is fast
+    if torch_loaded == "torch":  # (an unknown name may load torch itself, for the "did you mean")
+        assert ("atexit ran" not in bad.stdout) is fast
+
+
 def _options_by_command() -> dict[str, list]:
     import typer.main
 

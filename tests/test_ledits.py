@@ -292,6 +292,16 @@ def test_unknown_option_is_refused(fresh, tiny_sd1):
     _no_model_work(fresh)
 
 
+@pytest.mark.parametrize(
+    "loops, match", [("fast", "loops must be 'auto'"), ("graphs", "needs a CUDA device")]
+)
+def test_bad_loops_are_refused_before_model_work(fresh, tiny_sd1, loops, match):
+    d = _direction(encoder_for(model=str(tiny_sd1)))
+    with pytest.raises(EditorOptionError, match=match):
+        fresh.edit(_image(), d, loops=loops)
+    _no_model_work(fresh)
+
+
 def test_direction_for_another_encoder_is_refused(fresh, tiny_sd2):
     with pytest.raises(EncoderMismatchError):
         fresh.edit(_image(), _direction(encoder_for(model=str(tiny_sd2))))

@@ -410,3 +410,20 @@ def test_compiled_steps_persist_their_kernels_under_p2pz_home(monkeypatch, tmp_p
     assert torch.allclose(y, torch.sin(x) * 2 + x.cos(), atol=1e-6)
     folder = tmp_path / "home" / "torch-compile"
     assert (folder / "fxgraph").is_dir() and any((folder / "fxgraph").rglob("*")), sorted(folder.iterdir())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compile_mode_captures_the_compiled_step_as_a_graph_on_cuda(monkeypatch, tmp_path):
+    """loops='compile' on CUDA: the step is compiled, then captured and replayed as a CUDA graph (so
+    a new input gives the new result: nothing is frozen), equal to the eager step."""
+    monkeypatch.setenv("P2PZ_HOME", str(tmp_path / "home"))
+    runner = S.UNetRunner("compile")
+    fn = lambda v, w: (torch.sin(v) * w).cumsum(0)  # noqa: E731
+    a, w = torch.linspace(-1, 1, 64, device="cuda"), torch.rand(64, device="cuda")
+    first = runner("f", fn, a, w)
+    b = torch.linspace(0, 3, 64, device="cuda")
+    second = runner("f", fn, b, w)
+    (entry,) = runner.graphs.values()
+    assert entry is not None, "the compiled step was captured"
+    assert torch.allclose(first, fn(a, w), atol=1e-5) and torch.allclose(second, fn(b, w), atol=1e-5)

@@ -228,6 +228,8 @@ def test_plugin_is_discovered():
         ({"num_images_per_prompt": 0}, r"positive whole number"),
         ({"timesteps": [999, 500]}, r"does not take custom timesteps"),
         ({"callback_on_step_end_tensor_inputs": ["image"]}, r"may only hold latents, prompt_embeds"),
+        ({"loops": "fast"}, r"loops must be 'auto', 'eager', 'graphs', 'compile'"),
+        ({"loops": "graphs"}, r"loops='graphs' needs a CUDA device"),
     ],
 )
 def test_bad_option_values(tiny_sd1, opts, match):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -550,5 +551,30 @@ def main(argv: list[str] | None = None) -> int:
     return rv if isinstance(rv, int) else 0
 
 
+def entry() -> None:
+    """The ``p2pz`` console script: `main`, then `end_process`."""
+    end_process(main())
+
+
+def end_process(code: int) -> None:
+    """End the process with ``code`` once a command has returned.
+
+    A process that imported torch, diffusers and transformers spends ~1.5 s in Python's own shutdown
+    (module teardown; measured in benchmarks/RESULTS.md) after the PNG is written. So when torch is
+    loaded, the streams and log handlers are flushed and the process ends with ``os._exit``: every
+    file the command wrote is closed by then (in the kernel's hands), and no atexit handler runs.
+    ``P2PZ_FAST_EXIT=0`` keeps the full shutdown (coverage, profilers).
+    """
+    if "torch" in sys.modules and constants.fast_exit():
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a closed pipe: nothing more can be said
+                pass
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

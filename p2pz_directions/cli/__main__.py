@@ -1,7 +1,5 @@
 """`python -m p2pz_directions.cli`."""
 
-import sys
+from p2pz_directions.cli import entry
 
-from p2pz_directions.cli import main
-
-sys.exit(main())
+entry()

@@ -81,6 +81,12 @@ VARIABLES: tuple[Variable, ...] = (
         "0",
         "`1` (any value but `0`) makes the CLI print full tracebacks instead of one `error:` line (`p2pz --debug`).",
     ),
+    Variable(
+        "P2PZ_FAST_EXIT",
+        "1",
+        "`0` ends the `p2pz` command through Python's full shutdown (atexit handlers, coverage, profilers); "
+        "by default a command that loaded torch ends with `os._exit` once its output is written and flushed.",
+    ),
     Variable("P2PZ_MODEL", "CompVis/stable-diffusion-v1-4", "The Space's diffusers model.", "space"),
     Variable("P2PZ_DEMO", "0", "`1`: the Space runs the tiny random-weight demo model (CPU).", "space"),
     Variable("P2PZ_DEMO_DIR", "p2pz-app-demo", "Folder of the Space's demo model and registry.", "space"),
@@ -179,6 +185,10 @@ def debug() -> bool:
     """Any value but ``0/false/no/off`` (or empty) turns tracebacks on: a debug switch never fails."""
     raw = _raw("P2PZ_DEBUG")
     return raw is not None and raw.lower() not in _FALSE
+
+
+def fast_exit() -> bool:
+    return flag("P2PZ_FAST_EXIT", default=True)
 
 
 def hf_offline() -> bool:
