@@ -398,6 +398,18 @@ def test_compile_cache_dir_is_under_p2pz_home_unless_inductor_is_told(monkeypatc
     assert compile_cache_dir() == tmp_path / "mine"
 
 
+def test_an_unwritable_compile_cache_is_one_clear_error(monkeypatch, tmp_path):
+    from p2pz_directions.sampling.runner import compiled
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setenv("P2PZ_HOME", str(tmp_path / "file"))  # the cache would go under a file
+    with pytest.raises(OSError, match=r"kernel cache .*torch-compile cannot be written.*set P2PZ_HOME"):
+        compiled(lambda x: x)
+    with pytest.raises(OSError, match="cannot be written"):
+        S.UNetRunner("compile")("f", lambda x: x + 1, torch.ones(2))
+
+
 @pytest.mark.slow
 def test_compiled_steps_persist_their_kernels_under_p2pz_home(monkeypatch, tmp_path):
     """Issue 10: compilation is kept in a persistent cache under the p2pz cache dir, so only the first

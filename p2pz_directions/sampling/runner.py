@@ -56,7 +56,15 @@ def compile_cache_dir() -> Path:
 def compiled(fn: Callable[..., Any], **compile_kwargs: Any) -> Callable[..., Any]:
     """``torch.compile(fn, **compile_kwargs)`` with its kernels in the persistent `compile_cache_dir`."""
     folder = compile_cache_dir()
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise PermissionError(f"no write permission on {folder}")
+    except OSError as e:
+        raise OSError(
+            f"torch.compile's kernel cache {folder} cannot be written ({e.strerror or e}); set P2PZ_HOME "
+            f"(or TORCHINDUCTOR_CACHE_DIR) to a writable folder, or use loops='graphs'"
+        ) from e
     # read by inductor when it compiles (not at import), so setting it here is enough
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
     return torch.compile(fn, **compile_kwargs)
