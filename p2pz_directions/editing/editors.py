@@ -340,7 +340,7 @@ class Editor:
     def loop_mode(self, loops: str = "auto", cuda_graphs: bool | None = None) -> str:
         """The `UNetRunner` mode of an edit's loops: ``loops`` is ``"eager"``, ``"graphs"`` (CUDA
         graphs, CUDA only), ``"compile"`` (``torch.compile``d steps, replayed as CUDA graphs on CUDA;
-        the first run on a machine compiles for minutes, see docs/configuration.md) or ``"auto"``:
+        the first run on a machine compiles for minutes, see docs/editing.md "Loops") or ``"auto"``:
         CUDA graphs on a CUDA device unless the older ``cuda_graphs=False`` says eager, eager
         elsewhere."""
         from p2pz_directions.sampling.runner import RUNNER_MODES
