@@ -331,6 +331,68 @@ def test_runner_graphs_equal_eager_on_gpu(parts):
 
 
 # -- pix2pix-zero regularizers ---------------------------------------------------------------------
+def _per_call_auto_corr_grad(eps, shifts):
+    """The closed form as it was written before the gather indices were shared (one ``roll`` per
+    gather, its index built each time; repeat_interleave upsampling): the bit-for-bit reference."""
+    import torch.nn.functional as F
+
+    def roll(x, s, dim):
+        size = x.shape[dim]
+        idx = (torch.arange(size)[None, :] - s[:, None]) % size
+        idx = idx[:, None, :, None] if dim == 2 else idx[:, None, None, :]
+        return x.gather(dim, idx.expand_as(x))
+
+    b, c, h, w = eps.shape
+    x, grads = eps.reshape(b * c, 1, h, w), []
+    for lvl in range(shifts.shape[0]):
+        s = shifts[lvl]
+        rh, rh_back, rw, rw_back = roll(x, s, 2), roll(x, -s, 2), roll(x, s, 3), roll(x, -s, 3)
+        m_h = (x * rh).mean(dim=(1, 2, 3), keepdim=True)
+        m_w = (x * rw).mean(dim=(1, 2, 3), keepdim=True)
+        grads.append((m_h * (rh + rh_back) + m_w * (rw + rw_back)) * (2.0 / (x.shape[2] * x.shape[3])))
+        if x.shape[2] <= 8:
+            break
+        x = F.avg_pool2d(x, kernel_size=2)
+    g = grads[-1]
+    for finer in reversed(grads[:-1]):
+        up = g.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3) / 4
+        up = F.pad(up, (0, finer.shape[3] - up.shape[3], 0, finer.shape[2] - up.shape[2]))
+        g = finer + up
+    return g.reshape(b, c, h, w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_shared_gather_indices_change_no_bit_of_the_regularizer(dtype):
+    """Issue 10: one gather for both rolls of a level, indices made once per step for all rolls,
+    one-kernel upsampling: the same numbers bit for bit (odd pyramid sizes too), in far fewer ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    g = torch.Generator().manual_seed(0)
+    for shape in [(1, 4, 64, 64), (2, 4, 30, 22), (1, 4, 17, 9)]:
+        x = torch.randn(shape, generator=g).to(dtype)
+        shifts = S.draw_roll_shifts(shape, torch.Generator().manual_seed(1), rolls=3)
+        for k in range(3):
+            assert torch.equal(S.auto_corr_grad(x, shifts[k]), _per_call_auto_corr_grad(x, shifts[k]))
+    x, sample = torch.randn(1, 4, 64, 64, generator=g), torch.randn(1, 4, 64, 64, generator=g)
+    shifts = S.draw_roll_shifts((1, 4, 64, 64), torch.Generator().manual_seed(2), rolls=25)
+    out = S.regularize_noise_pred(x, sample, 0.5, "epsilon", shifts=shifts)
+    ref = x
+    for _ in range(5):  # diffusers' order: 5 rounds of 5 auto-correlation steps, then the KL step
+        for k in range(5 * _, 5 * _ + 5):
+            ref = ref - 20.0 * (_per_call_auto_corr_grad(ref, shifts[k]) / 5)
+        ref = ref - 20.0 * S.kl_grad(ref)
+    assert torch.equal(out, ref)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        S.regularize_noise_pred(x, sample, 0.5, "epsilon", shifts=shifts)
+    views = {"aten::unsqueeze", "aten::expand", "aten::slice", "aten::select", "aten::view", "aten::reshape"}
+    ops = [
+        e for e in prof.events()
+        if e.name.startswith("aten::") and e.name not in views
+        and not (e.cpu_parent and e.cpu_parent.name.startswith("aten::"))
+    ]  # fmt: skip
+    assert len(ops) < 1800, f"{len(ops)} ops for one inversion step's regularizer (~3400 before)"
+
+
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 def test_closed_form_regularizer_equals_autograd(prediction_type):
     g = torch.Generator().manual_seed(0)
