@@ -133,7 +133,6 @@ class DiffEditEditor(Editor):
         """Mask, invert, edit (options: `DiffEditOptions`). One generator is used in diffusers' order."""
         # 1. check inputs (images at full precision, `images.prepare_image`); the pipeline's schedulers
         user_mask, n_edit = _check(images, o)
-        self.loop_mode(o.loops, o.cuda_graphs)
         image, note = imgs.prepare_image(images if len(images) > 1 else images[0], self.image_multiple)
         comps = self.load_components(("unet", "vae", "scheduler"))
         unet, vae = comps["unet"], comps["vae"]

@@ -307,7 +307,6 @@ class LEditsEditor(Editor):
             raise EditorOptionError(
                 f"output_type must be 'pil', 'np', 'pt' or 'latent', not {opts.output_type!r}"
             )
-        self.loop_mode(opts.loops, opts.cuda_graphs)
         return opts
 
     def combine_directions(self, directions: list[Direction]) -> _Many:

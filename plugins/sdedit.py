@@ -192,7 +192,6 @@ class SDEditEditor(Editor):
                 "a prompt, use the pix2pix-zero editor"
             )
         _check_options(o)
-        self.loop_mode(o.loops, o.cuda_graphs)
         if o.mode == "target" and (o.prompt is not None or o.prompt_embeds is not None):
             raise EditorOptionError(
                 "mode='target' conditions on the target concept alone; drop prompt/prompt_embeds, or use "

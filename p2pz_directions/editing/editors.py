@@ -525,9 +525,12 @@ class Editor:
                     f"option {k!r} of editor {self.name!r} must be {_type_name(hint)}, not {type(v).__name__} ({v!r:.60})"
                 )
         try:
-            return self.options(**options)
+            opts = self.options(**options)
         except (TypeError, ValueError) as e:
             raise EditorOptionError(f"editor {self.name!r}: {e}") from None
+        if hasattr(opts, "loops"):  # every editor's loop mode, checked before any model work
+            self.loop_mode(opts.loops, getattr(opts, "cuda_graphs", None))
+        return opts
 
     def _check_options(self, options: dict[str, Any]) -> None:
         known = self.option_names()

@@ -137,14 +137,12 @@ class UNetRunner:
         if self.mode == "eager":
             return fn(*inputs)
         if self.mode == "compile":
-            ck = (name, key)
+            ck, cuda = (name, key), _on_cuda(inputs)
             if ck not in self._compiled:
-                kwargs = (
-                    {"dynamic": False, **self.compile_kwargs} if _on_cuda(inputs) else self.compile_kwargs
-                )
+                kwargs = {"dynamic": False, **self.compile_kwargs} if cuda else self.compile_kwargs
                 self._compiled[ck] = compiled(fn, **kwargs)
             fn = self._compiled[ck]
-            if not _on_cuda(inputs):
+            if not cuda:
                 return fn(*inputs)
         gk = (name, key, _signature(inputs))
         if gk not in self._graphs:
