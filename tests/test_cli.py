@@ -135,6 +135,17 @@ def test_console_script_ends_without_teardown_once_torch_is_loaded(tmp_path, tor
         assert ("atexit ran" not in bad.stdout) is fast
 
 
+def test_a_bad_fast_exit_value_is_one_error_line_before_any_work(tmp_path):
+    import os
+
+    env = dict(os.environ, P2PZ_HOME=str(tmp_path), P2PZ_FAST_EXIT="maybe")
+    r = subprocess.run(
+        [sys.executable, "-c", _ENTRY, "torch", "list"], capture_output=True, text=True, env=env
+    )
+    assert r.returncode == 2 and r.stdout == "atexit ran\n"  # no command output; a normal shutdown
+    assert r.stderr.startswith("error: P2PZ_FAST_EXIT='maybe' is neither") and r.stderr.count("\n") == 1
+
+
 def _options_by_command() -> dict[str, list]:
     import typer.main
 

@@ -552,20 +552,27 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
-    """The ``p2pz`` console script: `main`, then `end_process`."""
-    end_process(main())
+    """The ``p2pz`` console script: `main`, then `end_process`. ``P2PZ_FAST_EXIT`` is read first,
+    so a value that cannot be used is one error line before any work, not a traceback after it."""
+    try:
+        fast = constants.fast_exit()
+    except P2PZError as e:
+        err.print(f"error: {_one_line(e)}", markup=False, soft_wrap=True)
+        sys.exit(2)
+    end_process(main(), fast)
 
 
-def end_process(code: int) -> None:
+def end_process(code: int, fast: bool | None = None) -> None:
     """End the process with ``code`` once a command has returned.
 
     A process that imported torch, diffusers and transformers spends ~1.5 s in Python's own shutdown
     (module teardown; measured in benchmarks/RESULTS.md) after the PNG is written. So when torch is
     loaded, the streams and log handlers are flushed and the process ends with ``os._exit``: every
     file the command wrote is closed by then (in the kernel's hands), and no atexit handler runs.
-    ``P2PZ_FAST_EXIT=0`` keeps the full shutdown (coverage, profilers).
+    ``P2PZ_FAST_EXIT=0`` keeps the full shutdown (coverage, profilers); ``fast``, when given, is
+    that setting as read before the command ran.
     """
-    if "torch" in sys.modules and constants.fast_exit():
+    if "torch" in sys.modules and (constants.fast_exit() if fast is None else fast):
         logging.shutdown()
         for stream in (sys.stdout, sys.stderr):
             try:
