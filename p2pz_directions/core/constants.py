@@ -87,6 +87,13 @@ VARIABLES: tuple[Variable, ...] = (
         "`0` ends the `p2pz` command through Python's full shutdown (atexit handlers, coverage, profilers); "
         "by default a command that loaded torch ends with `os._exit` once its output is written and flushed.",
     ),
+    Variable(
+        "P2PZ_MODELS",
+        "auto",
+        "Which classes an editor loads a local model folder into: `auto` (p2pz's lean UNet / VAE / CLIP classes, "
+        "which import neither diffusers' models nor transformers, where the folder fits them; diffusers' and "
+        "transformers' classes otherwise), `lean` (those or an error), `diffusers` (always diffusers' / transformers').",
+    ),
     Variable("P2PZ_MODEL", "CompVis/stable-diffusion-v1-4", "The Space's diffusers model.", "space"),
     Variable("P2PZ_DEMO", "0", "`1`: the Space runs the tiny random-weight demo model (CPU).", "space"),
     Variable("P2PZ_DEMO_DIR", "p2pz-app-demo", "Folder of the Space's demo model and registry.", "space"),
@@ -185,6 +192,13 @@ def debug() -> bool:
     """Any value but ``0/false/no/off`` (or empty) turns tracebacks on: a debug switch never fails."""
     raw = _raw("P2PZ_DEBUG")
     return raw is not None and raw.lower() not in _FALSE
+
+
+def model_classes() -> str:
+    value = text("P2PZ_MODELS").lower()
+    if value not in ("auto", "lean", "diffusers"):
+        raise ConfigError(f"P2PZ_MODELS={value!r} must be auto, lean or diffusers; unset it for auto")
+    return value
 
 
 def fast_exit() -> bool:

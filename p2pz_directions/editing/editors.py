@@ -153,6 +153,7 @@ class Editor:
         encoder: EncoderInfo | str | None = None,
         revision: str | None = None,
         variant: str | None = None,
+        models: str | None = None,
         **kwargs: Any,
     ) -> None:
         if model is None and pipe is None:
@@ -167,6 +168,13 @@ class Editor:
             )
         self.model = os.fspath(model) if model is not None else None
         self.pipe = pipe
+        self.models = constants.model_classes() if models is None else models
+        if self.models not in MODEL_CLASSES:
+            raise EditorOptionError(
+                f"models must be one of {', '.join(map(repr, MODEL_CLASSES))}, not {self.models!r}"
+            )
+        #: components that could not load lean under models="auto", with the reason (diffusers' class was used)
+        self.lean_fallbacks: dict[str, str] = {}
         self.revision = revision
         self.variant = variant
         dtype = parse_dtype(dtype)
@@ -301,7 +309,23 @@ class Editor:
         classes = {n: self._component_class(n, index.get(n)) for n in names}
         return {n: self._load_one(n, classes[n]) for n in names}
 
+    def _lean_allowed(self, name: str, spec: Any) -> bool:
+        """Whether component ``name`` loads into p2pz's lean classes (`p2pz_directions.lean`): a local
+        diffusers folder (no ``revision``), ``models`` not ``"diffusers"``, and a class they stand in for."""
+        from p2pz_directions.lean.loading import lean_spec
+
+        return (
+            self.models != "diffusers"
+            and self.pipe is None
+            and self.model is not None
+            and self.revision is None
+            and os.path.isdir(self.model)
+            and lean_spec(name, spec)
+        )
+
     def _component_class(self, name: str, spec: Any) -> Any:
+        if self._lean_allowed(name, spec):
+            return _LeanComponent(name, spec)
         defaults = {
             "unet": ("diffusers", "UNet2DConditionModel"),
             "vae": ("diffusers", "AutoencoderKL"),
@@ -315,6 +339,27 @@ class Editor:
         return getattr(importlib.import_module(lib), cls_name)
 
     def _load_one(self, name: str, cls: Any) -> Any:
+        if isinstance(cls, _LeanComponent):
+            from p2pz_directions.lean import LeanUnsupported
+            from p2pz_directions.lean.loading import load_component
+
+            try:
+                return load_component(
+                    name, self.model, dtype=self.dtype, device=self.device, variant=self.variant
+                )
+            except LeanUnsupported as e:
+                if self.models == "lean":
+                    raise EditorError(
+                        f"cannot load {name} of {self.model} into p2pz's lean classes: {e}. Use models='auto' "
+                        "(or P2PZ_MODELS=auto), which then loads diffusers' / transformers' class"
+                    ) from None
+                self.lean_fallbacks[name] = str(e)
+                spec = cls.spec
+                saved, self.models = self.models, "diffusers"
+                try:
+                    cls = self._component_class(name, spec)
+                finally:
+                    self.models = saved
         kw: dict[str, Any] = {"subfolder": name}
         if self.revision:
             kw["revision"] = self.revision
@@ -582,6 +627,19 @@ def _type_name(hint: Any) -> str:
     if isinstance(hint, type):
         return hint.__name__
     return str(hint).replace("typing.", "")
+
+
+#: ``models=`` (or P2PZ_MODELS): ``auto`` loads a local SD 1.x / 2.x folder into p2pz's lean classes
+#: where they fit and diffusers' / transformers' classes otherwise; ``lean`` insists; ``diffusers`` never uses them
+MODEL_CLASSES = ("auto", "lean", "diffusers")
+
+
+@dataclass(frozen=True)
+class _LeanComponent:
+    """`Editor._component_class`'s answer for a component that loads into a lean class."""
+
+    name: str
+    spec: Any
 
 
 def _model_index(model: str | None, revision: str | None) -> dict[str, Any]:
