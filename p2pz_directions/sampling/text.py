@@ -46,7 +46,8 @@ def encode_text(
     if clip_skip is None:
         return text_encoder(ids, attention_mask=mask)[0]
     out = text_encoder(ids, attention_mask=mask, output_hidden_states=True)
-    return text_encoder.text_model.final_layer_norm(out[-1][-(clip_skip + 1)])
+    tower = getattr(text_encoder, "text_model", text_encoder)  # transformers 5 has no .text_model
+    return tower.final_layer_norm(out[-1][-(clip_skip + 1)])
 
 
 @torch.no_grad()
