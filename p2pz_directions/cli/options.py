@@ -17,9 +17,10 @@ import difflib
 import json
 import os
 import re
+import sys
 import threading
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -513,23 +514,79 @@ def print_table(console: Any, table: Any) -> None:
 # --- quiet model loading ------------------------------------------------------------------------
 def quiet_loading() -> None:
     """No "Loading weights" / "Writing model shards" bars and no library warnings while our own
-    progress bars run (Hub download bars stay: a real download is worth watching)."""
+    progress bars run (Hub download bars stay: a real download is worth watching).
+
+    transformers and diffusers are not imported for this: a lean edit never loads them. Their
+    verbosity comes from the environment at import; the transformers bar switch is applied when
+    (if ever) ``transformers.utils.logging`` is imported (`after_import`)."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    try:
-        from transformers.utils import logging as tlog
+    after_import("transformers.utils.logging", _quiet_transformers)
+    after_import("diffusers.utils.logging", lambda m: m.set_verbosity_error())
 
-        tlog.set_verbosity_error()
-        tlog.disable_progress_bar()
-        if not os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS"):
-            from huggingface_hub.utils import enable_progress_bars
 
-            enable_progress_bars()
-    except Exception:  # noqa: BLE001 - cosmetics only
-        pass
-    try:
-        from diffusers.utils import logging as dlog
+def _quiet_transformers(tlog: Any) -> None:
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+    if not os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS"):
+        from huggingface_hub.utils import enable_progress_bars
 
-        dlog.set_verbosity_error()
-    except Exception:  # noqa: BLE001 - cosmetics only
-        pass
+        enable_progress_bars()
+
+
+def after_import(name: str, action: Callable[[Any], None]) -> None:
+    """Run ``action(module)`` once module ``name`` is imported: now if it already is, else right after
+    its import (a cosmetic hook: an error in ``action`` is ignored)."""
+
+    def run(module: Any) -> None:
+        try:
+            action(module)
+        except Exception:  # noqa: BLE001 - cosmetics only
+            pass
+
+    if name in sys.modules:
+        run(sys.modules[name])
+        return
+    _AfterImport.install().actions.setdefault(name, []).append(run)
+
+
+class _AfterImport:
+    """A `sys.meta_path` finder that finds nothing itself: it wraps the loader of the modules it
+    watches so that their actions run after the module's code."""
+
+    _installed: _AfterImport | None = None
+
+    def __init__(self) -> None:
+        self.actions: dict[str, list[Callable[[Any], None]]] = {}
+
+    @classmethod
+    def install(cls) -> _AfterImport:
+        if cls._installed is None or cls._installed not in sys.meta_path:
+            cls._installed = cls()
+            sys.meta_path.insert(0, cls._installed)
+        return cls._installed
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        actions = self.actions.pop(name, None)
+        if actions is None:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        loader = spec.loader
+        if loader is None or not hasattr(loader, "exec_module"):
+            return spec
+        exec_module = loader.exec_module
+
+        def exec_and_act(module: Any) -> None:
+            exec_module(module)
+            for act in actions:
+                act(module)
+
+        loader.exec_module = exec_and_act  # type: ignore[method-assign]
+        return spec
