@@ -501,3 +501,30 @@ def test_compile_mode_captures_the_compiled_step_as_a_graph_on_cuda(monkeypatch,
     (entry,) = runner.graphs.values()
     assert entry is not None, "the compiled step was captured"
     assert torch.allclose(first, fn(a, w), atol=1e-5) and torch.allclose(second, fn(b, w), atol=1e-5)
+
+
+def test_randn_draws_as_diffusers_randn_tensor():
+    """`randn` is written without diffusers; it must draw what ``randn_tensor`` draws."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from p2pz_directions.sampling.latents import randn
+
+    shape = (3, 4, 5, 6)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for make in (
+            lambda: torch.Generator().manual_seed(7),
+            lambda: [torch.Generator().manual_seed(s) for s in (1, 2, 3)],
+            lambda: [torch.Generator().manual_seed(9)],
+        ):
+            want = randn_tensor(
+                shape if not isinstance(make(), list) or len(make()) > 1 else (1, 4, 5, 6),
+                generator=make(),
+                device=torch.device("cpu"),
+                dtype=dtype,
+            )
+            got = randn(tuple(want.shape), make(), "cpu", dtype)
+            assert got.dtype == dtype and torch.equal(got, want)
+    torch.manual_seed(3)
+    want = randn_tensor(shape, generator=None, device=torch.device("cpu"), dtype=torch.float32)
+    torch.manual_seed(3)
+    assert torch.equal(randn(shape, None, "cpu", torch.float32), want)

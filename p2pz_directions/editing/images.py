@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from p2pz_directions.core.errors import P2PZError
 
@@ -101,16 +101,12 @@ def open_image(path: str | os.PathLike) -> Image.Image:
         raise ImageError(f"image file not found: {path}")
     if path.is_dir():
         raise ImageError(f"{path} is a folder, not an image file")
-    from diffusers.utils import load_image as diffusers_load_image
-
-    # diffusers' own loader (EXIF orientation, as the pipelines' users load images), with our
-    # `to_rgb`. It imports torch and diffusers (about 7 s cold on 2 busy cores); every caller has
-    # loaded them by then (editors, batch workers, eval, the app), and ``p2pz --help/list/show`` never
-    # open an image.
+    # as diffusers' ``load_image`` does (EXIF orientation, then the conversion), with our `to_rgb`;
+    # written here so that opening a photo does not import diffusers
     try:
-        with Image.open(path) as im:  # opened (and closed) here: diffusers' own open leaves it open
+        with Image.open(path) as im:  # opened and closed here: nothing is left open
             im.load()
-            return diffusers_load_image(im, convert_method=to_rgb)
+            return to_rgb(ImageOps.exif_transpose(im))
     except UnidentifiedImageError:
         head = path.read_bytes()[:64]
         kind = "a text file" if _looks_like_text(head) else "not an image format Pillow can read"

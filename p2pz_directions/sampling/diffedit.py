@@ -118,7 +118,7 @@ def draw_latents(encoded: Any, repeats: int, generator: Any, scaling_factor: flo
     with ``generator`` (diffusers' mask step), for one VAE pass. A VAE without a distribution
     (``AutoencoderTiny``) gives its latents, repeated.
     """
-    from diffusers.utils.torch_utils import randn_tensor
+    from p2pz_directions.sampling.latents import randn
 
     def rep(
         x: torch.Tensor,
@@ -129,7 +129,7 @@ def draw_latents(encoded: Any, repeats: int, generator: Any, scaling_factor: flo
     if dist is None:
         return scaling_factor * rep(encoded.latents)
     mean, std = rep(dist.mean), rep(dist.std)
-    eps = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    eps = randn(mean.shape, generator, mean.device, mean.dtype)
     return scaling_factor * (mean + std * eps)
 
 

@@ -34,11 +34,27 @@ def make_generator(seed: int | None, device: str | torch.device = "cpu") -> torc
 def randn(
     shape: tuple[int, ...], generator: Any, device: torch.device | str, dtype: torch.dtype
 ) -> torch.Tensor:
-    """Gaussian noise as diffusers' ``randn_tensor`` draws it: on the generator's device, then moved;
-    a list of generators draws one row each."""
-    from diffusers.utils.torch_utils import randn_tensor
-
-    return randn_tensor(shape, generator=generator, device=torch.device(device), dtype=dtype)
+    """Gaussian noise as diffusers' ``randn_tensor`` draws it: on the generator's device (a CPU
+    generator for a CUDA tensor draws on the CPU, then moves), a list of generators one row each.
+    (Written here so that drawing noise does not import diffusers; tests/test_sampling.py holds
+    it equal to ``randn_tensor``.)"""
+    device = torch.device(device)
+    rand_device: torch.device | str = device
+    if generator is not None:
+        gen_type = (generator[0] if isinstance(generator, list) else generator).device.type
+        if gen_type != device.type and gen_type == "cpu":
+            rand_device = "cpu"
+        elif gen_type != device.type and gen_type == "cuda":
+            raise ValueError(f"cannot draw a {device} tensor from a generator on {gen_type}")
+    if isinstance(generator, list) and len(generator) == 1:
+        generator = generator[0]
+    if isinstance(generator, list):
+        row = (1, *shape[1:])
+        rows = [
+            torch.randn(row, generator=generator[i], device=rand_device, dtype=dtype) for i in range(shape[0])
+        ]
+        return torch.cat(rows, dim=0).to(device)
+    return torch.randn(tuple(shape), generator=generator, device=rand_device, dtype=dtype).to(device)
 
 
 def vae_scale_factor(vae: Any) -> int:

@@ -97,11 +97,11 @@ def ddpm_noisy_latents(
 
     The draws come in order of increasing t, one ``randn`` of ``x0.shape`` each, as diffusers'
     ``invert`` draws them (so a seeded generator gives the same maps)."""
-    from diffusers.utils.torch_utils import randn_tensor
+    from p2pz_directions.sampling.latents import randn
 
     xts = [x0]
     for t in reversed(timesteps):
-        noise = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        noise = randn(x0.shape, generator, x0.device, x0.dtype)
         t_in = torch.tensor([int(t)], dtype=torch.long)
         xts.append(scheduler.add_noise(x0, noise, t_in))
     return torch.stack(xts)
