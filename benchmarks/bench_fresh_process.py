@@ -316,6 +316,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--opt", action="append", default=[], help="an editor option for every edit, e.g. loops=compile"
     )
+    ap.add_argument(
+        "--models",
+        default="auto",
+        help="comma list of P2PZ_MODELS values to time, each in its own processes: auto (p2pz's lean model "
+        "classes, the default), diffusers (diffusers' / transformers' classes)",
+    )
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument(
         "--profile", type=Path, default=None, help="also one cProfiled run per editor, into this folder"
@@ -342,18 +348,22 @@ def main(argv: list[str] | None = None) -> int:
         results["info"]["prepare_s"] = prep["prepare_s"]
         extra_env = {"TORCHINDUCTOR_CACHE_DIR": args.cache_dir} if args.cache_dir else {}
         print(json.dumps(results["info"]), flush=True)
-        for editor in args.editors.split(","):
+        for editor, models in [(e, m) for e in args.editors.split(",") for m in args.models.split(",")]:
+            key = editor if models == "auto" else f"{editor} (P2PZ_MODELS={models})"
+            env_m = dict(extra_env, P2PZ_MODELS=models)
             rows = []
             for i in range(args.runs):
-                row = run_ours(prep, editor, work / f"{editor}-{i}.png", steps, device, extra_env, args.opt)
+                row = run_ours(
+                    prep, editor, work / f"{editor}-{models}-{i}.png", steps, device, env_m, args.opt
+                )
                 rows.append(row)
-                print(editor, i, json.dumps(row), flush=True)
+                print(key, i, json.dumps(row), flush=True)
             if args.profile:
                 args.profile.mkdir(parents=True, exist_ok=True)
-                env = dict(extra_env, P2PZ_BENCH_PROFILE=str(args.profile / f"{editor}.txt"))
+                env = dict(env_m, P2PZ_BENCH_PROFILE=str(args.profile / f"{editor}-{models}.txt"))
                 run_ours(prep, editor, work / f"{editor}-prof.png", steps, device, env, args.opt)
             ok = [r for r in rows if "error" not in r]
-            results["ours"][editor] = {
+            results["ours"][key] = {
                 "first_run_s": rows[0]["wall_s"],
                 "median_later_s": statistics.median(r["wall_s"] for r in ok[1:]) if len(ok) > 1 else None,
                 "runs": rows,
