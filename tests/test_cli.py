@@ -196,3 +196,30 @@ def test_batch_and_demo_take_output_and_the_old_out():
     for name in ("batch", "demo"):
         (out,) = [p for p in _options_by_command()[name] if "-o" in p.opts]
         assert out.opts[0] == "--output" and "--out" in out.opts
+
+
+def test_quiet_loading_waits_for_the_libraries_to_be_imported(tmp_path):
+    """`quiet_loading` imports neither transformers nor diffusers (seconds each in a fresh process);
+    their quieting runs when they are imported, and at once for a module already imported."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from p2pz_directions.cli.options import after_import, quiet_loading\n"
+        "quiet_loading()\n"
+        "assert 'transformers' not in sys.modules and 'diffusers' not in sys.modules\n"
+        "import json\n"
+        "seen = []\n"
+        "after_import('json', lambda m: seen.append(('now', m.__name__)))\n"
+        "after_import('wave', lambda m: seen.append(('later', m.__name__, hasattr(m, 'open'))))\n"
+        "after_import('wave', lambda m: 1 / 0)  # an error in a cosmetic action is ignored\n"
+        "assert seen == [('now', 'json')], seen\n"
+        "import wave\n"
+        "assert seen[-1] == ('later', 'wave', True), seen\n"
+        "from transformers.utils import logging as tlog\n"
+        "assert tlog.get_verbosity() == tlog.ERROR and not tlog.is_progress_bar_enabled()\n"
+        "print('ok')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
