@@ -150,13 +150,13 @@ def load_image(src: Any) -> Image.Image:
             raise ImageError(f"an image array must be [H, W], [H, W, 3] or [H, W, 4]; got {list(src.shape)}")
         if arr.dtype == np.uint8:
             return to_rgb(Image.fromarray(arr))
-        from diffusers.image_processor import VaeImageProcessor
+        from p2pz_directions.lean.pixels import PixelProcessor
 
         # floats in 0..1 to 8 bits as the pipelines' ``output_type="pil"`` does (x * 255, rounded);
         # clipped first: diffusers' cast would wrap 1.01 around to 2
         batch = np.clip(arr.astype(np.float64), 0.0, 1.0)
         batch = batch[None, :, :, None] if batch.ndim == 2 else batch[None]
-        return to_rgb(VaeImageProcessor.numpy_to_pil(batch)[0])
+        return to_rgb(PixelProcessor.numpy_to_pil(batch)[0])
     raise ImageError(
         f"cannot use a {type(src).__name__} as an image; give a path, PIL image, array or tensor"
     )
@@ -183,11 +183,11 @@ def fit_to_multiple(
     >>> im.size, note
     ((512, 296), 'resized 515x300 -> 512x296 (sides must be multiples of 8)')
     """
-    from diffusers.image_processor import VaeImageProcessor
+    from p2pz_directions.lean.pixels import PixelProcessor
 
     w, h = img.size
     _floor_size(w, h, multiple)  # a side below ``multiple`` is an ImageError, not a 0-pixel image
-    proc = VaeImageProcessor(vae_scale_factor=multiple)  # the pipelines' own rule and resampler
+    proc = PixelProcessor(vae_scale_factor=multiple)  # the pipelines' own rule and resampler
     nh, nw = proc.get_default_height_width(img)
     if (nw, nh) == (w, h):
         return img, None
@@ -415,11 +415,11 @@ def to_pixels(
     >>> to_pixels(np.ones((1, 16, 16, 3))).unique().tolist()
     [1.0]
     """
-    from diffusers.image_processor import VaeImageProcessor
+    from p2pz_directions.lean.pixels import PixelProcessor
 
     if isinstance(images, (str, os.PathLike)) or (isinstance(images, Image.Image) and images.mode != "RGB"):
         images, _ = prepare_image(images, vae_scale_factor, warn=False)
-    proc = VaeImageProcessor(vae_scale_factor=vae_scale_factor)
+    proc = PixelProcessor(vae_scale_factor=vae_scale_factor)
     with warnings.catch_warnings():
         warnings.filterwarnings(
             "ignore", message=r".*value range in \[-1,1\] is deprecated", category=FutureWarning

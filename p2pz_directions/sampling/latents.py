@@ -63,10 +63,12 @@ def vae_scale_factor(vae: Any) -> int:
 
 
 def image_processor(vae: Any) -> Any:
-    """diffusers' ``VaeImageProcessor`` for ``vae`` (as the SD pipelines build it)."""
-    from diffusers.image_processor import VaeImageProcessor
+    """The SD pipelines' ``VaeImageProcessor(vae_scale_factor=...)`` for ``vae``: p2pz's
+    `PixelProcessor`, which does what it does without importing diffusers (and hands the inputs it
+    does not handle to diffusers' class)."""
+    from p2pz_directions.lean.pixels import PixelProcessor
 
-    return VaeImageProcessor(vae_scale_factor=vae_scale_factor(vae))
+    return PixelProcessor(vae_scale_factor=vae_scale_factor(vae))
 
 
 def preprocess_images(
