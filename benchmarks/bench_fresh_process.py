@@ -7,6 +7,8 @@ captioner) are prepared once, untimed. Then, each in a new Python process:
 - ours: ``p2pz edit photo.png -d "cat->dog" --editor E --model DIR --prompt ... -o out.png`` for each
   editor, run ``--runs`` times. The first run on a machine also fills the persistent caches (compiled
   kernels under the p2pz cache dir); it is reported on its own, the later runs as a median.
+- with ``--models auto,diffusers``, each editor also with ``P2PZ_MODELS=diffusers`` (diffusers' /
+  transformers' model and scheduler classes instead of p2pz's lean ones), in the same run;
 - diffusers (pix2pix-zero only; diffusers has no CLI): a script that imports diffusers, loads
   ``StableDiffusionPix2PixZeroPipeline.from_pretrained(DIR, torch_dtype=float16)`` onto the GPU, inverts
   and edits the same picture with the same embeddings, and writes the PNG.

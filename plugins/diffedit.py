@@ -190,8 +190,7 @@ class DiffEditEditor(Editor):
         }:
             import warnings
 
-            from diffusers import DDIMScheduler
-
+            DDIMScheduler = S.scheduler_class("DDIMScheduler", like=scheduler)  # noqa: N806
             warnings.warn(
                 f"{self.model_label} ships {type(scheduler).__name__}, which DiffEdit does not run; using "
                 f"DDIMScheduler with its settings (pass pipe= with DPMSolverMultistepScheduler for DPM-Solver)",

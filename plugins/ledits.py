@@ -442,14 +442,12 @@ def _one(images: Any) -> Any:
 def ledits_scheduler(scheduler: Any) -> Any:
     """A copy of ``scheduler`` with ``timestep_spacing="leading"``: DDIM or the 2nd-order SDE
     DPM-Solver++ as given; any other class becomes that DPM-Solver++ (as diffusers' pipeline does)."""
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
-
     config = dict(scheduler.config)
     config.pop("_use_default_values", None)
     config["timestep_spacing"] = "leading"
-    if isinstance(scheduler, DDIMScheduler):
+    if S.is_scheduler(scheduler, "DDIMScheduler"):
         return type(scheduler).from_config(config)
-    if isinstance(scheduler, DPMSolverMultistepScheduler):
+    if S.is_scheduler(scheduler, "DPMSolverMultistepScheduler"):
         out = type(scheduler).from_config(config)
         if not L.supports_scheduler(out):
             raise EditorOptionError(
@@ -458,6 +456,8 @@ def ledits_scheduler(scheduler: Any) -> Any:
                 f"DPMSolverMultistepScheduler.from_config(config, algorithm_type='sde-dpmsolver++', solver_order=2)"
             )
         return out
+    from diffusers import DPMSolverMultistepScheduler
+
     return DPMSolverMultistepScheduler.from_config(config, algorithm_type="sde-dpmsolver++", solver_order=2)
 
 

@@ -247,16 +247,16 @@ class Pix2PixZeroEditor(Editor):
             sched = self._scheduler or getattr(self.pipe, "scheduler", None)
             inverse = self._inverse_scheduler or getattr(self.pipe, "inverse_scheduler", None)
             return sched, inverse
-        from diffusers import DDIMInverseScheduler, DDIMScheduler
-
         sched = self._scheduler
         if sched is None:
             sched = self.load_components(("scheduler",))["scheduler"]
             if type(sched).__name__ not in SCHEDULERS:
-                sched = S.copy_scheduler(sched, DDIMScheduler)
+                sched = S.copy_scheduler(sched, S.scheduler_class("DDIMScheduler", like=sched))
             self._scheduler = sched
         if self._inverse_scheduler is None:
-            self._inverse_scheduler = S.copy_scheduler(sched, DDIMInverseScheduler)
+            self._inverse_scheduler = S.copy_scheduler(
+                sched, S.scheduler_class("DDIMInverseScheduler", like=sched)
+            )
         return sched, self._inverse_scheduler
 
     def encode_text(self, prompts: str | list[str], clip_skip: int | None = None) -> torch.Tensor:

@@ -370,17 +370,16 @@ def test_p2pz_models_variable(tiny_sd1, monkeypatch):
         editors.get("sdedit", model=str(tiny_sd1))
 
 
-def test_a_lean_cli_edit_imports_neither_transformers_nor_diffusers_models(tiny_sd1, tmp_path):
-    """What the lean classes are for: ``p2pz edit`` with a local folder loads no model module of
-    diffusers and nothing of transformers (each costs seconds in a fresh process)."""
+def test_a_lean_cli_edit_imports_neither_transformers_nor_diffusers(tiny_sd1, tmp_path):
+    """What the lean classes are for: ``p2pz edit`` with a local SD folder imports nothing of
+    diffusers or transformers (seconds each in a fresh process): models, scheduler, pixels are lean."""
     _pair(tiny_sd1)
     photo = tmp_path / "photo.png"
     _photo().save(photo)
     code = (
         "import sys; from p2pz_directions import cli\n"
         "rc = cli.main(sys.argv[1:])\n"
-        "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'transformers' or m.startswith('diffusers.models')"
-        " or m.startswith('diffusers.loaders'))\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'diffusers'))\n"
         "print('IMPORTED', bad)\n"
     )
     for editor in ("sdedit", "pix2pix-zero", "diffedit"):
@@ -451,3 +450,181 @@ def test_lean_classes_equal_diffusers_on_cuda_in_float16(editor, tiny_sd1):
         out[models] = np.asarray(ed.edit(_photo(), d, seed=0, **EDITS[editor]).image, dtype=np.float64)
     diff = float(np.abs(out["lean"] - out["diffusers"]).max())
     assert diff == 0.0, f"{editor}: max abs difference {diff:.3e}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# pixels: PixelProcessor is VaeImageProcessor without diffusers
+# ---------------------------------------------------------------------------------------------------
+def _pixel_inputs():
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.RandomState(0)
+    rgb = lambda w, h: Image.fromarray((rng.rand(h, w, 3) * 255).astype(np.uint8))  # noqa: E731
+    yield "pil", rgb(40, 32), {}
+    yield "pil-odd-size", rgb(43, 37), {}
+    yield "pil-list-sized", [rgb(40, 40), rgb(40, 40)], {"height": 24, "width": 32}
+    yield "np-hwc", rng.rand(32, 40, 3).astype(np.float32), {}
+    yield "np-nhwc", rng.rand(2, 36, 20, 3).astype(np.float32), {"height": 16, "width": 16}
+    yield "np-list", [rng.rand(16, 16, 3).astype(np.float32)] * 2, {}
+    yield "pt-chw", torch.rand(3, 32, 32), {}
+    yield "pt-nchw-minus1", torch.rand(2, 3, 16, 24) * 2 - 1, {}
+    yield "pt-latents", torch.randn(1, 4, 8, 8), {}
+    yield "pt-list", [torch.rand(3, 16, 16), torch.rand(3, 16, 16)], {"height": 8, "width": 8}
+    yield "pil-rgba (diffusers' class)", Image.new("RGBA", (16, 16), (1, 2, 3, 4)), {}
+    yield "np-gray (diffusers' class)", rng.rand(16, 16).astype(np.float32), {}
+
+
+@pytest.mark.parametrize("name,image,kw", list(_pixel_inputs()), ids=[n for n, *_ in _pixel_inputs()])
+def test_pixel_processor_is_vae_image_processor(name, image, kw):
+    import warnings
+
+    import numpy as np
+    from diffusers.image_processor import VaeImageProcessor
+
+    from p2pz_directions.lean.pixels import PixelProcessor
+
+    ours, theirs = PixelProcessor(vae_scale_factor=8), VaeImageProcessor(vae_scale_factor=8)
+    with warnings.catch_warnings(record=True) as w_ours:
+        warnings.simplefilter("always")
+        got = ours.preprocess(image, **kw)
+    with warnings.catch_warnings(record=True) as w_theirs:
+        warnings.simplefilter("always")
+        want = theirs.preprocess(image, **kw)
+    assert got.dtype == want.dtype and torch.equal(got, want)
+    assert [type(x.message) for x in w_ours] == [type(x.message) for x in w_theirs]
+    if got.shape[1] == 3:
+        x = (torch.rand_like(got) * 2.4 - 1.2).clamp(-1.3, 1.3)
+        assert torch.equal(ours.postprocess(x, "pt"), theirs.postprocess(x, "pt"))
+        assert np.array_equal(ours.postprocess(x, "np"), theirs.postprocess(x, "np"))
+        for a, b in zip(ours.postprocess(x, "pil"), theirs.postprocess(x, "pil"), strict=True):
+            assert np.array_equal(np.asarray(a), np.asarray(b))
+        assert ours.postprocess(x, "latent") is x
+    if not isinstance(image, list) and (not hasattr(image, "ndim") or image.ndim == 4):
+        assert ours.get_default_height_width(image) == theirs.get_default_height_width(image)
+
+
+# ---------------------------------------------------------------------------------------------------
+# schedulers: DDIM, DDIM-inverse and PNDM without diffusers
+# ---------------------------------------------------------------------------------------------------
+def _walk(s, steps, eta, seed=0):
+    import inspect
+
+    s.set_timesteps(steps)
+    g = torch.Generator().manual_seed(seed)
+    lat = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    out = []
+    for i, t in enumerate(s.timesteps):
+        eps = torch.sin(lat * (i + 1)) * 0.5
+        extra = dict(eta=eta, generator=g) if "eta" in inspect.signature(s.step).parameters else {}
+        res = s.step(eps, t, lat, **extra)
+        lat = res.prev_sample
+        out.append(lat)
+    return torch.stack(out), s.timesteps.clone()
+
+
+def _grid(name):
+    import itertools
+
+    grid = {
+        "beta_schedule": ["linear", "scaled_linear", "squaredcos_cap_v2"],
+        "prediction_type": ["epsilon", "v_prediction"] + (["sample"] if name != "PNDMScheduler" else []),
+        "timestep_spacing": ["leading", "trailing"]
+        + (["linspace"] if name != "DDIMInverseScheduler" else []),
+        "steps_offset": [0, 1],
+        "set_alpha_to_one": [True, False],
+        **{
+            "DDIMScheduler": {
+                "clip_sample": [True, False],
+                "rescale_betas_zero_snr": [False, True],
+                "thresholding": [False, True],
+            },
+            "DDIMInverseScheduler": {"clip_sample": [True, False]},
+            "PNDMScheduler": {"skip_prk_steps": [True, False]},
+        }[name],
+    }
+    for vals in itertools.product(*grid.values()):
+        cfg = dict(zip(grid, vals, strict=True), beta_start=0.00085, beta_end=0.012)
+        if not cfg.get("rescale_betas_zero_snr") or cfg["prediction_type"] == "v_prediction":
+            yield cfg
+
+
+@pytest.mark.parametrize("name", ["DDIMScheduler", "DDIMInverseScheduler", "PNDMScheduler"])
+def test_lean_schedulers_step_as_diffusers(name):
+    import diffusers
+
+    from p2pz_directions.lean.schedulers import SCHEDULERS
+
+    ours, theirs = SCHEDULERS[name], getattr(diffusers, name)
+    n = 0
+    for cfg in _grid(name):
+        for steps, eta in [(5, 0.0), (7, 0.7)] if name == "DDIMScheduler" else [(5, 0.0), (6, 0.0)]:
+            a, ta = _walk(theirs(**cfg), steps, eta)
+            b, tb = _walk(ours(**cfg), steps, eta)
+            assert torch.equal(ta, tb), (cfg, steps)
+            assert torch.allclose(a, b, rtol=0, atol=0, equal_nan=True), (cfg, steps, eta)
+            n += 1
+    assert n > 100
+    # add_noise, scale_model_input, attributes the samplers read
+    s, d = ours(beta_schedule="scaled_linear"), theirs(beta_schedule="scaled_linear")
+    x, noise, t = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8), torch.tensor([10, 500, 999])
+    assert hasattr(s, "add_noise") == hasattr(d, "add_noise")
+    if hasattr(d, "add_noise"):
+        assert torch.equal(s.add_noise(x, noise, t), d.add_noise(x, noise, t))
+    assert s.scale_model_input(x, 3) is x and s.init_noise_sigma == d.init_noise_sigma and s.order == d.order
+    assert torch.equal(s.alphas_cumprod, d.alphas_cumprod) and len(s) == len(d)
+
+
+@pytest.mark.parametrize("name", ["DDIMScheduler", "DDIMInverseScheduler", "PNDMScheduler"])
+def test_lean_scheduler_configs_follow_diffusers(name, tmp_path):
+    import inspect
+
+    import diffusers
+
+    from p2pz_directions.lean.schedulers import SCHEDULERS
+    from p2pz_directions.sampling.schedulers import copy_scheduler
+
+    ours, theirs = SCHEDULERS[name], getattr(diffusers, name)
+
+    def sig(c):
+        return [
+            (p.name, p.default)
+            for p in inspect.signature(c.__init__).parameters.values()
+            if p.name not in ("self", "kwargs")
+        ]
+
+    assert sig(ours) == sig(theirs)
+    a, b = ours(beta_start=0.00085, steps_offset=1), theirs(beta_start=0.00085, steps_offset=1)
+    strip = lambda c: {k: v for k, v in c.items() if k != "_use_default_values"}  # noqa: E731
+    assert strip(a.config) == strip(b.config) and a.config.steps_offset == 1
+    assert set(a.config["_use_default_values"]) == set(b.config["_use_default_values"])
+    theirs(beta_schedule="scaled_linear", steps_offset=1).save_pretrained(tmp_path / "s")
+    loaded, want = ours.from_pretrained(tmp_path / "s"), theirs.from_pretrained(tmp_path / "s")
+    assert dict(loaded.config) == dict(want.config)
+    # from one class to another, as copy_scheduler and from_config do it (PNDM and DDIM differ on set_alpha_to_one)
+    for target in ("DDIMScheduler", "DDIMInverseScheduler"):
+        got = copy_scheduler(ours(beta_schedule="scaled_linear", steps_offset=1), SCHEDULERS[target])
+        ref = copy_scheduler(
+            theirs(beta_schedule="scaled_linear", steps_offset=1), getattr(diffusers, target)
+        )
+        assert strip(got.config) == strip(ref.config), target
+        assert (
+            SCHEDULERS[target].from_config(dict(b.config)).config
+            == SCHEDULERS[target].from_config(dict(a.config)).config
+        )
+    with pytest.raises(TypeError, match="no setting"):
+        ours(beta_stat=0.1)
+
+
+def test_scheduler_from_folder_refuses_other_classes(tmp_path):
+    import diffusers
+
+    from p2pz_directions.lean.schedulers import scheduler_from_folder
+
+    diffusers.EulerDiscreteScheduler().save_pretrained(tmp_path / "m" / "scheduler")
+    with pytest.raises(LeanUnsupported, match="EulerDiscreteScheduler"):
+        scheduler_from_folder(tmp_path / "m")
+    diffusers.PNDMScheduler(skip_prk_steps=True).save_pretrained(tmp_path / "p" / "scheduler")
+    s = scheduler_from_folder(tmp_path / "p")
+    assert type(s).__name__ == "PNDMScheduler" and type(s).__module__ == "p2pz_directions.lean.schedulers"
+    assert s.config.skip_prk_steps is True

@@ -90,8 +90,8 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(
         "P2PZ_MODELS",
         "auto",
-        "Which classes an editor loads a local model folder into: `auto` (p2pz's lean UNet / VAE / CLIP classes, "
-        "which import neither diffusers' models nor transformers, where the folder fits them; diffusers' and "
+        "Which classes an editor loads a local model folder into: `auto` (p2pz's lean UNet / VAE / CLIP / scheduler "
+        "classes, which import neither diffusers nor transformers, where the folder fits them; diffusers' and "
         "transformers' classes otherwise), `lean` (those or an error), `diffusers` (always diffusers' / transformers').",
     ),
     Variable("P2PZ_MODEL", "CompVis/stable-diffusion-v1-4", "The Space's diffusers model.", "space"),

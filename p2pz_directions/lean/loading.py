@@ -1,4 +1,4 @@
-"""Load a Stable Diffusion folder's UNet, VAE, CLIP text encoder and tokenizer into the lean classes.
+"""Load a Stable Diffusion folder's UNet, VAE, CLIP text encoder, tokenizer and scheduler into the lean classes.
 
 `load_component(name, folder, ...)` reads ``folder/<name>/config.json``, builds the module on the
 meta device (no memory, no random init) and assigns the tensors of its safetensors file(s), read
@@ -30,6 +30,7 @@ LEAN_CLASSES: dict[str, set[tuple[str, str]]] = {
     "vae": {("diffusers", "AutoencoderKL")},
     "text_encoder": {("transformers", "CLIPTextModel")},
     "tokenizer": {("transformers", "CLIPTokenizer"), ("transformers", "CLIPTokenizerFast")},
+    "scheduler": {("diffusers", n) for n in ("DDIMScheduler", "DDIMInverseScheduler", "PNDMScheduler")},
 }
 _MAX_CONFIG = 1 << 20
 _MAX_INDEX = 16 << 20
@@ -125,10 +126,14 @@ def load_component(
     device: str | torch.device = "cpu",
     variant: str | None = None,
 ) -> Any:
-    """Component ``name`` (``unet``, ``vae``, ``text_encoder``, ``tokenizer``) of the diffusers folder
+    """Component ``name`` (``unet``, ``vae``, ``text_encoder``, ``tokenizer``, ``scheduler``) of the diffusers folder
     ``folder`` as a lean class, in ``dtype`` on ``device``; `LeanUnsupported` if it cannot be."""
     sub = Path(folder) / name
     device = torch.device(device)
+    if name == "scheduler":
+        from p2pz_directions.lean.schedulers import scheduler_from_folder
+
+        return scheduler_from_folder(folder)
     if name == "tokenizer":
         from p2pz_directions.lean.clip import LeanCLIPTokenizer
 

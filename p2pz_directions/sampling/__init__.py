@@ -81,6 +81,8 @@ from p2pz_directions.sampling.schedulers import (
     custom_strength_timesteps,
     extra_step_kwargs,
     is_inverse_scheduler,
+    is_scheduler,
+    scheduler_class,
     strength_timesteps,
 )
 from p2pz_directions.sampling.text import encode_prompt, encode_text
@@ -102,6 +104,7 @@ __all__ = [
     "check_callback_inputs",
     "check_scheduler",
     "copy_scheduler",
+    "scheduler_class",
     "cross_attention_guided_step",
     "custom_strength_timesteps",
     "decode_latents",
@@ -120,6 +123,7 @@ __all__ = [
     "inversion_predictor",
     "inversion_step",
     "is_inverse_scheduler",
+    "is_scheduler",
     "kl_divergence",
     "kl_grad",
     "make_generator",

@@ -73,14 +73,14 @@ def diffedit_schedulers(scheduler: Any, inverse_scheduler: Any = None) -> tuple[
     (``DDIMInverseScheduler.from_config(pipe.scheduler.config)``). A pair DiffEdit does not run is an
     `UnsupportedSchedulerError` that names the pairs it does.
     """
-    import diffusers
+    from p2pz_directions.sampling.schedulers import scheduler_class
 
     pairs = ", ".join(f"{a} + {b}" for a, b in DIFFEDIT_SCHEDULERS.items())
     check_scheduler(scheduler, tuple(DIFFEDIT_SCHEDULERS), pipeline=_PIPELINE)
     fwd = next(n for n in DIFFEDIT_SCHEDULERS if n in {c.__name__ for c in type(scheduler).__mro__})
     want = DIFFEDIT_SCHEDULERS[fwd]
     if inverse_scheduler is None:
-        return copy.deepcopy(scheduler), copy_scheduler(scheduler, getattr(diffusers, want))
+        return copy.deepcopy(scheduler), copy_scheduler(scheduler, scheduler_class(want, like=scheduler))
     if want not in {c.__name__ for c in type(inverse_scheduler).__mro__}:
         raise UnsupportedSchedulerError(
             f"{_PIPELINE} runs {fwd} with {want} as its inverse_scheduler, not "

@@ -70,12 +70,12 @@ INTERSECT_FROM_T = 800
 def supports_scheduler(scheduler: Any) -> bool:
     """Whether LEDITS++ can invert with ``scheduler``: DDIM (run with eta = 1, i.e. DDPM) or the
     2nd-order SDE DPM-Solver++ (``algorithm_type="sde-dpmsolver++"``, ``solver_order=2``)."""
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+    from p2pz_directions.sampling.schedulers import is_scheduler
 
-    if isinstance(scheduler, DDIMScheduler):
+    if is_scheduler(scheduler, "DDIMScheduler"):
         return True
     return (
-        isinstance(scheduler, DPMSolverMultistepScheduler)
+        is_scheduler(scheduler, "DPMSolverMultistepScheduler")
         and scheduler.config.algorithm_type == "sde-dpmsolver++"
         and scheduler.config.solver_order == 2
     )
@@ -177,9 +177,9 @@ def dpmpp_sde_noise_map(
 
 def noise_map(scheduler: Any, x_prev, x_t, t, eps, eta: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """`ddim_noise_map` or `dpmpp_sde_noise_map`, whichever fits ``scheduler``."""
-    from diffusers import DDIMScheduler
+    from p2pz_directions.sampling.schedulers import is_scheduler
 
-    if isinstance(scheduler, DDIMScheduler):
+    if is_scheduler(scheduler, "DDIMScheduler"):
         return ddim_noise_map(scheduler, x_prev, x_t, t, eps, eta)
     if supports_scheduler(scheduler):
         return dpmpp_sde_noise_map(scheduler, x_prev, x_t, t, eps)

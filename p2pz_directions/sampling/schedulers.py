@@ -31,13 +31,29 @@ __all__ = [
     "copy_scheduler",
     "custom_strength_timesteps",
     "extra_step_kwargs",
+    "scheduler_class",
     "is_inverse_scheduler",
+    "is_scheduler",
     "strength_timesteps",
 ]
 
 
 class UnsupportedSchedulerError(EditorOptionError):
     """A scheduler that the editor's diffusers pipeline does not accept (the message names those it does)."""
+
+
+def scheduler_class(name: str, like: Any = None) -> type:
+    """diffusers' scheduler class ``name``, or p2pz's lean class of that name
+    (`p2pz_directions.lean.schedulers`) when ``like`` is a lean scheduler: the inverse or DDIM copy
+    of a folder's scheduler stays in its family (a lean edit never imports diffusers)."""
+    if like is not None and type(like).__module__.startswith("p2pz_directions.lean"):
+        from p2pz_directions.lean.schedulers import SCHEDULERS
+
+        if name in SCHEDULERS:
+            return SCHEDULERS[name]
+    import diffusers
+
+    return getattr(diffusers, name)
 
 
 def copy_scheduler(scheduler: Any, cls: type | None = None) -> Any:
@@ -93,6 +109,12 @@ def check_scheduler(
             f"{', '.join(names)}. Set one, e.g. {role} = {names[0]}.from_config(pipe.{role}.config)"
         )
     return scheduler
+
+
+def is_scheduler(scheduler: Any, name: str) -> bool:
+    """Whether ``scheduler`` is a ``name`` (diffusers' class of that name, a subclass, or p2pz's lean
+    class of that name): the test to use instead of ``isinstance`` with a diffusers class."""
+    return name in {c.__name__ for c in type(scheduler).__mro__}
 
 
 def is_inverse_scheduler(scheduler: Any) -> bool:
