@@ -691,11 +691,12 @@ class MidBlock2D(nn.Module):
         return hidden_states
 
 
-class EncoderBlock(nn.Module):
-    """``DownEncoderBlock2D``."""
+class VAEBlock(nn.Module):
+    """``DownEncoderBlock2D`` (``sample="down"``: resnets, then a stride-2 conv), ``UpDecoderBlock2D``
+    (``"up"``: resnets, then nearest 2x and a conv), or the last block of either (``None``: resnets)."""
 
     def __init__(
-        self, in_channels: int, out_channels: int, *, layers: int, groups: int, act: str, add_downsample: bool
+        self, in_channels: int, out_channels: int, *, layers: int, groups: int, act: str, sample: str | None
     ):
         super().__init__()
         self.resnets = nn.ModuleList(
@@ -711,45 +712,17 @@ class EncoderBlock(nn.Module):
                 for i in range(layers)
             ]
         )
-        self.downsamplers = nn.ModuleList([Downsample2D(out_channels, padding=0)]) if add_downsample else None
+        self.sample = sample
+        if sample is not None:  # diffusers' names: the weights are downsamplers.0.conv / upsamplers.0.conv
+            sampler = Upsample2D(out_channels) if sample == "up" else Downsample2D(out_channels, padding=0)
+            setattr(self, f"{sample}samplers", nn.ModuleList([sampler]))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         for resnet in self.resnets:
             hidden_states = resnet(hidden_states, None)
-        if self.downsamplers is not None:
-            for down in self.downsamplers:
-                hidden_states = down(hidden_states)
-        return hidden_states
-
-
-class DecoderBlock(nn.Module):
-    """``UpDecoderBlock2D``."""
-
-    def __init__(
-        self, in_channels: int, out_channels: int, *, layers: int, groups: int, act: str, add_upsample: bool
-    ):
-        super().__init__()
-        self.resnets = nn.ModuleList(
-            [
-                ResnetBlock2D(
-                    in_channels if i == 0 else out_channels,
-                    out_channels,
-                    temb_channels=None,
-                    groups=groups,
-                    eps=1e-6,
-                    act=act,
-                )
-                for i in range(layers)
-            ]
-        )
-        self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if add_upsample else None
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        for resnet in self.resnets:
-            hidden_states = resnet(hidden_states, None)
-        if self.upsamplers is not None:
-            for up in self.upsamplers:
-                hidden_states = up(hidden_states)
+        if self.sample is not None:
+            for sampler in getattr(self, f"{self.sample}samplers"):
+                hidden_states = sampler(hidden_states)
         return hidden_states
 
 

@@ -243,7 +243,9 @@ class _Embeddings(nn.Module):
         self.token_embedding = _Embedding(cfg.vocab_size, cfg.hidden_size)
         self.position_embedding = _Embedding(cfg.max_position_embeddings, cfg.hidden_size)
         self.register_buffer(
-            "position_ids", torch.arange(cfg.max_position_embeddings).expand((1, -1)), persistent=False
+            "position_ids",
+            torch.arange(cfg.max_position_embeddings, device="cpu").expand((1, -1)),
+            persistent=False,
         )
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:

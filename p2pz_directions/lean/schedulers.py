@@ -24,10 +24,9 @@ import torch
 
 from p2pz_directions.lean import LeanUnsupported
 from p2pz_directions.lean.blocks import LeanConfig
+from p2pz_directions.lean.loading import read_config
 
 __all__ = ["SCHEDULERS", "DDIMInverseScheduler", "DDIMScheduler", "PNDMScheduler", "scheduler_from_folder"]
-
-_MAX_CONFIG = 1 << 20
 
 
 class SchedulerOutput:
@@ -129,6 +128,18 @@ class _Scheduler:
     def _setup(self, cfg: LeanConfig) -> None:  # pragma: no cover - each class has its own
         raise NotImplementedError
 
+    def _schedule(self, cfg: LeanConfig) -> torch.Tensor:
+        """Betas, alphas and their cumulative product; returns the alpha_cumprod beyond the schedule's
+        end (1 with ``set_alpha_to_one``, else the first one): DDIM's final / DDIM-inverse's initial."""
+        self.betas = _betas(type(self).__name__, cfg)
+        if cfg.get("rescale_betas_zero_snr"):
+            self.betas = rescale_zero_terminal_snr(self.betas)
+        self.alphas = 1.0 - self.betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        self.init_noise_sigma = 1.0
+        self.num_inference_steps: int | None = None
+        return torch.tensor(1.0) if cfg.set_alpha_to_one else self.alphas_cumprod[0]
+
     @classmethod
     def from_config(cls, config: Any = None, **kwargs: Any) -> Any:
         """As diffusers' ``from_config``: the source's settings that this class takes, minus those
@@ -146,8 +157,7 @@ class _Scheduler:
 
     @classmethod
     def load_config(cls, folder: str | os.PathLike, subfolder: str | None = None, **_: Any) -> dict[str, Any]:
-        path = Path(folder) / (subfolder or "") / cls.config_name
-        return _read(path)
+        return read_config(Path(folder) / (subfolder or "") / cls.config_name)
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, subfolder: str | None = None, **kwargs: Any) -> Any:
@@ -162,19 +172,26 @@ class _Scheduler:
     def scale_model_input(self, sample: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return sample
 
+    def _sqrt_alphas(
+        self, timesteps: torch.IntTensor, like: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``sqrt(alpha_cumprod_t)`` and ``sqrt(1 - alpha_cumprod_t)``, shaped to broadcast over ``like``."""
+        self.alphas_cumprod = self.alphas_cumprod.to(device=like.device)
+        alphas_cumprod = self.alphas_cumprod.to(dtype=like.dtype)
+        timesteps = timesteps.to(like.device)
+        out = []
+        for v in (alphas_cumprod[timesteps] ** 0.5, (1 - alphas_cumprod[timesteps]) ** 0.5):
+            v = v.flatten()
+            while len(v.shape) < len(like.shape):
+                v = v.unsqueeze(-1)
+            out.append(v)
+        return out[0], out[1]
+
     def _add_noise(
         self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.IntTensor
     ) -> torch.Tensor:
         """``add_noise`` of DDIM and PNDM (diffusers' DDIM-inverse has none)."""
-        self.alphas_cumprod = self.alphas_cumprod.to(device=original_samples.device)
-        alphas_cumprod = self.alphas_cumprod.to(dtype=original_samples.dtype)
-        timesteps = timesteps.to(original_samples.device)
-        sqrt_alpha = (alphas_cumprod[timesteps] ** 0.5).flatten()
-        while len(sqrt_alpha.shape) < len(original_samples.shape):
-            sqrt_alpha = sqrt_alpha.unsqueeze(-1)
-        sqrt_one_minus = ((1 - alphas_cumprod[timesteps]) ** 0.5).flatten()
-        while len(sqrt_one_minus.shape) < len(original_samples.shape):
-            sqrt_one_minus = sqrt_one_minus.unsqueeze(-1)
+        sqrt_alpha, sqrt_one_minus = self._sqrt_alphas(timesteps, original_samples)
         return sqrt_alpha * original_samples + sqrt_one_minus * noise
 
     def _check_steps(self, num_inference_steps: int) -> None:
@@ -230,14 +247,7 @@ class DDIMScheduler(_Scheduler):
     }
 
     def _setup(self, cfg: LeanConfig) -> None:
-        self.betas = _betas(type(self).__name__, cfg)
-        if cfg.rescale_betas_zero_snr:
-            self.betas = rescale_zero_terminal_snr(self.betas)
-        self.alphas = 1.0 - self.betas
-        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
-        self.final_alpha_cumprod = torch.tensor(1.0) if cfg.set_alpha_to_one else self.alphas_cumprod[0]
-        self.init_noise_sigma = 1.0
-        self.num_inference_steps: int | None = None
+        self.final_alpha_cumprod = self._schedule(cfg)
         self.timesteps = torch.from_numpy(np.arange(0, cfg.num_train_timesteps)[::-1].copy().astype(np.int64))
 
     def _get_variance(self, timestep: int, prev_timestep: int) -> torch.Tensor:
@@ -339,15 +349,7 @@ class DDIMScheduler(_Scheduler):
     def get_velocity(
         self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.IntTensor
     ) -> torch.Tensor:
-        self.alphas_cumprod = self.alphas_cumprod.to(device=sample.device)
-        alphas_cumprod = self.alphas_cumprod.to(dtype=sample.dtype)
-        timesteps = timesteps.to(sample.device)
-        sqrt_alpha = (alphas_cumprod[timesteps] ** 0.5).flatten()
-        while len(sqrt_alpha.shape) < len(sample.shape):
-            sqrt_alpha = sqrt_alpha.unsqueeze(-1)
-        sqrt_one_minus = ((1 - alphas_cumprod[timesteps]) ** 0.5).flatten()
-        while len(sqrt_one_minus.shape) < len(sample.shape):
-            sqrt_one_minus = sqrt_one_minus.unsqueeze(-1)
+        sqrt_alpha, sqrt_one_minus = self._sqrt_alphas(timesteps, sample)
         return sqrt_alpha * noise - sqrt_one_minus * sample
 
 
@@ -366,14 +368,7 @@ class DDIMInverseScheduler(_Scheduler):
     }
 
     def _setup(self, cfg: LeanConfig) -> None:
-        self.betas = _betas(type(self).__name__, cfg)
-        if cfg.rescale_betas_zero_snr:
-            self.betas = rescale_zero_terminal_snr(self.betas)
-        self.alphas = 1.0 - self.betas
-        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
-        self.initial_alpha_cumprod = torch.tensor(1.0) if cfg.set_alpha_to_one else self.alphas_cumprod[0]
-        self.init_noise_sigma = 1.0
-        self.num_inference_steps: int | None = None
+        self.initial_alpha_cumprod = self._schedule(cfg)
         self.timesteps = torch.from_numpy(np.arange(0, cfg.num_train_timesteps).copy().astype(np.int64))
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
@@ -431,17 +426,12 @@ class PNDMScheduler(_Scheduler):
     }
 
     def _setup(self, cfg: LeanConfig) -> None:
-        self.betas = _betas(type(self).__name__, cfg)
-        self.alphas = 1.0 - self.betas
-        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
-        self.final_alpha_cumprod = torch.tensor(1.0) if cfg.set_alpha_to_one else self.alphas_cumprod[0]
-        self.init_noise_sigma = 1.0
+        self.final_alpha_cumprod = self._schedule(cfg)
         self.pndm_order = 4
         self.cur_model_output: Any = 0
         self.counter = 0
         self.cur_sample: torch.Tensor | None = None
         self.ets: list[torch.Tensor] = []
-        self.num_inference_steps: int | None = None
         self._timesteps = np.arange(0, cfg.num_train_timesteps)[::-1].copy()
         self.prk_timesteps: np.ndarray | None = None
         self.plms_timesteps: np.ndarray | None = None
@@ -583,25 +573,9 @@ SCHEDULERS: dict[str, type[_Scheduler]] = {
 }
 
 
-def _read(path: Path) -> dict[str, Any]:
-    try:
-        size = path.stat().st_size
-    except OSError:
-        raise LeanUnsupported(f"no {path}") from None
-    if size > _MAX_CONFIG:
-        raise LeanUnsupported(f"{path} is over {_MAX_CONFIG} bytes")
-    try:
-        data = json.loads(path.read_bytes())
-    except (OSError, ValueError) as e:
-        raise LeanUnsupported(f"cannot read {path}: {e}") from None
-    if not isinstance(data, dict):
-        raise LeanUnsupported(f"{path} is not a JSON object")
-    return data
-
-
 def scheduler_from_folder(folder: str | os.PathLike, subfolder: str = "scheduler") -> _Scheduler:
     """The folder's scheduler as a lean class, or `LeanUnsupported` (another class: diffusers' own)."""
-    cfg = _read(Path(folder) / subfolder / _Scheduler.config_name)
+    cfg = read_config(Path(folder) / subfolder / _Scheduler.config_name)
     name = cfg.get("_class_name")
     if name not in SCHEDULERS:
         raise LeanUnsupported(f"scheduler class {name}")

@@ -89,34 +89,18 @@ UNET_DEFAULTS: dict[str, Any] = {
     "addition_embed_type_num_heads": 64,
 }
 
-#: keys that must keep these values (what SD 1.x / 2.x have) for the lean UNet to run the model
+#: keys that must keep their default (what SD 1.x / 2.x have) for the lean UNet to run the model
 _MUST = {
-    "center_input_sample": False,
-    "mid_block_type": "UNetMidBlock2DCrossAttn",
-    "only_cross_attention": False,
-    "dropout": 0.0,
-    "transformer_layers_per_block": 1,
-    "reverse_transformer_layers_per_block": None,
-    "encoder_hid_dim": None,
-    "encoder_hid_dim_type": None,
-    "dual_cross_attention": False,
-    "class_embed_type": None,
-    "addition_embed_type": None,
-    "num_class_embeds": None,
-    "resnet_time_scale_shift": "default",
-    "resnet_skip_time_act": False,
-    "resnet_out_scale_factor": 1.0,
-    "time_embedding_type": "positional",
-    "time_embedding_dim": None,
-    "time_embedding_act_fn": None,
-    "timestep_post_act": None,
-    "time_cond_proj_dim": None,
-    "projection_class_embeddings_input_dim": None,
-    "attention_type": "default",
-    "class_embeddings_concat": False,
-    "mid_block_only_cross_attention": None,
-    "cross_attention_norm": None,
-}
+    k: UNET_DEFAULTS[k]
+    for k in (
+        "center_input_sample", "mid_block_type", "only_cross_attention", "dropout", "transformer_layers_per_block",
+        "reverse_transformer_layers_per_block", "encoder_hid_dim", "encoder_hid_dim_type", "dual_cross_attention",
+        "class_embed_type", "addition_embed_type", "num_class_embeds", "resnet_time_scale_shift",
+        "resnet_skip_time_act", "resnet_out_scale_factor", "time_embedding_type", "time_embedding_dim",
+        "time_embedding_act_fn", "timestep_post_act", "time_cond_proj_dim", "projection_class_embeddings_input_dim",
+        "attention_type", "class_embeddings_concat", "mid_block_only_cross_attention", "cross_attention_norm",
+    )
+}  # fmt: skip
 _DOWN = {"DownBlock2D", "CrossAttnDownBlock2D"}
 _UP = {"UpBlock2D", "CrossAttnUpBlock2D"}
 
@@ -179,7 +163,9 @@ class LeanUNet(AttentionLayers, nn.Module):
         temb = boc[0] * 4
         self.time_embedding = _TimestepEmbedding(boc[0], temb, act)
 
-        def transformer(i: int, channels: int) -> dict[str, Any]:
+        def transformer(
+            i: int, channels: int, heads: list[int] = heads, cross: list[Any] = cross
+        ) -> dict[str, Any]:
             return dict(
                 heads=heads[i],
                 dim_head=channels // heads[i],
@@ -231,17 +217,7 @@ class LeanUNet(AttentionLayers, nn.Module):
             in_ch = rev[min(i + 1, n - 1)]
             if not final:
                 self.num_upsamplers += 1
-            t = None
-            if kind == "CrossAttnUpBlock2D":
-                t = dict(
-                    heads=rev_heads[i],
-                    dim_head=out_ch // rev_heads[i],
-                    layers=1,
-                    cross_attention_dim=rev_cross[i],
-                    groups=groups,
-                    use_linear_projection=cfg.use_linear_projection,
-                    upcast_attention=cfg.upcast_attention,
-                )
+            t = transformer(i, out_ch, rev_heads, rev_cross) if kind == "CrossAttnUpBlock2D" else None
             self.up_blocks.append(
                 UpBlock(
                     in_ch,

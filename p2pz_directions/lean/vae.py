@@ -18,11 +18,10 @@ from torch import nn
 from p2pz_directions.lean import LeanUnsupported
 from p2pz_directions.lean.blocks import (
     AttentionLayers,
-    DecoderBlock,
-    EncoderBlock,
     LeanConfig,
     MidBlock2D,
     ModelOutput,
+    VAEBlock,
     activation,
 )
 
@@ -104,13 +103,13 @@ class _Encoder(nn.Module):
         for i in range(len(boc)):
             in_ch, out_ch = out_ch, boc[i]
             self.down_blocks.append(
-                EncoderBlock(
+                VAEBlock(
                     in_ch,
                     out_ch,
                     layers=cfg.layers_per_block,
                     groups=groups,
                     act=act,
-                    add_downsample=i < len(boc) - 1,
+                    sample="down" if i < len(boc) - 1 else None,
                 )
             )
         self.mid_block = MidBlock2D(
@@ -142,13 +141,13 @@ class _Decoder(nn.Module):
         for i in range(len(boc)):
             prev, out_ch = out_ch, rev[i]
             self.up_blocks.append(
-                DecoderBlock(
+                VAEBlock(
                     prev,
                     out_ch,
                     layers=cfg.layers_per_block + 1,
                     groups=groups,
                     act=act,
-                    add_upsample=i < len(boc) - 1,
+                    sample="up" if i < len(boc) - 1 else None,
                 )
             )
         self.conv_norm_out = nn.GroupNorm(num_channels=boc[0], num_groups=groups, eps=1e-6)
