@@ -5,10 +5,10 @@ given to an editor is exactly the image given to the matching diffusers pipeline
 
 - **PIL images and files.** Any PIL mode (RGBA, LA, palette ``P`` with or without transparency,
   grayscale ``L``, ``I;16``, CMYK, ...) becomes RGB; transparent pixels are laid on white, so a
-  cut-out keeps its outline. Files are opened by diffusers' ``load_image`` (EXIF orientation
-  applied: a phone photo taken upright comes out upright) with our `to_rgb`. A side that is not a
-  multiple of 8 (the VAE's downscale factor for SD) is resized down to the nearest multiple by
-  diffusers' ``VaeImageProcessor`` (its rule and Lanczos resampler), and the change is said (an
+  cut-out keeps its outline. Files are opened as diffusers' ``load_image`` opens them (EXIF
+  orientation applied: a phone photo taken upright comes out upright) with our `to_rgb`. A side that
+  is not a multiple of 8 (the VAE's downscale factor for SD) is resized down to the nearest multiple
+  by ``VaeImageProcessor``'s rule and Lanczos resampler, and the change is said (an
   `ImageResizedWarning` and a note returned to the caller).
 - **numpy arrays** ``[H, W]``, ``[H, W, C]`` or ``[N, H, W, C]``, floats in 0..1 (or ``uint8``
   0..255, turned into the same floats ``VaeImageProcessor.pil_to_numpy`` makes). Kept at full
@@ -17,7 +17,8 @@ given to an editor is exactly the image given to the matching diffusers pipeline
   ranges), kept as they are; a 4-channel tensor is taken as VAE latents, as diffusers does.
 
 A list of any one kind is a batch. `prepare_image` checks the input and puts it in that form;
-`to_pixels` then runs diffusers' ``VaeImageProcessor.preprocess`` on it (the pipelines' own step),
+`to_pixels` then runs ``VaeImageProcessor.preprocess`` on it (the pipelines' own step, through
+`p2pz_directions.lean.pixels.PixelProcessor`, which computes it without importing diffusers),
 giving ``[N, 3, H, W]`` in -1..1. Bad input is an `ImageError` that says what was wrong.
 
 >>> from p2pz_directions.editing.images import load_image, prepare_image, to_pixels
