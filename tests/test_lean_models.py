@@ -172,7 +172,7 @@ def test_variants_shards_and_legacy_names(tmp_path):
     vae = make_components("sd1")["vae"]
     root = _saved(vae, tmp_path / "m" / "vae", variant="fp16")
     assert (root / "vae" / "diffusion_pytorch_model.fp16.safetensors").is_file()
-    with pytest.raises(LeanUnsupported, match="only safetensors"):
+    with pytest.raises(LeanUnsupported, match="safetensors only"):
         load_component("vae", root)  # no plain file: the variant must be asked for
     lean = load_component("vae", root, variant="fp16")
     z = torch.randn(1, 4, 8, 8)
@@ -184,6 +184,11 @@ def test_variants_shards_and_legacy_names(tmp_path):
     assert (sharded / "vae" / "diffusion_pytorch_model.safetensors.index.json").is_file()
     with torch.no_grad():
         assert torch.equal(load_component("vae", sharded).decode(z).sample, want)
+    # a sharded variant: diffusers names its index diffusion_pytorch_model.safetensors.index.fp16.json
+    both = _saved(vae, tmp_path / "sv" / "vae", variant="fp16", max_shard_size="200KB")
+    assert (both / "vae" / "diffusion_pytorch_model.safetensors.index.fp16.json").is_file()
+    with torch.no_grad():
+        assert torch.equal(load_component("vae", both, variant="fp16").decode(z).sample, want)
 
     # an old checkpoint's attention names (query/key/value/proj_attn) load as diffusers renames them
     from safetensors.torch import load_file, save_file
@@ -240,7 +245,7 @@ def test_what_the_lean_classes_refuse(tmp_path):
 
     # only a pickle: never read, the caller falls back
     os.replace(wpath, wpath.with_suffix(".bin"))
-    with pytest.raises(LeanUnsupported, match="only safetensors"):
+    with pytest.raises(LeanUnsupported, match="safetensors only"):
         load_component("unet", root)
 
 
@@ -252,7 +257,7 @@ def test_hostile_folder_files(tmp_path):
     for shard in ("../../outside.safetensors", "/etc/passwd", "sub/x.safetensors", "x.bin"):
         bad = {**data, "weight_map": {k: shard for k in data["weight_map"]}}
         index.write_text(json.dumps(bad))
-        with pytest.raises(LeanUnsupported, match="not a file in the folder"):
+        with pytest.raises(LeanUnsupported, match="not a plain .safetensors file name inside the folder"):
             load_component("vae", root)
     index.write_text(json.dumps({**data, "weight_map": {"a": "missing.safetensors"}}))
     with pytest.raises(LeanUnsupported, match="missing"):
@@ -260,13 +265,13 @@ def test_hostile_folder_files(tmp_path):
     index.write_text(json.dumps(data))
     cfg = root / "vae" / "config.json"
     cfg.write_text(" " * (1 << 20) + "{}")
-    with pytest.raises(LeanUnsupported, match="over"):
+    with pytest.raises(LeanUnsupported, match="more than the"):
         load_component("vae", root)
     cfg.write_text("[1, 2]")
     with pytest.raises(LeanUnsupported, match="not a JSON object"):
         load_component("vae", root)
     cfg.write_text("{not json")
-    with pytest.raises(LeanUnsupported, match="cannot read"):
+    with pytest.raises(LeanUnsupported, match="cannot parse"):
         load_component("vae", root)
 
 

@@ -23,7 +23,6 @@ torch.Size([1, 77, 768])
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -36,6 +35,7 @@ import torch
 from torch import nn
 
 from p2pz_directions.lean import LeanUnsupported
+from p2pz_directions.lean.loading import read_json, weight_files
 
 if TYPE_CHECKING:
     from tokenizers import AddedToken, Tokenizer
@@ -52,30 +52,11 @@ logger = logging.getLogger(__name__)
 
 _MiB = 1024 * 1024
 CONFIG_MAX_BYTES = 1 * _MiB
-INDEX_MAX_BYTES = 16 * _MiB
 TOKENIZER_FILE_MAX_BYTES = 64 * _MiB
 
 # ---------------------------------------------------------------------------------------------------
 # small helpers
 # ---------------------------------------------------------------------------------------------------
-
-
-def _read_json(path: Path, max_bytes: int, what: str) -> Any:
-    """``json.load`` of ``path`` after checking its size; any problem is `LeanUnsupported`."""
-    try:
-        size = path.stat().st_size
-    except OSError as e:
-        raise LeanUnsupported(f"cannot read {what} {path}: {e}") from e
-    if size > max_bytes:
-        raise LeanUnsupported(
-            f"{what} {path} is {size} bytes, more than the {max_bytes} the lean loader reads; "
-            "check the file (a config is a few KiB) or load the folder with transformers"
-        )
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.loads(f.read(max_bytes + 1))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LeanUnsupported(f"cannot parse {what} {path}: {e}") from e
 
 
 def _check_size(path: Path, max_bytes: int, what: str) -> None:
@@ -85,25 +66,6 @@ def _check_size(path: Path, max_bytes: int, what: str) -> None:
             f"{what} {path} is {size} bytes, more than the {max_bytes} the lean tokenizer reads; "
             "check the file or load the folder with transformers"
         )
-
-
-def _add_variant(name: str, variant: str | None) -> str:
-    """``model.safetensors`` -> ``model.fp16.safetensors`` (transformers' naming of variants)."""
-    if variant is None:
-        return name
-    stem, ext = name.rsplit(".", 1)
-    return f"{stem}.{variant}.{ext}"
-
-
-def _plain_file_name(name: Any) -> bool:
-    return (
-        isinstance(name, str)
-        and name not in ("", ".", "..")
-        and "/" not in name
-        and "\\" not in name
-        and "\x00" not in name
-        and not os.path.isabs(name)
-    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -454,42 +416,6 @@ class LeanCLIPTextModel(nn.Module):
         out = LeanCLIPTextOutput(last, pooled, tuple(states) if states is not None else None)
         return out if return_dict or return_dict is None else tuple(out)
 
-    # -- loading --------------------------------------------------------------------------------
-    @staticmethod
-    def _weight_files(folder: Path, variant: str | None) -> list[Path]:
-        single = folder / _add_variant("model.safetensors", variant)
-        if single.is_file():
-            return [single]
-        index = folder / _add_variant("model.safetensors.index.json", variant)
-        if index.is_file():
-            data = _read_json(index, INDEX_MAX_BYTES, "safetensors index")
-            wmap = data.get("weight_map") if isinstance(data, dict) else None
-            if not isinstance(wmap, dict) or not wmap:
-                raise LeanUnsupported(
-                    f"{index} has no 'weight_map'; re-save the model or load it with transformers"
-                )
-            shards: list[Path] = []
-            for name in dict.fromkeys(wmap.values()):
-                if not _plain_file_name(name):
-                    raise LeanUnsupported(
-                        f"{index} names shard {name!r}, which is not a plain file name inside the folder"
-                    )
-                path = folder / name
-                if not path.is_file():
-                    raise LeanUnsupported(f"{index} names shard {name!r}, which is missing from {folder}")
-                shards.append(path)
-            return shards
-        present = sorted(p.name for p in folder.glob("*.bin")) + sorted(
-            p.name for p in folder.glob("*.safetensors") if p != single
-        )
-        want = f"{single.name} or {index.name}"
-        if present:
-            raise LeanUnsupported(
-                f"no {want} in {folder} (found {', '.join(present[:4])}); the lean loader reads "
-                "safetensors only: load this folder with transformers, or convert it to safetensors"
-            )
-        raise LeanUnsupported(f"no weights in {folder}: expected {want}")
-
     @classmethod
     def from_folder(
         cls,
@@ -506,8 +432,8 @@ class LeanCLIPTextModel(nn.Module):
         folder = Path(folder)
         if not folder.is_dir():
             raise LeanUnsupported(f"{folder} is not a folder")
-        config = _read_json(folder / "config.json", CONFIG_MAX_BYTES, "config")
-        files = cls._weight_files(folder, variant)
+        config = read_json(folder / "config.json", CONFIG_MAX_BYTES, "config")
+        files = weight_files(folder, "model.safetensors", variant, "transformers")
         with torch.device("meta"):
             model = cls(config)
         wanted = set(model.state_dict().keys())
@@ -742,7 +668,7 @@ class LeanCLIPTokenizer:
             raise LeanUnsupported(f"{folder} is not a folder")
         cfg_path = folder / "tokenizer_config.json"
         init: dict[str, Any] = (
-            _read_json(cfg_path, CONFIG_MAX_BYTES, "tokenizer config") if cfg_path.is_file() else {}
+            read_json(cfg_path, CONFIG_MAX_BYTES, "tokenizer config") if cfg_path.is_file() else {}
         )
         if not isinstance(init, dict):
             raise LeanUnsupported(f"{cfg_path} must hold a JSON object")
@@ -780,7 +706,7 @@ class LeanCLIPTokenizer:
         else:
             stm_path = folder / "special_tokens_map.json"
             if stm_path.is_file():
-                stm = _read_json(stm_path, CONFIG_MAX_BYTES, "special tokens map")
+                stm = read_json(stm_path, CONFIG_MAX_BYTES, "special tokens map")
                 if not isinstance(stm, dict):
                     raise LeanUnsupported(f"{stm_path} must hold a JSON object")
                 for key, value in stm.items():
@@ -793,7 +719,7 @@ class LeanCLIPTokenizer:
                     init[key] = value
             at_path = folder / "added_tokens.json"
             if at_path.is_file():
-                added = _read_json(at_path, CONFIG_MAX_BYTES, "added tokens")
+                added = read_json(at_path, CONFIG_MAX_BYTES, "added tokens")
                 if not isinstance(added, dict):
                     raise LeanUnsupported(f"{at_path} must hold a JSON object")
                 # transformers takes str() of the raw values here (an {"__type": ...} dict never matches)

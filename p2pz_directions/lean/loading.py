@@ -22,7 +22,15 @@ import torch
 
 from p2pz_directions.lean import LeanUnsupported
 
-__all__ = ["LEAN_CLASSES", "lean_spec", "load_component", "read_config"]
+__all__ = [
+    "LEAN_CLASSES",
+    "add_variant",
+    "lean_spec",
+    "load_component",
+    "read_config",
+    "read_json",
+    "weight_files",
+]
 
 #: the model_index.json entries the lean classes stand in for
 LEAN_CLASSES: dict[str, set[tuple[str, str]]] = {
@@ -45,47 +53,87 @@ def lean_spec(name: str, spec: Any) -> bool:
     return isinstance(spec, (list, tuple)) and len(spec) == 2 and tuple(spec) in LEAN_CLASSES[name]
 
 
-def read_config(path: Path, limit: int = _MAX_CONFIG) -> dict[str, Any]:
+def read_json(path: Path, max_bytes: int, what: str) -> Any:
+    """``json.loads`` of ``path`` after checking its size; any problem is `LeanUnsupported`."""
     try:
         size = path.stat().st_size
-    except OSError:
-        raise LeanUnsupported(f"no {path}") from None
-    if size > limit:
-        raise LeanUnsupported(f"{path} is over {limit} bytes")
+    except OSError as e:
+        raise LeanUnsupported(f"cannot read {what} {path}: {e}") from e
+    if size > max_bytes:
+        raise LeanUnsupported(
+            f"{what} {path} is {size} bytes, more than the {max_bytes} the lean loader reads; "
+            "check the file (a config is a few KiB) or load the folder with diffusers / transformers"
+        )
     try:
-        data = json.loads(path.read_bytes())
-    except (OSError, ValueError) as e:
-        raise LeanUnsupported(f"cannot read {path}: {e}") from None
+        with open(path, encoding="utf-8") as f:
+            return json.loads(f.read(max_bytes + 1))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LeanUnsupported(f"cannot parse {what} {path}: {e}") from e
+
+
+def read_config(path: Path, limit: int = _MAX_CONFIG, what: str = "config") -> dict[str, Any]:
+    """A ``config.json`` / ``scheduler_config.json``: `read_json`, and it must be a JSON object."""
+    data = read_json(path, limit, what)
     if not isinstance(data, dict):
-        raise LeanUnsupported(f"{path} is not a JSON object")
+        raise LeanUnsupported(f"{what} {path} is not a JSON object")
     return data
 
 
-def weight_files(folder: Path, stem: str, variant: str | None) -> list[Path]:
-    """The safetensors file(s) of ``stem`` (``diffusion_pytorch_model``, ``model``) in ``folder``."""
-    name = f"{stem}.{variant}.safetensors" if variant else f"{stem}.safetensors"
-    single = folder / name
+def add_variant(name: str, variant: str | None) -> str:
+    """``model.safetensors`` -> ``model.fp16.safetensors``, ``x.safetensors.index.json`` ->
+    ``x.safetensors.index.fp16.json`` (how diffusers and transformers name a variant's files)."""
+    if variant is None:
+        return name
+    stem, ext = name.rsplit(".", 1)
+    return f"{stem}.{variant}.{ext}"
+
+
+def plain_file_name(name: Any) -> bool:
+    """A file name with no folder part (what a shard index may name)."""
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and "/" not in name
+        and "\\" not in name
+        and "\x00" not in name
+        and not os.path.isabs(name)
+    )
+
+
+def weight_files(folder: Path, filename: str, variant: str | None, library: str) -> list[Path]:
+    """The safetensors file(s) of ``filename`` (``diffusion_pytorch_model.safetensors``,
+    ``model.safetensors``) in ``folder``: the single file, else the shards its index names (plain
+    file names inside the folder only). ``library`` (diffusers, transformers) is named in the advice."""
+    single = folder / add_variant(filename, variant)
     if single.is_file():
         return [single]
-    index = folder / f"{name}.index.json"
+    index = folder / add_variant(f"{filename}.index.json", variant)
     if index.is_file():
-        data = read_config(index, _MAX_INDEX)
-        shards = data.get("weight_map")
-        if not isinstance(shards, dict) or not shards:
-            raise LeanUnsupported(f"{index} has no weight_map")
-        files = []
-        for shard in dict.fromkeys(shards.values()):
-            if (
-                not isinstance(shard, str)
-                or os.path.basename(shard) != shard
-                or not shard.endswith(".safetensors")
-            ):
-                raise LeanUnsupported(f"{index} names a shard that is not a file in the folder: {shard!r}")
-            if not (folder / shard).is_file():
-                raise LeanUnsupported(f"{index} names {shard}, which is missing")
-            files.append(folder / shard)
-        return files
-    raise LeanUnsupported(f"no {name} in {folder} (only safetensors load lean)")
+        data = read_json(index, _MAX_INDEX, "safetensors index")
+        wmap = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(wmap, dict) or not wmap:
+            raise LeanUnsupported(f"{index} has no 'weight_map'; re-save the model or load it with {library}")
+        shards: list[Path] = []
+        for name in dict.fromkeys(wmap.values()):
+            if not plain_file_name(name) or not name.endswith(".safetensors"):
+                raise LeanUnsupported(
+                    f"{index} names shard {name!r}, which is not a plain .safetensors file name inside the folder"
+                )
+            path = folder / name
+            if not path.is_file():
+                raise LeanUnsupported(f"{index} names shard {name!r}, which is missing from {folder}")
+            shards.append(path)
+        return shards
+    present = sorted(p.name for p in folder.glob("*.bin")) + sorted(
+        p.name for p in folder.glob("*.safetensors") if p != single
+    )
+    want = f"{single.name} or {index.name}"
+    if present:
+        raise LeanUnsupported(
+            f"no {want} in {folder} (found {', '.join(present[:4])}); the lean loader reads "
+            f"safetensors only: load this folder with {library}, or convert it to safetensors"
+        )
+    raise LeanUnsupported(f"no weights in {folder}: expected {want}")
 
 
 def read_tensors(files: list[Path], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -149,7 +197,7 @@ def load_component(
     else:
         raise LeanUnsupported(f"no lean class for {name}")
     config = read_config(sub / "config.json")
-    files = weight_files(sub, "diffusion_pytorch_model", variant)
+    files = weight_files(sub, "diffusion_pytorch_model.safetensors", variant, "diffusers")
     with torch.device("meta"):
         module = cls(config)
     state = read_tensors(files, device, dtype)
