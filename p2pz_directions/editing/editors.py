@@ -324,8 +324,13 @@ class Editor:
         )
 
     def _component_class(self, name: str, spec: Any) -> Any:
+        """A `_LeanComponent` where the lean classes may be tried, else diffusers' / transformers' class."""
         if self._lean_allowed(name, spec):
-            return _LeanComponent(name, spec)
+            return _LeanComponent(spec)
+        return self._library_class(name, spec)
+
+    def _library_class(self, name: str, spec: Any) -> Any:
+        """The class ``model_index.json`` names for ``name`` (SD's defaults without an entry), imported."""
         defaults = {
             "unet": ("diffusers", "UNet2DConditionModel"),
             "vae": ("diffusers", "AutoencoderKL"),
@@ -354,12 +359,7 @@ class Editor:
                         "(or P2PZ_MODELS=auto), which then loads diffusers' / transformers' class"
                     ) from None
                 self.lean_fallbacks[name] = str(e)
-                spec = cls.spec
-                saved, self.models = self.models, "diffusers"
-                try:
-                    cls = self._component_class(name, spec)
-                finally:
-                    self.models = saved
+                cls = self._library_class(name, cls.spec)
         kw: dict[str, Any] = {"subfolder": name}
         if self.revision:
             kw["revision"] = self.revision
@@ -636,9 +636,9 @@ MODEL_CLASSES = ("auto", "lean", "diffusers")
 
 @dataclass(frozen=True)
 class _LeanComponent:
-    """`Editor._component_class`'s answer for a component that loads into a lean class."""
+    """`Editor._component_class`'s answer for a component that loads into a lean class (``spec``: its
+    ``model_index.json`` entry, for the fallback)."""
 
-    name: str
     spec: Any
 
 
