@@ -185,9 +185,7 @@ class DiffEditEditor(Editor):
         """The model's scheduler; a model folder's that DiffEdit does not run (SD 1.4 ships PNDM) is
         replaced by DDIM with its settings, as diffusers' docs do, with a warning. A ``pipe=``'s
         scheduler is the user's choice: never replaced (refused if unsupported)."""
-        if self.pipe is None and not set(D.DIFFEDIT_SCHEDULERS) & {
-            c.__name__ for c in type(scheduler).__mro__
-        }:
+        if self.pipe is None and not any(S.is_scheduler(scheduler, n) for n in D.DIFFEDIT_SCHEDULERS):
             import warnings
 
             DDIMScheduler = S.scheduler_class("DDIMScheduler", like=scheduler)  # noqa: N806

@@ -37,7 +37,13 @@ from p2pz_directions.sampling.guidance import cfg
 from p2pz_directions.sampling.loop import StepEndCallback, cfg_predictor
 from p2pz_directions.sampling.pix2pix_zero import regularize_noise_pred
 from p2pz_directions.sampling.runner import UNetRunner
-from p2pz_directions.sampling.schedulers import UnsupportedSchedulerError, check_scheduler, copy_scheduler
+from p2pz_directions.sampling.schedulers import (
+    UnsupportedSchedulerError,
+    check_scheduler,
+    copy_scheduler,
+    is_scheduler,
+    scheduler_class,
+)
 
 __all__ = [
     "DIFFEDIT_SCHEDULERS",
@@ -73,15 +79,13 @@ def diffedit_schedulers(scheduler: Any, inverse_scheduler: Any = None) -> tuple[
     (``DDIMInverseScheduler.from_config(pipe.scheduler.config)``). A pair DiffEdit does not run is an
     `UnsupportedSchedulerError` that names the pairs it does.
     """
-    from p2pz_directions.sampling.schedulers import scheduler_class
-
     pairs = ", ".join(f"{a} + {b}" for a, b in DIFFEDIT_SCHEDULERS.items())
     check_scheduler(scheduler, tuple(DIFFEDIT_SCHEDULERS), pipeline=_PIPELINE)
-    fwd = next(n for n in DIFFEDIT_SCHEDULERS if n in {c.__name__ for c in type(scheduler).__mro__})
+    fwd = next(n for n in DIFFEDIT_SCHEDULERS if is_scheduler(scheduler, n))
     want = DIFFEDIT_SCHEDULERS[fwd]
     if inverse_scheduler is None:
         return copy.deepcopy(scheduler), copy_scheduler(scheduler, scheduler_class(want, like=scheduler))
-    if want not in {c.__name__ for c in type(inverse_scheduler).__mro__}:
+    if not is_scheduler(inverse_scheduler, want):
         raise UnsupportedSchedulerError(
             f"{_PIPELINE} runs {fwd} with {want} as its inverse_scheduler, not "
             f"{type(inverse_scheduler).__name__}; the pairs it runs: {pairs}. Set e.g. "

@@ -102,8 +102,7 @@ def check_scheduler(
             f"{pipeline} needs a {role}; give one of {', '.join(names)} (e.g. "
             f"{names[0]}.from_config(pipe.scheduler.config))"
         )
-    mro = {c.__name__ for c in type(scheduler).__mro__}
-    if not mro & set(names):
+    if not any(is_scheduler(scheduler, n) for n in names):
         raise UnsupportedSchedulerError(
             f"{pipeline} does not support {type(scheduler).__name__} as its {role}; supported: "
             f"{', '.join(names)}. Set one, e.g. {role} = {names[0]}.from_config(pipe.{role}.config)"
