@@ -271,28 +271,34 @@ class DDIMScheduler(_Scheduler):
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         self._check_steps(num_inference_steps)
-        cfg = self.config
         self.num_inference_steps = num_inference_steps
-        if cfg.timestep_spacing == "linspace":
-            ts = (
+        ts = self.descending_timesteps(self.config, num_inference_steps, ("linspace", "leading", "trailing"))
+        self.timesteps = torch.from_numpy(ts).to(device)
+
+    @staticmethod
+    def descending_timesteps(
+        cfg: LeanConfig, num_inference_steps: int, spacings: tuple[str, ...]
+    ) -> np.ndarray:
+        """DDIM's timesteps for ``timestep_spacing`` (one of ``spacings``), noisiest first; DDIM-inverse
+        walks the same ones the other way."""
+        spacing = cfg.timestep_spacing if cfg.timestep_spacing in spacings else None
+        if spacing == "linspace":
+            return (
                 np.linspace(0, cfg.num_train_timesteps - 1, num_inference_steps)
                 .round()[::-1]
                 .copy()
                 .astype(np.int64)
             )
-        elif cfg.timestep_spacing == "leading":
+        if spacing == "leading":
             ratio = cfg.num_train_timesteps // num_inference_steps
             ts = (np.arange(0, num_inference_steps) * ratio).round()[::-1].copy().astype(np.int64)
-            ts += cfg.steps_offset
-        elif cfg.timestep_spacing == "trailing":
+            return ts + cfg.steps_offset
+        if spacing == "trailing":
             ratio = cfg.num_train_timesteps / num_inference_steps
-            ts = np.round(np.arange(cfg.num_train_timesteps, 0, -ratio)).astype(np.int64)
-            ts -= 1
-        else:
-            raise ValueError(
-                f"{cfg.timestep_spacing} is not supported. Please make sure to choose one of 'leading' or 'trailing'."
-            )
-        self.timesteps = torch.from_numpy(ts).to(device)
+            return np.round(np.arange(cfg.num_train_timesteps, 0, -ratio)).astype(np.int64) - 1
+        raise ValueError(
+            f"{cfg.timestep_spacing} is not supported. Please make sure to choose one of 'leading' or 'trailing'."
+        )
 
     def step(
         self,
@@ -373,21 +379,9 @@ class DDIMInverseScheduler(_Scheduler):
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         self._check_steps(num_inference_steps)
-        cfg = self.config
         self.num_inference_steps = num_inference_steps
-        if cfg.timestep_spacing == "leading":
-            ratio = cfg.num_train_timesteps // num_inference_steps
-            ts = (np.arange(0, num_inference_steps) * ratio).round().copy().astype(np.int64)
-            ts += cfg.steps_offset
-        elif cfg.timestep_spacing == "trailing":
-            ratio = cfg.num_train_timesteps / num_inference_steps
-            ts = np.round(np.arange(cfg.num_train_timesteps, 0, -ratio)[::-1]).astype(np.int64)
-            ts -= 1
-        else:
-            raise ValueError(
-                f"{cfg.timestep_spacing} is not supported. Please make sure to choose one of 'leading' or 'trailing'."
-            )
-        self.timesteps = torch.from_numpy(ts).to(device)
+        ts = DDIMScheduler.descending_timesteps(self.config, num_inference_steps, ("leading", "trailing"))
+        self.timesteps = torch.from_numpy(ts[::-1].copy()).to(device)
 
     def step(
         self, model_output: torch.Tensor, timestep: int, sample: torch.Tensor, return_dict: bool = True
