@@ -257,6 +257,31 @@ def _np(x: Any) -> np.ndarray:
     )
 
 
+def _variants(args, device: str, theirs, ours) -> dict[str, Any]:
+    """diffusers, then ours per loop mode (eager unless --skip-eager; graphs on CUDA; compile with
+    --compile), each also on --batch copies of the image in one call."""
+    variants: dict[str, Any] = {"diffusers": theirs}
+    loops = [] if args.skip_eager else [("ours", "eager")]
+    if device.startswith("cuda"):
+        loops.append(("ours_cuda_graphs", "graphs"))
+    if args.compile:
+        loops.append(("ours_compile", "compile"))
+    for name, mode in loops:
+        variants[name] = ours(mode)
+        if args.batch > 1:
+            variants[f"{name}_batch{args.batch}"] = ours(mode, args.batch)
+    return variants
+
+
+def _per_image(res: dict[str, Any], batch: int) -> None:
+    """For each batched variant: seconds per image and its ratio to the same mode's one-image edit."""
+    for name, r in res.items():
+        single = res.get(name.removesuffix(f"_batch{batch}"), {})
+        if name.endswith(f"_batch{batch}") and "seconds" in r and "seconds" in single:
+            r["seconds_per_image"] = r["seconds"] / batch
+            r["per_image_of_one"] = round(r["seconds_per_image"] / single["seconds"], 3)
+
+
 def bench_diffedit(args, device: str, pipe, direction: Direction, image) -> dict[str, Any]:
     from p2pz_directions import editors
 
@@ -285,23 +310,26 @@ def bench_diffedit(args, device: str, pipe, direction: Direction, image) -> dict
         ).images[0]
         return {"image": img, "mask": mask[0], "inverted": inv}
 
-    def ours(loops: str):
+    def ours(loops: str, batch: int = 1):
         def fn():
-            res = ed.edit(image, direction, seed=0, num_inference_steps=steps, output_type="np", loops=loops)
+            res = ed.edit(
+                image if batch == 1 else [image] * batch,
+                direction,
+                seed=0,
+                num_inference_steps=steps,
+                output_type="np",
+                loops=loops,
+            )
             return {
-                "image": res.image,
+                "image": res.image if batch == 1 else res.images[0],
                 "mask": res.extra["latent_mask"][0, 0],
-                "inverted": res.inverted_latents,
+                "inverted": res.inverted_latents[:1],
             }
 
         return fn
 
-    variants = {"diffusers": theirs, "ours": ours("eager")}
-    if device.startswith("cuda"):
-        variants["ours_cuda_graphs"] = ours("graphs")
-    if args.compile:
-        variants["ours_compile"] = ours("compile")
-    res = run_variants(variants, device, args.warmup, args.repeats)
+    res = run_variants(_variants(args, device, theirs, ours), device, args.warmup, args.repeats)
+    _per_image(res, args.batch)
     ref = res.get("diffusers", {}).get("_out")
     for name, r in res.items():
         out = r.pop("_out", None)
@@ -334,27 +362,24 @@ def bench_sdedit(args, device: str, pipe, direction: Direction, image) -> dict[s
             output_type="np",
         ).images[0]
 
-    def ours(loops: str):
+    def ours(loops: str, batch: int = 1):
         def fn():
-            return ed.edit(
-                image,
+            res = ed.edit(
+                image if batch == 1 else [image] * batch,
                 direction,
-                prompt_embeds=caption,
+                prompt_embeds=caption if batch == 1 else caption.repeat(batch, 1, 1),
                 strength=strength,
                 num_inference_steps=steps,
                 seed=0,
                 output_type="np",
                 loops=loops,
-            ).image
+            )
+            return res.image if batch == 1 else res.images[0]
 
         return fn
 
-    variants = {"diffusers": theirs, "ours": ours("eager")}
-    if device.startswith("cuda"):
-        variants["ours_cuda_graphs"] = ours("graphs")
-    if args.compile:
-        variants["ours_compile"] = ours("compile")
-    res = run_variants(variants, device, args.warmup, args.repeats)
+    res = run_variants(_variants(args, device, theirs, ours), device, args.warmup, args.repeats)
+    _per_image(res, args.batch)
     ref = res.get("diffusers", {}).get("_out")
     for name, r in res.items():
         out = r.pop("_out", None)
@@ -375,6 +400,7 @@ def print_table(results: dict[str, Any], anchors: bool) -> None:
             "vs diffusers",
             "peak GB",
             "max abs diff",
+            "per image / one",
             "anchor H100",
         )
     ]
@@ -383,7 +409,7 @@ def print_table(results: dict[str, Any], anchors: bool) -> None:
         base = res.get("diffusers", {}).get("seconds")
         for name, r in res.items():
             if "error" in r:
-                rows.append((task, name, "error", "-", "-", "-", r["error"][:60], "-"))
+                rows.append((task, name, "error", "-", "-", "-", r["error"][:60], "-", "-"))
                 continue
             speed = f"{base / r['seconds']:.2f}x" if base and name != "diffusers" else "-"
             diff = r.get("max_abs_diff_image")
@@ -396,6 +422,7 @@ def print_table(results: dict[str, Any], anchors: bool) -> None:
                     speed,
                     "-" if r.get("peak_gb") is None else f"{r['peak_gb']:.2f}",
                     "-" if diff is None else f"{diff:.2e}",
+                    str(r.get("per_image_of_one", "-")),
                     f"{ANCHORS_H100[task]:.2f}" if anchors and name == "diffusers" else "-",
                 )
             )
@@ -426,6 +453,8 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help='also time loops="compile" (first run compiles; see first_run_s)',
     )
+    ap.add_argument("--batch", type=int, default=1, help="also edit this many images in one call")
+    ap.add_argument("--skip-eager", action="store_true", help='skip loops="eager"')
     args = ap.parse_args(argv)
 
     device = args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
@@ -465,6 +494,7 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": args.warmup,
         "init": args.init,
         "tiny": args.tiny,
+        "batch": args.batch,
         "build_seconds": round(build_s, 2),
         "anchors_h100_diffusers_seconds": ANCHORS_H100,
     }

@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,8 @@ def child_ours(argv: list[str]) -> int:
             marks.append((f"load: {name}", time.perf_counter()))
             return out
 
+        if os.environ.get("P2PZ_BENCH_DETAIL"):  # also time each graph capture, VAE pass and text encoding
+            _detail_marks(marks)
         _editors.Editor.load_components = load_components
         _editors.Editor._component_class = component_class
         _editors.Editor._load_one = load_one
@@ -117,6 +120,34 @@ def child_ours(argv: list[str]) -> int:
         Path(report).write_text(json.dumps({"t0": t_start, "marks": marks}))
     cli.end_process(rc)  # as the console script ends (fast exit once torch is loaded)
     return rc
+
+
+def _detail_marks(marks: list[tuple[str, float]]) -> None:
+    """Wrap the runner's graph capture, the lean VAE's encode / decode and the text encoding so each
+    adds a pair of marks (synchronized): ``<what> start`` / ``<what> end``. The phase breakdown then
+    shows what inside a sampling phase the first edit pays for."""
+    from p2pz_directions import sampling as S
+    from p2pz_directions.lean import vae as lean_vae
+    from p2pz_directions.sampling import runner as R
+
+    def wrap(owner: Any, attr: str, label: Callable[..., str]) -> None:
+        orig = getattr(owner, attr)
+
+        def timed(*a, **kw):
+            what = label(*a, **kw)
+            _sync()
+            marks.append((f"{what} start", time.perf_counter()))
+            out = orig(*a, **kw)
+            _sync()
+            marks.append((f"{what} end", time.perf_counter()))
+            return out
+
+        setattr(owner, attr, timed)
+
+    wrap(R.UNetRunner, "_capture", lambda self, fn, inputs: f"capture {tuple(inputs[0].shape)}")
+    wrap(lean_vae.LeanVAE, "encode", lambda self, x, *a, **k: f"vae encode {tuple(x.shape)}")
+    wrap(lean_vae.LeanVAE, "decode", lambda self, z, *a, **k: f"vae decode {tuple(z.shape)}")
+    wrap(S, "encode_text", lambda *a, **k: "encode text")
 
 
 def _sync() -> None:
@@ -328,6 +359,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--profile", type=Path, default=None, help="also one cProfiled run per editor, into this folder"
     )
+    ap.add_argument(
+        "--detail",
+        action="store_true",
+        help="also one run per editor that times each graph capture, VAE pass and text encoding (synchronized)",
+    )
     args = ap.parse_args(argv)
 
     import torch
@@ -370,6 +406,11 @@ def main(argv: list[str] | None = None) -> int:
                 "median_later_s": statistics.median(r["wall_s"] for r in ok[1:]) if len(ok) > 1 else None,
                 "runs": rows,
             }
+            if args.detail:
+                env = dict(env_m, P2PZ_BENCH_DETAIL="1")
+                row = run_ours(prep, editor, work / f"{editor}-detail.png", steps, device, env, args.opt)
+                results["ours"][key]["detail_run"] = row
+                print(key, "detail", json.dumps(row), flush=True)
         if not args.skip_diffusers:
             ts, parts = [], None
             for i in range(max(1, args.runs - 1)):
