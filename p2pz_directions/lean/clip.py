@@ -11,7 +11,7 @@
   added by a RoBERTa post-processor), the same added/special tokens, padding and truncation.
 
 Anything these classes do not handle raises `LeanUnsupported`: the caller then loads transformers'
-classes instead. Imports: torch, safetensors, json and the `tokenizers` package only.
+classes instead. Imports: torch, json and the `tokenizers` package only (weights: `lean.reading`).
 
 >>> te = LeanCLIPTextModel.from_folder("sd/text_encoder")          # doctest: +SKIP
 >>> tok = LeanCLIPTokenizer.from_folder("sd/tokenizer")            # doctest: +SKIP
@@ -427,7 +427,7 @@ class LeanCLIPTextModel(nn.Module):
     ) -> LeanCLIPTextModel:
         """Load a ``text_encoder`` folder (``config.json`` + safetensors weights) in ``dtype`` (``None``:
         as stored) on ``device``; the result is in eval mode without gradients."""
-        from safetensors import safe_open
+        from p2pz_directions.lean.reading import read_safetensors
 
         folder = Path(folder)
         if not folder.is_dir():
@@ -441,36 +441,38 @@ class LeanCLIPTextModel(nn.Module):
         dev = torch.device(device)
         sd: dict[str, torch.Tensor] = {}
         unexpected: list[str] = []
+        stored: dict[str, str] = {}  # parameter name -> the file key it is read from
+
+        def keep(key: str) -> bool:
+            # transformers 4 wrote "text_model.<name>", transformers 5 writes "<name>"
+            if key.startswith("text_model."):
+                name = key
+            elif whole_clip:
+                return False
+            else:
+                name = f"text_model.{key}"
+            if name == "text_model.embeddings.position_ids":
+                return False  # a buffer old files saved; rebuilt below
+            if name not in wanted:
+                unexpected.append(key)
+                return False
+            if name in stored:
+                raise LeanUnsupported(f"{folder}: {name} is stored twice (as {key!r} too)")
+            stored[name] = key
+            return True
+
         for path in files:
             try:
-                with safe_open(str(path), framework="pt", device=str(dev)) as f:
-                    for key in f.keys():
-                        # transformers 4 wrote "text_model.<name>", transformers 5 writes "<name>"
-                        if key.startswith("text_model."):
-                            name = key
-                        elif whole_clip:
-                            continue
-                        else:
-                            name = f"text_model.{key}"
-                        if name == "text_model.embeddings.position_ids":
-                            continue  # a buffer old files saved; rebuilt below
-                        if name not in wanted:
-                            unexpected.append(key)
-                            continue
-                        if name in sd:
-                            raise LeanUnsupported(f"{folder}: {name} is stored twice (as {key!r} too)")
-                        t = f.get_tensor(key)
-                        if dtype is not None and t.is_floating_point():
-                            t = t.to(dtype)
-                        sd[name] = t
+                part = read_safetensors(path, dev, dtype, keys=keep)
             except LeanUnsupported:
                 raise
             except Exception as e:  # a corrupt or foreign file: let transformers report it
                 raise LeanUnsupported(f"cannot read safetensors file {path}: {e}") from e
+            sd.update((name, part[key]) for name, key in stored.items() if key in part)
         if unexpected:
             raise LeanUnsupported(
                 f"{folder}: the weights hold tensors a CLIPTextModel has no place for "
-                f"({', '.join(unexpected[:3])}); load this folder with transformers"
+                f"({', '.join(sorted(unexpected)[:3])}); load this folder with transformers"
             )
         missing = sorted(wanted - sd.keys())
         if missing:

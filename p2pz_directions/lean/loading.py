@@ -137,12 +137,12 @@ def weight_files(folder: Path, filename: str, variant: str | None, library: str)
 
 
 def read_tensors(files: list[Path], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+    """All tensors of ``files`` on ``device``, floating ones in ``dtype`` (`read_safetensors`)."""
+    from p2pz_directions.lean.reading import read_safetensors
 
     state: dict[str, torch.Tensor] = {}
     for f in files:
-        part = load_file(str(f), device=str(device))
-        state.update({k: (v.to(dtype) if v.is_floating_point() else v) for k, v in part.items()})
+        state.update(read_safetensors(f, device, dtype))
     return state
 
 
