@@ -230,12 +230,14 @@ def test_cuda_equal_to_load_file(saved, tmp_path, dtype, monkeypatch):
     import p2pz_directions.lean.reading as reading
 
     want = _expected(saved, dtype, device="cuda")
-    for chunk_bytes, slot in [(1 << 20, 1 << 20), (64, 1 << 20), (1 << 20, 48)]:  # small slots: many copies
+    # small slots: many copies; small pieces: several threads fill each slot
+    for chunk_bytes, slot, piece in [(1 << 20, 1 << 20, 1 << 20), (64, 1 << 20, 1 << 20), (1 << 20, 48, 5)]:
         monkeypatch.setattr(reading, "_SLOT_BYTES", slot)
+        monkeypatch.setattr(reading, "_PIECE_BYTES", piece)
         got = read_safetensors(saved, "cuda", dtype, chunk_bytes=chunk_bytes)
         assert set(got) == set(want)
         for k in want:
-            assert got[k].device.type == "cuda" and _same(got[k], want[k]), (chunk_bytes, slot, k)
+            assert got[k].device.type == "cuda" and _same(got[k], want[k]), (chunk_bytes, slot, piece, k)
     one = read_safetensors(saved, "cuda", chunk_bytes=1 << 20)
     assert one["i8"].untyped_storage().data_ptr() == one["u8"].untyped_storage().data_ptr()
     # odd offsets on the GPU too
@@ -246,3 +248,36 @@ def test_cuda_equal_to_load_file(saved, tmp_path, dtype, monkeypatch):
     )
     got = read_safetensors(path, "cuda", dtype)
     assert _same(got["w"], w if dtype is None else w.to(dtype))
+
+
+def test_parallel_reads(saved, monkeypatch):
+    """Buffers split into pieces read by several threads: the same tensors."""
+    import p2pz_directions.lean.reading as reading
+
+    monkeypatch.setattr(reading, "_PIECE_BYTES", 5)
+    monkeypatch.setattr(reading, "_MAX_THREADS", 3)
+    monkeypatch.setattr(reading.os, "cpu_count", lambda: 3)
+    monkeypatch.delattr(reading.os, "process_cpu_count", raising=False)
+    for chunk_bytes in (64, 1 << 20):
+        got = read_safetensors(saved, "cpu", chunk_bytes=chunk_bytes)
+        want = _expected(saved, None)
+        assert all(_same(got[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_file_shrinking_while_read(saved, monkeypatch, threads):
+    """The file cut short after its header was read (someone rewriting it): refused, not garbage."""
+    import p2pz_directions.lean.reading as reading
+
+    monkeypatch.setattr(reading, "_PIECE_BYTES", 5)
+    monkeypatch.setattr(reading, "_MAX_THREADS", threads)
+    size = saved.stat().st_size
+
+    def keep(name):
+        with open(saved, "r+b") as f:
+            f.truncate(size - 100)
+        return True
+
+    with pytest.raises(LeanUnsupported, match="truncated") as err:
+        read_safetensors(saved, "cpu", keys=keep)
+    assert str(saved) in str(err.value)
