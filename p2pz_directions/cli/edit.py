@@ -219,6 +219,9 @@ def register(app: typer.Typer) -> None:
         quiet: QuietOpt = False,
     ) -> None:
         """Apply a named direction to images (or to one generated from --prompt)."""
+        from p2pz_directions.core import cuda_start
+
+        cuda_start.start(device)  # the CUDA context and first kernels, while torch imports
         from p2pz_directions import editors
         from p2pz_directions.cli.options import (
             UsageError,

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from p2pz_directions.core import constants
+from p2pz_directions.core import constants, cuda_start
 
 __all__ = ["RUNNER_MODES", "UNetRunner", "compile_cache_dir", "compiled"]
 
@@ -159,6 +159,7 @@ class UNetRunner:
     def _capture(self, fn: Callable[..., Any], inputs: tuple[torch.Tensor, ...]) -> _Graph | None:
         if not all(x.is_cuda for x in inputs):
             raise ValueError("runner mode 'graphs' needs CUDA tensors; use mode 'eager' on the CPU")
+        cuda_start.wait()  # the CLI's start-up thread must not run GPU work during a capture
         static = tuple(x.detach().clone() for x in inputs)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
