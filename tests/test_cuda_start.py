@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from p2pz_directions.core import cuda_start
+from p2pz_directions.core.constants import ConfigError
 
 
 @pytest.fixture
@@ -36,6 +37,9 @@ def test_off_for_the_cpu_and_when_turned_off(fresh, monkeypatch):
     assert fresh.start("cuda") is False and not fresh.started()
     fresh.wait()  # nothing to wait for
     assert ran == []
+    monkeypatch.setenv("P2PZ_CUDA_PREWARM", "maybe")
+    with pytest.raises(ConfigError, match="P2PZ_CUDA_PREWARM='maybe'"):
+        fresh.start("cuda")
 
 
 def test_starts_once_and_wait_joins(fresh, monkeypatch):

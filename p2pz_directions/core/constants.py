@@ -88,6 +88,13 @@ VARIABLES: tuple[Variable, ...] = (
         "by default a command that loaded torch ends with `os._exit` once its output is written and flushed.",
     ),
     Variable(
+        "P2PZ_CUDA_PREWARM",
+        "1",
+        "`0` keeps `p2pz edit` from starting the GPU in a background thread while torch imports (the CUDA context "
+        'through the driver API, then one tiny cuBLAS, cuDNN and attention call; see docs/editing.md "A one-off '
+        'edit"). The thread never changes a result: captures wait for it, and a failure in it only ends it.',
+    ),
+    Variable(
         "P2PZ_MODELS",
         "auto",
         "Which classes an editor loads a local model folder into: `auto` (p2pz's lean UNet / VAE / CLIP / scheduler "
@@ -203,6 +210,10 @@ def model_classes() -> str:
 
 def fast_exit() -> bool:
     return flag("P2PZ_FAST_EXIT", default=True)
+
+
+def cuda_prewarm() -> bool:
+    return flag("P2PZ_CUDA_PREWARM", default=True)
 
 
 def hf_offline() -> bool:

@@ -20,22 +20,22 @@ and torch does the same work when the edit first needs it. ``P2PZ_CUDA_PREWARM=0
 from __future__ import annotations
 
 import ctypes
-import os
 import sys
 import threading
+
+from p2pz_directions.core import constants
 
 __all__ = ["start", "started", "wait"]
 
 _thread: threading.Thread | None = None
 _lock = threading.Lock()
-_OFF = ("0", "false", "no", "off")
 
 
 def start(device: str | None) -> bool:
     """Begin starting CUDA device ``device`` (``None``: the default, cuda:0 when there is a GPU) in a
     background thread; once per process. False when it is off, or ``device`` is not CUDA."""
     global _thread
-    if os.environ.get("P2PZ_CUDA_PREWARM", "1").strip().lower() in _OFF:
+    if not constants.cuda_prewarm():
         return False
     index = _cuda_index(device)
     if index is None:
