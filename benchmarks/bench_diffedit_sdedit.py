@@ -251,6 +251,41 @@ def run_variants(variants: dict[str, Any], device: str, warmup: int, repeats: in
     return results
 
 
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+
+
+def profile_once(fn, device: str) -> dict[str, Any]:
+    """One more (warm) run under ``torch.profiler``: wall seconds, the GPU's busy seconds (kernels
+    and copies, which one stream runs one after another), the host-side calls that wait for the GPU,
+    and the ten CUDA ops that took longest. ``busy / wall`` well below 1 means the GPU waited for
+    the host (launches, syncs, Python) - where a faster UNet would not help."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        wall = time.perf_counter() - t0
+    busy, syncs, ops = 0.0, {}, {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            busy += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+            ops[e.name] = ops.get(e.name, 0.0) + (
+                e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+            )
+        elif any(e.name.startswith(c) for c in SYNC_CALLS):
+            syncs[e.name] = syncs.get(e.name, 0) + 1
+    top = sorted(ops.items(), key=lambda kv: -kv[1])[:10]
+    return {
+        "wall_s": round(wall, 4),
+        "gpu_busy_s": round(busy / 1e6, 4),
+        "busy_fraction": round(busy / 1e6 / wall, 3),
+        "host_waits": syncs,
+        "top_gpu_ops_ms": [(name[:80], round(us / 1e3, 2)) for name, us in top],
+    }
+
+
 def _np(x: Any) -> np.ndarray:
     return (
         x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float32)
@@ -328,18 +363,64 @@ def bench_diffedit(args, device: str, pipe, direction: Direction, image) -> dict
 
         return fn
 
-    res = run_variants(_variants(args, device, theirs, ours), device, args.warmup, args.repeats)
+    variants = _variants(args, device, theirs, ours)
+    res = run_variants(variants, device, args.warmup, args.repeats)
     _per_image(res, args.batch)
+    _profile(args, device, variants, res)
     ref = res.get("diffusers", {}).get("_out")
+    ref32 = _float32_reference(args, pipe, theirs)
     for name, r in res.items():
         out = r.pop("_out", None)
-        if name == "diffusers" or out is None or ref is None:
+        if out is None:
+            continue
+        if ref32 is not None:  # the float32 run is the truth float16 rounding departs from
+            r["max_abs_diff_image_vs_float32"] = float(np.abs(_np(out["image"]) - _np(ref32["image"])).max())
+            r["mean_abs_diff_image_vs_float32"] = float(
+                np.abs(_np(out["image"]) - _np(ref32["image"])).mean()
+            )
+            r["max_abs_diff_inverted_vs_float32"] = float(
+                np.abs(_np(out["inverted"]) - _np(ref32["inverted"])).max()
+            )
+            r["mask_pixels_differing_vs_float32"] = float((_np(out["mask"]) != _np(ref32["mask"])).mean())
+        if name == "diffusers" or ref is None:
             continue
         r["max_abs_diff_image"] = float(np.abs(_np(out["image"]) - _np(ref["image"])).max())
+        r["mean_abs_diff_image"] = float(np.abs(_np(out["image"]) - _np(ref["image"])).mean())
         r["mask_pixels_differing"] = float((_np(out["mask"]) != _np(ref["mask"])).mean())
         r["max_abs_diff_inverted"] = float(np.abs(_np(out["inverted"]) - _np(ref["inverted"])).max())
         r["finite"] = bool(np.isfinite(_np(out["image"])).all())
     return res
+
+
+def _profile(args, device: str, variants: dict[str, Any], res: dict[str, Any]) -> None:
+    """With --profile: one more run of each CUDA variant under the profiler (`profile_once`)."""
+    if not args.profile or not device.startswith("cuda"):
+        return
+    for name, fn in variants.items():
+        if "error" not in res.get(name, {"error": 1}):
+            try:
+                res[name]["profile"] = profile_once(fn, device)
+            except Exception as e:  # noqa: BLE001 - a profiler failure must not lose the timings
+                res[name]["profile"] = {"error": f"{type(e).__name__}: {e}"}
+
+
+def _float32_reference(args, pipe, theirs) -> Any:
+    """With --float32-reference: diffusers' run once more with every module in float32 (copies), the
+    yardstick of "float16 noise": how far diffusers' own float16 run is from it."""
+    if not args.float32_reference:
+        return None
+    import copy
+
+    mods = {k: getattr(pipe, k) for k in ("unet", "vae", "text_encoder")}
+    try:
+        for k, m in mods.items():
+            setattr(pipe, k, copy.deepcopy(m).float())
+        return theirs()
+    finally:
+        for k, m in mods.items():
+            setattr(pipe, k, m)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def bench_sdedit(args, device: str, pipe, direction: Direction, image) -> dict[str, Any]:
@@ -378,14 +459,23 @@ def bench_sdedit(args, device: str, pipe, direction: Direction, image) -> dict[s
 
         return fn
 
-    res = run_variants(_variants(args, device, theirs, ours), device, args.warmup, args.repeats)
+    variants = _variants(args, device, theirs, ours)
+    res = run_variants(variants, device, args.warmup, args.repeats)
     _per_image(res, args.batch)
+    _profile(args, device, variants, res)
     ref = res.get("diffusers", {}).get("_out")
+    ref32 = _float32_reference(args, pipe, theirs)
     for name, r in res.items():
         out = r.pop("_out", None)
-        if name == "diffusers" or out is None or ref is None:
+        if out is None:
+            continue
+        if ref32 is not None:
+            r["max_abs_diff_image_vs_float32"] = float(np.abs(_np(out) - _np(ref32)).max())
+            r["mean_abs_diff_image_vs_float32"] = float(np.abs(_np(out) - _np(ref32)).mean())
+        if name == "diffusers" or ref is None:
             continue
         r["max_abs_diff_image"] = float(np.abs(_np(out) - _np(ref)).max())
+        r["mean_abs_diff_image"] = float(np.abs(_np(out) - _np(ref)).mean())
         r["finite"] = bool(np.isfinite(_np(out)).all())
     return res
 
@@ -455,6 +545,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--batch", type=int, default=1, help="also edit this many images in one call")
     ap.add_argument("--skip-eager", action="store_true", help='skip loops="eager"')
+    ap.add_argument(
+        "--profile", action="store_true", help="one more run per CUDA variant under torch.profiler"
+    )
+    ap.add_argument(
+        "--float32-reference",
+        action="store_true",
+        help="also run diffusers in float32 and report every variant's distance from it (float16 noise)",
+    )
     args = ap.parse_args(argv)
 
     device = args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")

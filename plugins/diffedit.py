@@ -76,6 +76,11 @@ class DiffEditOptions:
         None, "guidance of the mask's predictions (default: guidance_scale)"
     )
     mask_only: bool = _opt(False, "stop after the mask (the result's image is the mask)")
+    mask_passes: str = _opt(
+        "auto",
+        "'batch': the mask's UNet passes in one batch (diffusers'); 'draws': one call per noise draw "
+        "through the edit's CUDA graph; 'auto': draws unless the loops are eager",
+    )
     # inversion
     inpaint_strength: float = _opt(0.8, "the encoding ratio: how far the image is inverted, in (0, 1]")
     inversion_guidance_scale: float | None = _opt(None, "guidance of the inversion (default: guidance_scale)")
@@ -123,8 +128,8 @@ class DiffEditEditor(Editor):
     description = "DiffEdit: mask from source vs target noise, partial DDIM inversion, masked denoising"
     phases = ("mask", "invert", "edit")
     memory_advice = (
-        "lower num_maps_per_mask (the mask runs up to 4 x num_maps_per_mask images in one UNet batch), "
-        "use --dtype float16, or a smaller image"
+        "lower num_maps_per_mask or set mask_passes='draws' (with mask_passes='batch' the mask runs up to "
+        "4 x num_maps_per_mask images in one UNet batch), use --dtype float16, or a smaller image"
     )
     options = DiffEditOptions
     component_names = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -232,22 +237,37 @@ class DiffEditEditor(Editor):
 
     def _mask(self, unet, vae, scheduler, encoded, gen, text, source, target, o, extra) -> torch.Tensor:
         """Step 4: DiffEdit's mask from ``num_maps_per_mask`` noise draws (`sampling.diffedit.diffedit_mask`)."""
-        self.progress("mask", 0, 1)
         maps = o.num_maps_per_mask
         lat = D.draw_latents(encoded, maps, gen, vae.config.scaling_factor).to(self.dtype)
         noise = S.randn(tuple(lat.shape), gen, self.device, lat.dtype)
         rows = lambda e: e.repeat_interleave(maps, dim=0)  # noqa: E731 - one row per draw
         g = o.guidance_scale if o.mask_guidance_scale is None else o.mask_guidance_scale
+        runner = self.options_runner(o)
+        passes = (
+            o.mask_passes if o.mask_passes != "auto" else ("batch" if runner.mode == "eager" else "draws")
+        )
+        # one call per draw goes through the edit's predictor (same graph); a UNet that embeds the
+        # guidance scale (LCM) would be guided differently there, so its mask stays one batch
+        if S.do_cfg(unet, g) != (g > 1.0):
+            passes = "batch"
+        predict = None
+        if passes == "draws":
+            predict = S.cfg_predictor(
+                unet, guidance_scale=g, runner=runner, cross_attention_kwargs=o.cross_attention_kwargs
+            )
+        self.progress("mask", 0, maps if predict is not None else 1)
         mask, gmap = D.diffedit_mask(
             unet, scheduler, lat, noise, rows(source), rows(target), num_maps=maps,
             num_inference_steps=o.num_inference_steps, mask_encode_strength=o.mask_encode_strength,
             mask_thresholding_ratio=o.mask_thresholding_ratio, guidance_scale=g,
             source_negative=rows(text(o.source_negative_prompt, o.source_negative_prompt_embeds, "", "source_negative_prompt")),
             target_negative=rows(text(o.target_negative_prompt, o.target_negative_prompt_embeds, "", "target_negative_prompt")),
-            cross_attention_kwargs=o.cross_attention_kwargs,
+            cross_attention_kwargs=o.cross_attention_kwargs, predict=predict,
+            progress=None if predict is None else (lambda i, m: self.progress("mask", i, m)),
         )  # fmt: skip
-        extra.update(mask_source="generated", mask_map=gmap.float().cpu())
-        self.progress("mask", 1, 1)
+        extra.update(mask_source="generated", mask_map=gmap.float().cpu(), mask_passes=passes)
+        if predict is None:
+            self.progress("mask", 1, 1)
         return mask
 
     def _invert(self, unet, vae, inverse, encoded, text, source, gen, o, n_edit, extra) -> torch.Tensor:
@@ -395,6 +415,8 @@ def _check(image: Any, o: DiffEditOptions) -> tuple[Any, int]:
             "mask_encode_strength",
         )
         _positive_int(o.num_maps_per_mask, "num_maps_per_mask")
+        if o.mask_passes not in ("auto", "batch", "draws"):
+            raise OptionValueError(f"mask_passes must be 'auto', 'batch' or 'draws', not {o.mask_passes!r}")
         if not o.mask_thresholding_ratio or o.mask_thresholding_ratio <= 0:
             raise OptionValueError(
                 f"mask_thresholding_ratio must be positive, not {o.mask_thresholding_ratio!r}"

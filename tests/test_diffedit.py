@@ -18,6 +18,7 @@ from p2pz_directions.core.errors import EncoderMismatchError, P2PZError
 from p2pz_directions.editing.editors import EditorOptionError
 from p2pz_directions.editing.images import ImageError
 from p2pz_directions.editing.models import encoder_for
+from p2pz_directions.sampling.runner import UNetRunner
 
 TOL = 1e-4
 STEPS = 6
@@ -67,9 +68,8 @@ def sd1(tiny_sd1):
 
 
 # --- equality with diffusers --------------------------------------------------------------------
-def test_mask_inversion_and_image_match_diffusers(setup):
-    _, _, pipe, ed, d = setup
-    img = _image(32)
+def _diffusers_edit(pipe, d, img):
+    """diffusers' generate_mask -> invert -> __call__ with one seeded generator: (mask, latents, image)."""
     gen = torch.Generator().manual_seed(0)
     ref_mask = pipe.generate_mask(
         image=img,
@@ -91,6 +91,13 @@ def test_mask_inversion_and_image_match_diffusers(setup):
         generator=gen,
         output_type="np",
     ).images[0]
+    return ref_mask, ref_inv, ref
+
+
+def test_mask_inversion_and_image_match_diffusers(setup):
+    _, _, pipe, ed, d = setup
+    img = _image(32)
+    ref_mask, ref_inv, ref = _diffusers_edit(pipe, d, img)
 
     phases = []
     res = ed.edit(
@@ -115,6 +122,68 @@ def test_mask_inversion_and_image_match_diffusers(setup):
     assert np.array_equal(up, ours_mask)
     assert {p for p, _, _ in phases} == {"mask", "invert", "edit"}
     assert ("edit", int(STEPS * 0.8), int(STEPS * 0.8)) in phases
+    assert res.extra["mask_passes"] == "batch", "eager loops: the mask is one UNet batch, as diffusers"
+
+
+class _RecordingRunner(UNetRunner):
+    """An eager runner that notes the (name, key, input shapes) of every step it runs: what a
+    ``graphs`` runner would capture one CUDA graph for."""
+
+    def __init__(self) -> None:
+        super().__init__("eager")
+        self.seen: list[tuple] = []
+
+    def __call__(self, name, fn, *inputs, key=()):
+        self.seen.append((name, key, tuple(tuple(x.shape) for x in inputs)))
+        return super().__call__(name, fn, *inputs, key=key)
+
+
+def test_mask_by_draw_matches_diffusers_and_shares_the_edit_step(setup):
+    """mask_passes='draws' (the default with CUDA graphs): the mask's noise predictions one draw at a
+    time through the edit's own predictor - diffusers' mask, inversion and image still, and the mask,
+    the inversion and the edit all run one step function of one shape (one graph to capture)."""
+    _, _, pipe, ed, d = setup
+    img = _image(32)
+    ref_mask, ref_inv, ref = _diffusers_edit(pipe, d, img)
+    kept, ed.runners["eager"] = ed.runners.get("eager"), _RecordingRunner()
+    try:
+        phases = []
+        res = ed.edit(
+            img, d, seed=0, num_maps_per_mask=MAPS, num_inference_steps=STEPS, output_type="np",
+            mask_passes="draws", progress=lambda phase, i, n: phases.append((phase, i, n)),
+        )  # fmt: skip
+        seen = ed.runners["eager"].seen
+    finally:
+        if kept is None:
+            ed.runners.pop("eager")
+        else:
+            ed.runners["eager"] = kept
+    assert res.extra["mask_passes"] == "draws"
+    assert np.array_equal(res.extra["latent_mask"][0, 0].numpy(), ref_mask[0])
+    assert (res.inverted_latents - ref_inv).abs().max().item() < TOL
+    assert np.abs(res.image - ref).max() < TOL
+    n_inv = n_edit = int(STEPS * 0.8)
+    assert len(seen) == 2 * MAPS + n_inv + n_edit
+    assert len(set(seen)) == 1, f"mask, inversion and edit should share one step, got {set(seen)}"
+    assert [(i, n) for p, i, n in phases if p == "mask"] == [(i, MAPS) for i in range(MAPS + 1)]
+
+
+def test_mask_draws_and_batch_agree_for_several_images(sd1):
+    """Image-major rows: with two images (and a guidance scale of the mask's own) the per-draw mask
+    is the one-batch mask, and its map the same up to float rounding."""
+    path, ed, d = sd1
+    imgs_ = [_image(32, seed=0), _image(32, seed=5)]
+    kw = dict(
+        seed=2, num_maps_per_mask=MAPS, num_inference_steps=STEPS, mask_only=True, mask_guidance_scale=5.0
+    )
+    a = ed.edit(imgs_, d, mask_passes="batch", **kw)
+    b = ed.edit(imgs_, d, mask_passes="draws", **kw)
+    assert a.extra["mask_passes"] == "batch" and b.extra["mask_passes"] == "draws"
+    assert torch.allclose(a.extra["mask_map"], b.extra["mask_map"], atol=1e-5)
+    assert torch.equal(a.extra["latent_mask"], b.extra["latent_mask"])
+    assert not torch.equal(a.extra["mask_map"][0], a.extra["mask_map"][1]), "two images, two maps"
+    with pytest.raises(ValueError, match="mask_passes must be 'auto', 'batch' or 'draws'"):
+        ed.edit(imgs_, d, mask_passes="chunks", **kw)
 
 
 def test_user_mask_and_regularized_inversion_match_diffusers(setup, tmp_path):
@@ -399,6 +468,10 @@ def test_cuda_graphs_match_eager_on_gpu(tiny_sd1):
     graphed = ed.edit(_image(64), d, cuda_graphs=True, **kw)
     again = ed.edit(_image(64), d, cuda_graphs=True, **kw)  # replays the graphs captured above
     runner = ed.runners["graphs"]
-    assert len(runner.graphs) >= 1 and all(g is not None for g in runner.graphs.values())
-    assert np.abs(graphed.image - eager.image).max() < 1e-4
+    assert graphed.extra["mask_passes"] == "draws" and eager.extra["mask_passes"] == "batch"
+    # the mask, the inversion and the edit replay one graph (one capture, one batch shape)
+    assert len(runner.graphs) == 1 and all(g is not None for g in runner.graphs.values())
+    drawn = ed.edit(_image(64), d, mask_passes="draws", **kw)  # eager, the same passes as the graphs
+    assert np.abs(graphed.image - drawn.image).max() < 1e-4
+    assert (graphed.extra["mask_map"] - eager.extra["mask_map"]).abs().max() < 1e-3
     assert np.array_equal(graphed.image, again.image)

@@ -7,7 +7,9 @@ computes them (``generate_mask`` / ``invert`` / ``__call__``):
    (`draw_latents`, `noise_to_strength`), predict the noise under the source and the target text
    (`mask_noise_preds`), average ``|eps_target - eps_source|`` over the draws and the channels
    (`mask_guidance_map`), clamp at ``mask_thresholding_ratio`` times its mean, rescale to [0, 1]
-   and binarize at 0.5 (`threshold_mask`). `diffedit_mask` chains them.
+   and binarize at 0.5 (`threshold_mask`). `diffedit_mask` chains them; its predictions are one UNet
+   batch (diffusers' way) or, through the edit's own predictor, one call per draw
+   (`mask_noise_preds_by_draw`: the edit's CUDA graph, no batch shape of its own).
 2. **Encode** (step 2): DDIM-invert the image latents up to the encoding ratio ``inpaint_strength``,
    keeping every intermediate latent (`inverse_timesteps`, `inversion_predictor` over
    ``sampling.invert``; pix2pix-zero's regularizers optional, as diffusers offers them).
@@ -57,6 +59,7 @@ __all__ = [
     "mask_guidance_callback",
     "mask_guidance_map",
     "mask_noise_preds",
+    "mask_noise_preds_by_draw",
     "noise_to_strength",
     "threshold_mask",
 ]
@@ -203,6 +206,47 @@ def threshold_mask(guidance_map: torch.Tensor, mask_thresholding_ratio: float = 
     return ((guidance_map.clamp(0, clamp) / clamp) > 0.5).to(guidance_map.dtype)
 
 
+@torch.no_grad()
+def mask_noise_preds_by_draw(
+    predict: Callable[..., torch.Tensor],
+    scheduler: Any,
+    noisy: torch.Tensor,
+    t: torch.Tensor,
+    source: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    num_maps: int,
+    source_negative: torch.Tensor | None = None,
+    target_negative: torch.Tensor | None = None,
+    guided: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`mask_noise_preds` one noise draw at a time, through a sampler's ``predict(x, t, i, tensors)``
+    (`cfg_predictor`, its guidance scale the mask's): ``2 * num_maps`` calls on ``B`` rows each (the
+    draw ``d`` of every image), source and target apart - the batch shape of the edit's own steps.
+
+    Through a `UNetRunner` in ``graphs`` / ``compile`` mode those calls replay the edit's CUDA graph
+    (or compiled step) instead of running the UNet eagerly on ``3-4 x B x num_maps`` rows, whose
+    first pass pays a cuDNN / cuBLAS plan for every layer at a batch size used nowhere else; the
+    mask's memory stays that of one edit step. ``noisy`` and the embeddings are image-major
+    (``[B * num_maps, ...]``, draws of image 0 first), as `draw_latents` gives them.
+    """
+    if guided and (source_negative is None or target_negative is None):
+        raise ValueError("guidance needs source_negative and target_negative embeddings")
+    model_in = scheduler.scale_model_input(noisy, t)
+    eps_src, eps_tgt = torch.empty_like(noisy), torch.empty_like(noisy)
+    for d in range(num_maps):
+        x = model_in[d::num_maps]
+        for i, (out, cond, neg) in enumerate(
+            ((eps_src, source, source_negative), (eps_tgt, target, target_negative))
+        ):
+            embeds = torch.cat([neg[d::num_maps], cond[d::num_maps]]) if guided else cond[d::num_maps]
+            out[d::num_maps] = predict(x, t, 2 * d + i, {"prompt_embeds": embeds})
+        if progress is not None:
+            progress(d + 1, num_maps)
+    return eps_src, eps_tgt
+
+
 def diffedit_mask(
     unet: Any,
     scheduler: Any,
@@ -219,11 +263,16 @@ def diffedit_mask(
     source_negative: torch.Tensor | None = None,
     target_negative: torch.Tensor | None = None,
     cross_attention_kwargs: dict[str, Any] | None = None,
+    predict: Callable[..., torch.Tensor] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """DiffEdit step 1: ``(mask [B, h, w] float 0/1, guidance map [B, h, w])``.
 
     ``image_latents`` and ``noise`` are ``[B * num_maps, C, h, w]`` (`draw_latents` and a Gaussian
-    draw); the embeddings have one row per draw (or one row for all).
+    draw); the embeddings have one row per draw (or one row for all). Without ``predict`` the noise
+    predictions are one UNet batch (`mask_noise_preds`, diffusers' way); with a predictor of
+    ``guidance_scale`` (`cfg_predictor`) they are one call per draw and side
+    (`mask_noise_preds_by_draw`): the same numbers up to the rounding of another batch size.
     """
     noisy, t = noise_to_strength(scheduler, image_latents, noise, num_inference_steps, mask_encode_strength)
 
@@ -233,10 +282,17 @@ def diffedit_mask(
     source, target, source_negative, target_negative = map(
         rows, (source, target, source_negative, target_negative)
     )
-    eps_src, eps_tgt = mask_noise_preds(
-        unet, scheduler, noisy, t, source, target, source_negative=source_negative,
-        target_negative=target_negative, guidance_scale=guidance_scale, cross_attention_kwargs=cross_attention_kwargs,
-    )  # fmt: skip
+    if predict is not None:
+        eps_src, eps_tgt = mask_noise_preds_by_draw(
+            predict, scheduler, noisy, t, source, target, num_maps=num_maps, source_negative=source_negative,
+            target_negative=target_negative, guided=guidance_scale > 1.0, progress=progress,
+        )  # fmt: skip
+    else:
+        eps_src, eps_tgt = mask_noise_preds(
+            unet, scheduler, noisy, t, source, target, source_negative=source_negative,
+            target_negative=target_negative, guidance_scale=guidance_scale,
+            cross_attention_kwargs=cross_attention_kwargs,
+        )  # fmt: skip
     gmap = mask_guidance_map(eps_src, eps_tgt, num_maps)
     return threshold_mask(gmap, mask_thresholding_ratio), gmap
 
@@ -258,10 +314,13 @@ def inversion_predictor(
     ``tensors["prompt_embeds"]``, then, with ``num_reg_steps > 0``, pix2pix-zero's regularization of
     the noise (``regularize_noise_pred``; the random rolls drawn from ``generator`` step by step, as
     diffusers). The regularizer sees the un-doubled latents (diffusers passes the guidance-doubled
-    batch, which only changes anything for v- or sample-prediction models with guidance on)."""
+    batch, which only changes anything for v- or sample-prediction models with guidance on).
+
+    The UNet step is `cfg_predictor`'s under its default name: with the edit's guidance scale (the
+    default) the inversion, the mask (`mask_noise_preds_by_draw`) and the edit replay one CUDA graph
+    (or compiled step) of one runner, captured once."""
     guided = cfg_predictor(
         unet, guidance_scale=guidance_scale, runner=runner, cross_attention_kwargs=cross_attention_kwargs,
-        name="diffedit-invert",
     )  # fmt: skip
     if num_reg_steps <= 0:
         return guided

@@ -250,7 +250,10 @@ def cfg_predictor(
         )
         return cfg(out, guidance_scale, guidance_rescale) if guided else out
 
-    key = (id(unet), guidance_scale, guidance_rescale, guided)
+    # predictors of one name and key share a graph / compiled step (DiffEdit's mask, inversion and
+    # edit): the key holds everything ``step`` closes over
+    xa = None if cross_attention_kwargs is None else id(cross_attention_kwargs)
+    key = (id(unet), guidance_scale, guidance_rescale, guided, xa)
 
     def predict(x: torch.Tensor, t: Any, i: int, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         t = torch.as_tensor(t, device=x.device)
