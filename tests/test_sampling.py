@@ -301,6 +301,53 @@ def test_invert_dpm_solver_inverse_scheduler_runs(parts):
     assert xt.shape == x0.shape and torch.isfinite(xt).all() and (xt - x0).abs().max() > 1e-2
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_denoise_on_gpu_equals_the_pipeline_and_never_waits_for_the_gpu(parts, name):
+    """On CUDA the loop hands the scheduler host timesteps (its arithmetic on a GPU timestep would make
+    the host wait for every UNet pass): the same latents as diffusers' pipeline on the GPU, for every
+    scheduler, and for DDIM (DiffEdit's, SDEdit's on SD) no host-device synchronization in the loop."""
+    import diffusers
+
+    cls = getattr(diffusers, name)
+    unet, te = parts["unet"].to("cuda"), parts["text_encoder"].to("cuda")
+    try:
+        pipe = _sd_pipe(parts, scheduler=cls.from_config(parts["scheduler"].config), unet=unet)
+        pipe.text_encoder, pipe.vae = te, parts["vae"].to("cuda")
+        kw = dict(num_inference_steps=4, guidance_scale=6.0, output_type="latent", height=64, width=64)
+        expected = pipe("a cat", generator=torch.Generator().manual_seed(0), **kw).images
+        sched = S.copy_scheduler(pipe.scheduler)
+        pos, neg = S.encode_prompt(parts["tokenizer"], te, "a cat", "cuda", do_classifier_free_guidance=True)
+        sched.set_timesteps(4, device="cuda")
+        g = torch.Generator().manual_seed(0)
+        x = S.randn((1, 4, 32, 32), g, "cuda", torch.float32) * sched.init_noise_sigma
+        predict = S.cfg_predictor(unet, guidance_scale=6.0)
+        seen = []
+
+        def cb(p, i, t, kw):
+            seen.append(t.device.type)
+            return kw
+
+        if name == "DDIMScheduler":
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            ours = S.denoise(
+                predict, x, sched, tensors={"prompt_embeds": torch.cat([neg, pos])},
+                extra_step_kwargs=S.extra_step_kwargs(sched, g, 0.0), callback_on_step_end=cb,
+            )  # fmt: skip
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        assert (ours - expected).abs().max().item() < 1e-4
+        assert len(seen) == len(sched.timesteps) and set(seen) == {"cuda"}, (
+            f"callbacks get the timesteps as the scheduler holds them (on the GPU), got {seen}"
+        )
+    finally:
+        for m in (unet, te, parts["vae"]):
+            m.to("cpu")
+
+
 # -- the runner ------------------------------------------------------------------------------------
 def test_runner_eager_and_errors():
     r = S.UNetRunner("eager")

@@ -105,13 +105,20 @@ def _loop(
     if hasattr(pipe, "num_timesteps"):
         pipe.num_timesteps = n
     done = 0
+    # the scheduler gets each timestep as a CPU value: its arithmetic on a GPU timestep (an index into
+    # alphas_cumprod, `prev_timestep >= 0`) would make the host wait for every UNet pass before it
+    # queues the next; the predictor and the callbacks get the timesteps as given
+    on_host = (
+        timesteps.cpu() if isinstance(timesteps, torch.Tensor) and timesteps.device.type != "cpu" else None
+    )
     for i, t in enumerate(timesteps):
         if getattr(pipe, "interrupt", False):
             break
-        out = predict(scheduler.scale_model_input(latents, t), t, i, tensors)
+        t_host = t if on_host is None else on_host[i]
+        out = predict(scheduler.scale_model_input(latents, t_host), t, i, tensors)
         if isinstance(out, tuple):
             out, latents = out
-        latents = scheduler.step(out, t, latents, **(extra_step_kwargs or {}), return_dict=False)[0]
+        latents = scheduler.step(out, t_host, latents, **(extra_step_kwargs or {}), return_dict=False)[0]
         if intermediates is not None:
             intermediates.append(latents.detach().clone())
         if callback_on_step_end is not None:
