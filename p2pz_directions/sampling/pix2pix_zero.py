@@ -489,6 +489,10 @@ def cross_attention_guided_step(
 
 
 def _device_t(t: Any, device: torch.device) -> torch.Tensor:
+    """``t`` as a 0-d tensor on ``device``; a timestep already there is used as it is (reading it back
+    with ``.item()`` would make the host wait for the GPU every step)."""
+    if isinstance(t, torch.Tensor) and t.device == device and t.numel() == 1:
+        return t.reshape(())
     t = torch.as_tensor(t)
     return torch.full((), t.item(), dtype=t.dtype, device=device)
 
@@ -518,18 +522,21 @@ def inversion_predictor(
     if compile_regularizer and reg is not None:
         fn = runner.resource(("compiled-inversion", key), lambda: compiled(fn, dynamic=False))
 
+    alphas: dict[torch.device, torch.Tensor] = {}  # alphas_cumprod on each device, float32
+
     def predict(x: torch.Tensor, t: Any, i: int, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         dev = x.device
-        alpha = torch.full(
-            (), float(inverse_scheduler.alphas_cumprod[int(t)]), dtype=torch.float32, device=dev
-        )
+        if dev not in alphas:
+            alphas[dev] = torch.as_tensor(inverse_scheduler.alphas_cumprod).to(dev, torch.float32)
+        t = _device_t(t, dev)
+        alpha = alphas[dev][t.long()]  # indexed where t is: no host round trip
         draws = reg.num_draws if reg is not None else 0
         if draws:
             shifts = draw_roll_shifts(tuple(x.shape), generator, draws)
             shifts = (shifts.pin_memory() if dev.type == "cuda" else shifts).to(dev, non_blocking=True)
         else:
             shifts = torch.zeros(0, dtype=torch.int64, device=dev)
-        return runner("invert", fn, x, _device_t(t, dev), tensors[embeds_key], alpha, shifts, key=key)
+        return runner("invert", fn, x, t, tensors[embeds_key], alpha, shifts, key=key)
 
     return predict
 
