@@ -464,14 +464,14 @@ def test_cuda_graphs_match_eager_on_gpu(tiny_sd1):
     ed = editors.get("diffedit", model=str(tiny_sd1), device="cuda", dtype=torch.float32)
     d = _direction(tiny_sd1)
     kw = dict(seed=0, num_maps_per_mask=MAPS, num_inference_steps=STEPS, output_type="np")
-    eager = ed.edit(_image(64), d, **kw)
+    eager = ed.edit(_image(64), d, loops="eager", **kw)
     graphed = ed.edit(_image(64), d, cuda_graphs=True, **kw)
     again = ed.edit(_image(64), d, cuda_graphs=True, **kw)  # replays the graphs captured above
     runner = ed.runners["graphs"]
     assert graphed.extra["mask_passes"] == "draws" and eager.extra["mask_passes"] == "batch"
     # the mask, the inversion and the edit replay one graph (one capture, one batch shape)
     assert len(runner.graphs) == 1 and all(g is not None for g in runner.graphs.values())
-    drawn = ed.edit(_image(64), d, mask_passes="draws", **kw)  # eager, the same passes as the graphs
+    drawn = ed.edit(_image(64), d, loops="eager", mask_passes="draws", **kw)  # the graphs' passes, eagerly
     assert np.abs(graphed.image - drawn.image).max() < 1e-4
     # one batch against one draw at a time: the same map up to TF32 rounding of other batch sizes
     gap = (graphed.extra["mask_map"] - eager.extra["mask_map"]).abs().max().item()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -329,16 +331,20 @@ def test_denoise_on_gpu_equals_the_pipeline_and_never_waits_for_the_gpu(parts, n
             seen.append(t.device.type)
             return kw
 
-        if name == "DDIMScheduler":
-            torch.cuda.synchronize()
-            torch.cuda.set_sync_debug_mode("error")
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")  # a warning for every synchronizing call
         try:
-            ours = S.denoise(
-                predict, x, sched, tensors={"prompt_embeds": torch.cat([neg, pos])},
-                extra_step_kwargs=S.extra_step_kwargs(sched, g, 0.0), callback_on_step_end=cb,
-            )  # fmt: skip
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                ours = S.denoise(
+                    predict, x, sched, tensors={"prompt_embeds": torch.cat([neg, pos])},
+                    extra_step_kwargs=S.extra_step_kwargs(sched, g, 0.0), callback_on_step_end=cb,
+                )  # fmt: skip
         finally:
             torch.cuda.set_sync_debug_mode(0)
+        syncs = [w for w in caught if "synchronizing" in str(w.message)]
+        if name == "DDIMScheduler":  # one copy of the timesteps to the host before the first step, no more
+            assert len(syncs) <= 1, [f"{w.filename}:{w.lineno}" for w in syncs]
         assert (ours - expected).abs().max().item() < 1e-4
         assert len(seen) == len(sched.timesteps) and set(seen) == {"cuda"}, (
             f"callbacks get the timesteps as the scheduler holds them (on the GPU), got {seen}"
