@@ -270,10 +270,9 @@ def profile_once(fn, device: str) -> dict[str, Any]:
     busy, syncs, ops = 0.0, {}, {}
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:
-            busy += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
-            ops[e.name] = ops.get(e.name, 0.0) + (
-                e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
-            )
+            us = e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+            busy += us
+            ops[e.name] = ops.get(e.name, 0.0) + us
         elif any(e.name.startswith(c) for c in SYNC_CALLS):
             syncs[e.name] = syncs.get(e.name, 0) + 1
     top = sorted(ops.items(), key=lambda kv: -kv[1])[:10]
@@ -290,6 +289,12 @@ def _np(x: Any) -> np.ndarray:
     return (
         x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float32)
     )
+
+
+def _gap(a: Any, b: Any) -> tuple[float, float]:
+    """(max, mean) absolute difference of two outputs."""
+    d = np.abs(_np(a) - _np(b))
+    return float(d.max()), float(d.mean())
 
 
 def _variants(args, device: str, theirs, ours) -> dict[str, Any]:
@@ -374,20 +379,16 @@ def bench_diffedit(args, device: str, pipe, direction: Direction, image) -> dict
         if out is None:
             continue
         if ref32 is not None:  # the float32 run is the truth float16 rounding departs from
-            r["max_abs_diff_image_vs_float32"] = float(np.abs(_np(out["image"]) - _np(ref32["image"])).max())
-            r["mean_abs_diff_image_vs_float32"] = float(
-                np.abs(_np(out["image"]) - _np(ref32["image"])).mean()
+            r["max_abs_diff_image_vs_float32"], r["mean_abs_diff_image_vs_float32"] = _gap(
+                out["image"], ref32["image"]
             )
-            r["max_abs_diff_inverted_vs_float32"] = float(
-                np.abs(_np(out["inverted"]) - _np(ref32["inverted"])).max()
-            )
+            r["max_abs_diff_inverted_vs_float32"] = _gap(out["inverted"], ref32["inverted"])[0]
             r["mask_pixels_differing_vs_float32"] = float((_np(out["mask"]) != _np(ref32["mask"])).mean())
         if name == "diffusers" or ref is None:
             continue
-        r["max_abs_diff_image"] = float(np.abs(_np(out["image"]) - _np(ref["image"])).max())
-        r["mean_abs_diff_image"] = float(np.abs(_np(out["image"]) - _np(ref["image"])).mean())
+        r["max_abs_diff_image"], r["mean_abs_diff_image"] = _gap(out["image"], ref["image"])
         r["mask_pixels_differing"] = float((_np(out["mask"]) != _np(ref["mask"])).mean())
-        r["max_abs_diff_inverted"] = float(np.abs(_np(out["inverted"]) - _np(ref["inverted"])).max())
+        r["max_abs_diff_inverted"] = _gap(out["inverted"], ref["inverted"])[0]
         r["finite"] = bool(np.isfinite(_np(out["image"])).all())
     return res
 
@@ -470,12 +471,10 @@ def bench_sdedit(args, device: str, pipe, direction: Direction, image) -> dict[s
         if out is None:
             continue
         if ref32 is not None:
-            r["max_abs_diff_image_vs_float32"] = float(np.abs(_np(out) - _np(ref32)).max())
-            r["mean_abs_diff_image_vs_float32"] = float(np.abs(_np(out) - _np(ref32)).mean())
+            r["max_abs_diff_image_vs_float32"], r["mean_abs_diff_image_vs_float32"] = _gap(out, ref32)
         if name == "diffusers" or ref is None:
             continue
-        r["max_abs_diff_image"] = float(np.abs(_np(out) - _np(ref)).max())
-        r["mean_abs_diff_image"] = float(np.abs(_np(out) - _np(ref)).mean())
+        r["max_abs_diff_image"], r["mean_abs_diff_image"] = _gap(out, ref)
         r["finite"] = bool(np.isfinite(_np(out)).all())
     return res
 
