@@ -11,8 +11,11 @@ images) runs three steps through `UNetRunner`, each in several variants:
 Variants: ``graphs`` (CUDA graphs of the eager step, the default), ``compile`` (the step compiled
 with ``torch.compile`` and then captured as a CUDA graph), each with ``+cl`` (UNet in
 channels_last memory format, no cudnn.benchmark). Reported per variant: the first call (compile +
-capture) in seconds, the median step in milliseconds over ``--reps`` replays, and the max abs
-difference of the step's output from the ``graphs`` variant's.
+capture) in seconds, the median step in milliseconds over ``--reps`` replays, the max abs
+difference of the step's output from the ``graphs`` variant's, and the step's achieved TFLOP/s
+(FLOPs counted once by ``torch.utils.flop_counter``). ``--batch 1,2,4`` runs each step for that
+many images (CFG doubles the UNet batch): whether a batch is cheaper per image is a question of
+how far from the GPU's peak the one-image step runs.
 
 Usage::
 
@@ -31,6 +34,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -52,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--variants", default="graphs,graphs+cl,compile,compile+cl")
     ap.add_argument("--steps", default="cfg,reference,guided")
+    ap.add_argument("--batch", default="1", help="image counts, comma-separated (CFG doubles the UNet batch)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
 
@@ -62,25 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     unet = pipe.unet
     side = 8 if args.tiny else 64
     g = torch.Generator(device="cpu").manual_seed(0)
-    x = torch.randn(1, 4, side, side, generator=g).to(device, dtype)
-    emb = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g).to(device, dtype)
     t = torch.tensor(501, device=device)
     idx = torch.zeros((), dtype=torch.int64, device=device)
-    maps = P.AttentionMaps(num_steps=1)
-    with P.attention_maps(unet, maps):  # record the maps the guided step compares with
-        P.reference_step(unet, maps, x, t, emb, idx, guidance_scale=7.5)
-
-    def cfg_step(x, t, emb):
-        return S.cfg(S.unet_forward(unet, torch.cat([x] * 2), t, emb), 7.5)
-
-    def reference(x, t, emb):
-        return P.reference_step(unet, ref_maps, x, t, emb, idx, guidance_scale=7.5)
-
-    def guided(x, t, emb):
-        return P.cross_attention_guided_step(unet, maps, x, t, emb, idx, amount=0.1, guidance_scale=7.5)[0]
-
-    ref_maps = P.AttentionMaps(num_steps=1)
-    steps = {"cfg": cfg_step, "reference": reference, "guided": guided}
     info = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
@@ -90,51 +78,85 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(info), flush=True)
     rows: dict[str, dict] = {}
     base_out: dict[str, torch.Tensor] = {}
-    for spec in args.variants.split(","):
-        mode, *flags = spec.split("+")
-        if device.type != "cuda" and mode == "graphs":
-            mode = "eager"
-        fmt = torch.channels_last if "cl" in flags else torch.contiguous_format
-        unet.to(memory_format=fmt)
+    for n in [int(b) for b in args.batch.split(",")]:
+        x = torch.randn(n, 4, side, side, generator=g).to(device, dtype)
+        emb = torch.randn(2 * n, 77, unet.config.cross_attention_dim, generator=g).to(device, dtype)
+        maps, ref_maps = P.AttentionMaps(num_steps=1), P.AttentionMaps(num_steps=1)
+        with P.attention_maps(unet, maps):  # record the maps the guided step compares with
+            P.reference_step(unet, maps, x, t, emb, idx, guidance_scale=7.5)
+
+        def cfg_step(x, t, emb):
+            return S.cfg(S.unet_forward(unet, torch.cat([x] * 2), t, emb), 7.5)
+
+        def reference(x, t, emb, ref_maps=ref_maps):
+            return P.reference_step(unet, ref_maps, x, t, emb, idx, guidance_scale=7.5)
+
+        def guided(x, t, emb, maps=maps):
+            return P.cross_attention_guided_step(unet, maps, x, t, emb, idx, amount=0.1, guidance_scale=7.5)[0]
+
+        steps = {"cfg": cfg_step, "reference": reference, "guided": guided}
+        flops: dict[str, int | None] = {}
         for name in args.steps.split(","):
-            runner = S.UNetRunner(mode)
-            fn = steps[name]
             try:
-                with P.attention_maps(unet, maps if name == "guided" else ref_maps):
-                    sync(device)
-                    t0 = time.perf_counter()
-                    out = runner(name, fn, x, t, emb)
-                    sync(device)
-                    first = time.perf_counter() - t0
-                    times = []
-                    for _ in range(args.reps):
+                with P.attention_maps(unet, maps if name == "guided" else ref_maps), FlopCounterMode(display=False) as fc:
+                    steps[name](x, t, emb)
+                flops[name] = fc.get_total_flops()
+            except RuntimeError:  # the counter cannot follow autograd.grad(inputs=...) (the guided step)
+                flops[name] = None
+        for spec in args.variants.split(","):
+            mode, *flags = spec.split("+")
+            if device.type != "cuda" and mode == "graphs":
+                mode = "eager"
+            fmt = torch.channels_last if "cl" in flags else torch.contiguous_format
+            unet.to(memory_format=fmt)
+            for name in args.steps.split(","):
+                runner = S.UNetRunner(mode)
+                fn = steps[name]
+                label = f"{spec}/{name}/b{n}"
+                try:
+                    with P.attention_maps(unet, maps if name == "guided" else ref_maps):
+                        sync(device)
                         t0 = time.perf_counter()
                         out = runner(name, fn, x, t, emb)
                         sync(device)
-                        times.append(time.perf_counter() - t0)
-            except Exception as e:  # noqa: BLE001 - report and go on
-                rows[f"{spec}/{name}"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-                print(spec, name, "FAILED", rows[f"{spec}/{name}"]["error"], flush=True)
-                continue
-            row = {"first_s": first, "median_ms": 1000 * statistics.median(times)}
-            if name in base_out:
-                row["max_abs_diff_vs_first_variant"] = float((out.float() - base_out[name]).abs().max())
-            else:
-                base_out[name] = out.float()
-            rows[f"{spec}/{name}"] = row
-            print(spec, name, json.dumps(row), flush=True)
-            runner.clear()
+                        first = time.perf_counter() - t0
+                        times = []
+                        for _ in range(args.reps):
+                            t0 = time.perf_counter()
+                            out = runner(name, fn, x, t, emb)
+                            sync(device)
+                            times.append(time.perf_counter() - t0)
+                except Exception as e:  # noqa: BLE001 - report and go on
+                    rows[label] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+                    print(label, "FAILED", rows[label]["error"], flush=True)
+                    continue
+                med = statistics.median(times)
+                f = flops[name]
+                row = {
+                    "first_s": first, "median_ms": 1000 * med, "images": n,
+                    "gflop": None if f is None else f / 1e9, "tflop_per_s": None if f is None else f / med / 1e12,
+                }  # fmt: skip
+                if (name, n) in base_out:
+                    row["max_abs_diff_vs_first_variant"] = float((out.float() - base_out[name, n]).abs().max())
+                else:
+                    base_out[name, n] = out.float()
+                rows[label] = row
+                print(label, json.dumps(row), flush=True)
+                runner.clear()
     unet.to(memory_format=torch.contiguous_format)
-    print("\n| variant | step | first call s | median ms | max abs diff |")
-    print("| --- | --- | --- | --- | --- |")
+    print("\n| variant | step | images | first call s | median ms | ms per image | TFLOP/s | max abs diff |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for k, r in rows.items():
-        v, s = k.split("/")
+        v, s, b = k.split("/")
         if "error" in r:
-            print(f"| {v} | {s} | failed: {r['error'][:80]} | | |")
+            print(f"| {v} | {s} | {b[1:]} | failed: {r['error'][:80]} | | | | |")
         else:
             d = r.get("max_abs_diff_vs_first_variant")
+            tf = "-" if r["tflop_per_s"] is None else f"{r['tflop_per_s']:.0f}"
             print(
-                f"| {v} | {s} | {r['first_s']:.2f} | {r['median_ms']:.2f} | {'-' if d is None else f'{d:.2e}'} |"
+                f"| {v} | {s} | {r['images']} | {r['first_s']:.2f} | {r['median_ms']:.2f} | "
+                f"{r['median_ms'] / r['images']:.2f} | {tf} | "
+                f"{'-' if d is None else f'{d:.2e}'} |"
             )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
