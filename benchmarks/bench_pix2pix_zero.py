@@ -241,8 +241,10 @@ def main(argv: list[str] | None = None) -> int:
         "--variants",
         default=None,
         help="comma list of ours: graphs (CUDA graphs), eager, compile (torch.compile per step), eager-exact "
-        "(explicit attention everywhere, as diffusers); '+creg' compiles the inversion regularizer; '+fast' "
-        "turns on channels_last and cudnn.benchmark from that variant on; ':N' sets its repeats",
+        "(explicit attention everywhere, as diffusers); '+creg' compiles the inversion regularizer; '+seq' runs "
+        "the reference and edit passes one after the other (passes='sequential'; default: in step where "
+        "the editor's auto says so); '+fast' turns on channels_last and cudnn.benchmark from that variant on; "
+        "':N' sets its repeats",
     )
     ap.add_argument(
         "--batch",
@@ -329,16 +331,19 @@ def main(argv: list[str] | None = None) -> int:
             ed = Pix2PixZeroEditor(pipe=pipe, encoder=enc)  # fresh graph cache
         loops, attention = (base.split("-") + ["auto"])[:2]
         creg = "creg" in flags
+        passes = "sequential" if "seq" in flags else "auto"
 
-        def ours(loops=loops, attention=attention, ed=ed, creg=creg, images=image):
+        def ours(loops=loops, attention=attention, ed=ed, creg=creg, images=image, passes=passes):
             t0 = time.perf_counter()
             phase_times.clear()
-            img = ed.edit(
+            res = ed.edit(
                 images, d, prompt=caption, num_inference_steps=steps, cross_attention_guidance_amount=args.xa,
                 generator=torch.Generator().manual_seed(0), output_type="np", loops=loops, attention=attention,
-                progress=phases, compile_regularizer=creg,
-            ).image  # fmt: skip
-            marks, last = {}, t0
+                progress=phases, compile_regularizer=creg, passes=passes,
+            )  # fmt: skip
+            img = res.image
+            # in step, the reference and the edit end together: "reference_s" is then both passes
+            marks, last = {"passes": res.extra["passes"]}, t0
             for ph in ("invert", "reference", "edit"):
                 if ph in phase_times:
                     marks[ph + "_s"], last = phase_times[ph] - last, phase_times[ph]

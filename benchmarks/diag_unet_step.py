@@ -92,13 +92,18 @@ def main(argv: list[str] | None = None) -> int:
             return P.reference_step(unet, ref_maps, x, t, emb, idx, guidance_scale=7.5)
 
         def guided(x, t, emb, maps=maps):
-            return P.cross_attention_guided_step(unet, maps, x, t, emb, idx, amount=0.1, guidance_scale=7.5)[0]
+            return P.cross_attention_guided_step(unet, maps, x, t, emb, idx, amount=0.1, guidance_scale=7.5)[
+                0
+            ]
 
         steps = {"cfg": cfg_step, "reference": reference, "guided": guided}
         flops: dict[str, int | None] = {}
         for name in args.steps.split(","):
             try:
-                with P.attention_maps(unet, maps if name == "guided" else ref_maps), FlopCounterMode(display=False) as fc:
+                with (
+                    P.attention_maps(unet, maps if name == "guided" else ref_maps),
+                    FlopCounterMode(display=False) as fc,
+                ):
                     steps[name](x, t, emb)
                 flops[name] = fc.get_total_flops()
             except RuntimeError:  # the counter cannot follow autograd.grad(inputs=...) (the guided step)
@@ -137,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
                     "gflop": None if f is None else f / 1e9, "tflop_per_s": None if f is None else f / med / 1e12,
                 }  # fmt: skip
                 if (name, n) in base_out:
-                    row["max_abs_diff_vs_first_variant"] = float((out.float() - base_out[name, n]).abs().max())
+                    row["max_abs_diff_vs_first_variant"] = float(
+                        (out.float() - base_out[name, n]).abs().max()
+                    )
                 else:
                     base_out[name, n] = out.float()
                 rows[label] = row

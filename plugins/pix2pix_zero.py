@@ -102,6 +102,12 @@ class Pix2PixZeroOptions:
     attention: str = _opt("auto", "exact (diffusers' numerics), fused, or auto (exact on the CPU)")
     attention_maps_device: str | None = _opt(None, "keep the reference maps here, e.g. 'cpu' (eager loops)")
     loops: str = _opt("auto", "eager, graphs (CUDA graphs), compile, or auto (graphs on a GPU)")
+    passes: str = _opt(
+        "auto",
+        "lockstep (reference and edit in step: one step's maps kept, one UNet pass less per step), "
+        "sequential (diffusers' order), or auto (lockstep unless attention is exact, the maps are kept "
+        "elsewhere or the sampler draws random numbers)",
+    )
     compile_regularizer: bool = _opt(False, "torch.compile the inversion step (first edit pays compilation)")
     return_reconstruction: bool = _opt(True, "decode the reference (reconstruction) too")
     return_inversion_images: bool = _opt(False, "decode the inverted latents (diffusers' invert images)")
@@ -201,8 +207,8 @@ class Pix2PixZeroEditor(Editor):
     phases = ("caption", "invert", "reference", "edit")
     options = Pix2PixZeroOptions
     memory_advice = (
-        "use dtype float16 (--dtype float16), keep the reference attention maps on the CPU "
-        "(attention_maps_device='cpu'), edit a smaller image, or use fewer --steps (the maps kept grow with the steps)"
+        "use dtype float16 (--dtype float16), run the passes in step (passes='lockstep': one step's "
+        "attention maps kept), edit a smaller image, or edit fewer images at once"
     )
 
     def __init__(
@@ -223,6 +229,7 @@ class Pix2PixZeroEditor(Editor):
         self._runner_keys: dict[str, Any] = {}
         #: the loop running now ("invert", "reference", "edit"), for ``callback_on_step_end``
         self.phase: str | None = None
+        self._passes = "sequential"  # how the last edit ran its reference and edit passes
 
     # -- parts ----------------------------------------------------------------------------------
     @property
@@ -350,7 +357,7 @@ class Pix2PixZeroEditor(Editor):
         key = (
             o.num_inference_steps, o.guidance_scale, o.cross_attention_guidance_amount, o.inversion_guidance_scale,
             o.lambda_auto_corr, o.lambda_kl, o.num_reg_steps, o.num_auto_corr_rolls, o.num_images_per_prompt,
-            o.compile_regularizer, exact, None if pixels is None else tuple(pixels.shape), o.height, o.width,
+            o.compile_regularizer, exact, o.passes, None if pixels is None else tuple(pixels.shape), o.height, o.width,
             len(o.prompt) if isinstance(o.prompt, list) else None,
         )  # fmt: skip
         if runner.mode != "eager" and key != self._runner_keys.get(mode):
@@ -456,22 +463,42 @@ class Pix2PixZeroEditor(Editor):
     def _sample(
         self, unet, sched, x_T, embeds, edit_embeds, gen, runner, exact, o
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Step 4: the reference pass (maps recorded at each step) and the cross-attention-guided edit."""
+        """Step 4: the reference pass (its cross-attention maps recorded) and the edit guided by them,
+        in step (`S.lockstep_passes`) or one after the other as diffusers runs them (``o.passes``)."""
         steps, gs = len(sched.timesteps), o.guidance_scale
-        key = (steps, tuple(x_T.shape), x_T.dtype, gs, o.cross_attention_guidance_amount, exact)
-        make = lambda: S.AttentionMaps(steps, store_device=o.attention_maps_device, exact=exact)  # noqa: E731
+        step_kw = S.extra_step_kwargs(sched, gen, o.eta)
+        lockstep = self._lockstep(sched, x_T, step_kw, exact, o)
+        self._passes = "lockstep" if lockstep else "sequential"
+        key = (steps, tuple(x_T.shape), x_T.dtype, gs, o.cross_attention_guidance_amount, exact, lockstep)
+        n_maps = 1 if lockstep else steps
+        make = lambda: S.AttentionMaps(n_maps, store_device=o.attention_maps_device, exact=exact)  # noqa: E731
         maps = make() if runner.mode == "eager" else runner.resource(("maps", key), make)
         common = dict(
-            extra_step_kwargs=S.extra_step_kwargs(sched, gen, o.eta), pipe=self, callback_on_step_end=o.callback_on_step_end,
+            extra_step_kwargs=step_kw, pipe=self, callback_on_step_end=o.callback_on_step_end,
             callback_on_step_end_tensor_inputs=list(o.callback_on_step_end_tensor_inputs),
         )  # fmt: skip
+        reference = dict(
+            scheduler=sched, tensors={"prompt_embeds": embeds}, callback=o.callback, callback_steps=o.callback_steps,
+            progress=lambda i, k: self.progress("reference", i, k), **common,
+        )  # fmt: skip
         with S.attention_maps(unet, maps):
+            if lockstep:
+                edit_sched = S.copy_scheduler(sched)
+                edit_sched.set_timesteps(o.num_inference_steps, device="cpu")
+                edit = dict(
+                    scheduler=edit_sched, tensors={"prompt_embeds": edit_embeds},
+                    progress=lambda i, k: self.progress("edit", i, k), **common,
+                )  # fmt: skip
+                x_rec, x_edit = S.lockstep_passes(
+                    unet, maps, x_T, reference, edit, amount=o.cross_attention_guidance_amount, guidance_scale=gs,
+                    runner=runner, phase=lambda name: setattr(self, "phase", name),
+                )  # fmt: skip
+                _check_finite(x_rec, "reference")
+                self.phase = None
+                return x_rec, x_edit
             self.phase = "reference"
-            x_rec = S.denoise(
-                S.reference_predictor(unet, maps, guidance_scale=gs, runner=runner), x_T, sched,
-                tensors={"prompt_embeds": embeds}, callback=o.callback, callback_steps=o.callback_steps,
-                progress=lambda i, k: self.progress("reference", i, k), **common,
-            )  # fmt: skip
+            predict = S.reference_predictor(unet, maps, guidance_scale=gs, runner=runner)
+            x_rec = S.denoise(predict, x_T, **reference)
             _check_finite(x_rec, "reference")
             if self.interrupt:
                 return x_rec, x_rec
@@ -484,6 +511,23 @@ class Pix2PixZeroEditor(Editor):
             )  # fmt: skip
         self.phase = None
         return x_rec, x_edit
+
+    def _lockstep(self, sched, x_T, step_kw, exact, o) -> bool:
+        """``o.passes`` resolved: ``"auto"`` runs the passes in step unless attention is exact
+        (diffusers' numerics), the maps are kept on another device, or the sampler draws random
+        numbers (its draws would interleave; `S.draws_random_numbers`)."""
+        if o.passes == "sequential":
+            return False
+        if o.attention_maps_device is not None:
+            if o.passes == "lockstep":
+                raise EditorOptionError(
+                    "attention_maps_device keeps every step's maps, which passes='lockstep' does not need: "
+                    "drop attention_maps_device, or use passes='sequential'"
+                )
+            return False
+        if o.passes == "lockstep":
+            return True
+        return not exact and not S.draws_random_numbers(sched, tuple(x_T.shape), step_kw)
 
     def _result(
         self, vae, images, pixels, x_edit, x_rec, inverted, prompts, negative, runner, o
@@ -499,7 +543,7 @@ class Pix2PixZeroEditor(Editor):
         extra: dict[str, Any] = {
             "negative_prompt": "" if negative is None else negative, "num_inference_steps": o.num_inference_steps, "guidance_scale": o.guidance_scale,
             "cross_attention_guidance_amount": o.cross_attention_guidance_amount, "seed": o.seed,
-            "mode": "real" if real else "synthetic", "loops": runner.mode, "scheduler": type(self.schedulers()[0]).__name__,
+            "mode": "real" if real else "synthetic", "loops": runner.mode, "passes": self._passes, "scheduler": type(self.schedulers()[0]).__name__,
         }  # fmt: skip
         if o.return_inversion_images and inverted is not None:
             extra["inversion_images"] = S.decode_latents(vae, inverted, ot)
@@ -532,6 +576,8 @@ def _check_options(images: list[Any] | None, o: Pix2PixZeroOptions) -> None:
         raise EditorOptionError(str(e)) from None
     if o.attention not in ("auto", "exact", "fused"):
         raise EditorOptionError(f"attention must be 'auto', 'exact' or 'fused', not {o.attention!r}")
+    if o.passes not in ("auto", "lockstep", "sequential"):
+        raise EditorOptionError(f"passes must be 'auto', 'lockstep' or 'sequential', not {o.passes!r}")
 
 
 def _check_finite(latents: torch.Tensor, phase: str) -> None:

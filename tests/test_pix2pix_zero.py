@@ -447,3 +447,209 @@ def test_blip_caption_matches_diffusers_and_feeds_the_edit(tiny_blip, tiny_sd1):
     )
     with pytest.raises(EditorError, match="(?i)pass prompt="):
         missing.edit(img, d, num_inference_steps=1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the reference and edit passes in step (passes="lockstep")
+# ---------------------------------------------------------------------------------------------------
+LOCKSTEP_CASES = [
+    ("sd1", "real", REG, "exact"),
+    ("sd1", "synthetic", None, "fused"),
+    ("sd2", "real", NO_REG, "fused"),
+]
+
+
+@pytest.mark.parametrize(
+    "config,mode,reg,attention", LOCKSTEP_CASES, ids=[f"{c}-{m}-{a}" for c, m, _, a in LOCKSTEP_CASES]
+)
+def test_lockstep_passes_equal_diffusers(config, mode, reg, attention, ref_pipes, our_editors):
+    """The passes in step (one step's maps, the edit's prediction batched with the reference's next
+    step) give diffusers' images: the rows of a batch do not see each other."""
+    folder, pipe = ref_pipes[config]
+    ed = our_editors[config]
+    d = publish_pair(folder)
+    prompt = "a photo of a cat"
+    xa = 0.1 if config == "sd1" else 0.01
+    common = dict(num_inference_steps=3, cross_attention_guidance_amount=xa, output_type="np")
+    g = torch.Generator().manual_seed(0)
+    kw = dict(prompt=prompt, attention=attention, passes="lockstep", **common)
+    if mode == "real":
+        img = test_image(5)
+        inv = pipe.invert(prompt, image=img, num_inference_steps=3, generator=g, **reg).latents
+        expected = pipe(
+            prompt, source_embeds=d.source_embeds, target_embeds=d.target_embeds, latents=inv, generator=g,
+            negative_prompt=prompt, **common,
+        )  # fmt: skip
+        res = ed.edit(img, "cat->dog", generator=torch.Generator().manual_seed(0), **reg, **kw)
+    else:
+        expected = pipe(
+            prompt, source_embeds=d.source_embeds, target_embeds=d.target_embeds, generator=g, height=SIZE,
+            width=SIZE, **common,
+        )  # fmt: skip
+        res = ed.edit(None, "cat->dog", seed=0, height=SIZE, width=SIZE, **kw)
+        # synthetic: the "original" is the reference pass, decoded - diffusers' pipeline does not return it
+    assert res.extra["passes"] == "lockstep"
+    diff = float(np.abs(res.image - expected.images).max())
+    assert diff < TOL, f"max abs pixel difference {diff:.2e} >= {TOL}"
+    assert float(np.abs(expected.images - 0.5).max()) > 0.05
+    seq = ed.edit(None if mode == "synthetic" else img, "cat->dog", **{**kw, "passes": "sequential"},
+                  **({"seed": 0, "height": SIZE, "width": SIZE} if mode == "synthetic" else
+                     {"generator": torch.Generator().manual_seed(0), **reg}))  # fmt: skip
+    assert seq.extra["passes"] == "sequential"
+    assert np.abs(np.asarray(seq.reconstruction if mode == "real" else seq.original, dtype=np.float32)
+                  - np.asarray(res.reconstruction if mode == "real" else res.original, dtype=np.float32)).max() < TOL  # fmt: skip
+
+
+def test_passes_auto_is_lockstep_unless_exact_or_random(our_editors, tiny_sd1):
+    ed = our_editors["sd1"]
+    d = publish_pair(tiny_sd1)
+    kw = dict(prompt="a cat", num_inference_steps=2, seed=0, output_type="np", **NO_REG)
+    img = test_image(7)
+    assert ed.edit(img, d, attention="fused", **kw).extra["passes"] == "lockstep"
+    assert ed.edit(img, d, **kw).extra["passes"] == "sequential"  # exact attention on the CPU
+    # DDIM with eta > 0 draws noise each step: in step the two passes would draw in another order
+    random = ed.edit(img, d, attention="fused", eta=0.5, **kw)
+    assert random.extra["passes"] == "sequential"
+    with pytest.raises(EditorOptionError, match="passes must be"):
+        ed.edit(img, d, passes="interleaved", **kw)
+    with pytest.raises(EditorOptionError, match="drop attention_maps_device"):
+        ed.edit(img, d, passes="lockstep", attention_maps_device="cpu", **kw)
+
+
+def test_lockstep_callbacks_progress_and_interrupt(our_editors, tiny_sd1):
+    """In step, each pass still gets diffusers' callbacks (the legacy one in the reference pass
+    only), its own progress, ``editor.phase``; an interrupt stops both passes."""
+    ed = our_editors["sd1"]
+    d = publish_pair(tiny_sd1)
+    legacy, ends, progress = [], [], []
+
+    def on_end(pipe, i, t, tensors):
+        ends.append((pipe.phase, i))
+        return tensors
+
+    kw = dict(prompt="a cat", num_inference_steps=3, seed=0, output_type="np", attention="fused", **NO_REG)
+    res = ed.edit(
+        test_image(8), d, callback=lambda i, t, lat: legacy.append(i), callback_on_step_end=on_end,
+        progress=lambda *a: progress.append(a), **kw,
+    )  # fmt: skip
+    assert res.extra["passes"] == "lockstep"
+    assert legacy == [0, 1, 2, 0, 1, 2]  # the inversion, then the reference pass (as diffusers)
+    assert ends == [
+        ("reference", 0),
+        ("edit", 0),
+        ("reference", 1),
+        ("edit", 1),
+        ("reference", 2),
+        ("edit", 2),
+    ]
+    assert [p for p in progress if p[0] in ("reference", "edit")][-2:] == [
+        ("reference", 3, 3),
+        ("edit", 3, 3),
+    ]
+
+    def stop(pipe, i, t, tensors):
+        if pipe.phase == "edit" and i == 0:
+            pipe.interrupt = True
+        ends.append((pipe.phase, i))
+        return tensors
+
+    ends.clear()
+    ed.edit(test_image(8), d, callback_on_step_end=stop, **kw)
+    assert ends == [("reference", 0), ("edit", 0)]
+
+
+def test_lockstep_keeps_one_step_of_maps(tiny_sd1):
+    """`lockstep_passes` with `AttentionMaps(1)` equals the sequential predictors with a map per step."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+
+    from p2pz_directions import sampling as S
+
+    unet = UNet2DConditionModel.from_pretrained(str(tiny_sd1), subfolder="unet").eval()
+    sched = DDIMScheduler.from_pretrained(str(tiny_sd1), subfolder="scheduler")
+    g = torch.Generator().manual_seed(3)
+    x_T = torch.randn(1, 4, 16, 16, generator=g)
+    emb = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g)
+    edit_emb = emb + 0.3 * torch.randn(emb.shape, generator=g)
+
+    def schedule():
+        s = S.copy_scheduler(sched)
+        s.set_timesteps(4)
+        return s
+
+    with torch.no_grad():
+        maps = S.AttentionMaps(4)
+        with S.attention_maps(unet, maps):
+            rec = S.denoise(
+                S.reference_predictor(unet, maps), x_T, schedule(), tensors={"prompt_embeds": emb}
+            )
+            edit = S.denoise(
+                S.guided_predictor(unet, maps), x_T, schedule(), tensors={"prompt_embeds": edit_emb}
+            )
+        one = S.AttentionMaps(1)
+        with S.attention_maps(unet, one):
+            rec2, edit2 = S.lockstep_passes(
+                unet, one, x_T, dict(scheduler=schedule(), tensors={"prompt_embeds": emb}),
+                dict(scheduler=schedule(), tensors={"prompt_embeds": edit_emb}),
+            )  # fmt: skip
+    assert maps.buffers[0].shape[0] == 4 and one.buffers[0].shape[0] == 1
+    assert one.buffers[0].shape[1:] == maps.buffers[0].shape[1:]  # the reference rows only
+    # float32 rounding of another batch size (latents of magnitude ~5)
+    assert (rec2 - rec).abs().max() < 1e-5 and (edit2 - edit).abs().max() < 1e-4
+    assert (edit - rec).abs().max() > 1e-3  # the guidance and the direction did something
+
+
+def test_draws_random_numbers_by_dry_run():
+    from diffusers import (
+        DDIMScheduler,
+        DDPMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerAncestralDiscreteScheduler,
+        LMSDiscreteScheduler,
+    )
+
+    from p2pz_directions import sampling as S
+
+    def draws(cls, eta=0.0, **config):
+        s = cls(**config)
+        s.set_timesteps(4)
+        gen = torch.Generator().manual_seed(1)
+        before_user, before_global = gen.get_state(), torch.get_rng_state()
+        out = S.draws_random_numbers(s, (1, 4, 8, 8), S.extra_step_kwargs(s, gen, eta))
+        assert torch.equal(gen.get_state(), before_user) and torch.equal(torch.get_rng_state(), before_global)
+        assert s.timesteps.numel() == 4  # the scheduler itself is not stepped
+        return out
+
+    assert not draws(DDIMScheduler)
+    assert draws(DDIMScheduler, eta=0.5)
+    assert not draws(LMSDiscreteScheduler)
+    assert not draws(DPMSolverMultistepScheduler)
+    assert draws(DPMSolverMultistepScheduler, algorithm_type="sde-dpmsolver++")
+    assert draws(EulerAncestralDiscreteScheduler)
+    assert draws(DDPMScheduler)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_lockstep_graph_loops_equal_eager_and_sequential_on_gpu(tiny_sd2, no_tf32):
+    """On the GPU, the passes in step replay three graphs (invert, the gradient step, the paired
+    pass) and give what the eager loops and the sequential passes give, within the eager loops'
+    own spread (see test_graph_loops_equal_eager_loops_on_gpu)."""
+    ed = editors.get("pix2pix-zero", model=str(tiny_sd2), device="cuda", dtype=torch.float32)
+    d = publish_pair(tiny_sd2)
+    kw = dict(prompt="a cat", num_inference_steps=3, seed=0, output_type="np", attention="fused")
+    kw.update(REG, cross_attention_guidance_amount=0.01)
+    eager = ed.edit(test_image(6), d, loops="eager", **kw)
+    eager2 = ed.edit(test_image(6), d, loops="eager", **kw)
+    sequential = ed.edit(test_image(6), d, loops="eager", passes="sequential", **kw)
+    ed.runners["graphs"].clear()
+    graphs = ed.edit(test_image(6), d, loops="graphs", **kw)
+    names = sorted(k[0] for k in ed.runners["graphs"].graphs)
+    assert eager.extra["passes"] == graphs.extra["passes"] == "lockstep"
+    assert names == ["guide", "invert", "pair"]
+    tol = max(1e-3, 4 * float(np.abs(eager.image - eager2.image).max()))
+    for other in (graphs, sequential):
+        diff = float(np.abs(other.image - eager.image).max())
+        assert diff < tol, (
+            f"{other.extra['loops']}/{other.extra['passes']} vs eager lockstep {diff:.2e} (tol {tol:.2e})"
+        )
+    assert float(np.abs(eager.image - 0.5).max()) > 0.05

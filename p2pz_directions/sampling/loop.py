@@ -19,8 +19,8 @@ with the requested tensors (which it may replace) and ``interrupt``, the legacy
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Generator, Sequence
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
@@ -32,9 +32,11 @@ __all__ = [
     "LoopState",
     "Predictor",
     "StepEndCallback",
+    "StepRequest",
     "cfg_predictor",
     "check_callback_inputs",
     "denoise",
+    "denoise_steps",
     "invert",
     "unet_forward",
 ]
@@ -77,8 +79,18 @@ def check_callback_inputs(names: Sequence[str] | None, allowed: Sequence[str]) -
         )
 
 
-def _loop(
-    predict: Predictor,
+class StepRequest(NamedTuple):
+    """What `denoise_steps` asks for at a step: the predictor's arguments ``(x, t, i, tensors)``
+    and the latents before the step (unscaled; what the loop returns if it is stopped here)."""
+
+    x: torch.Tensor
+    t: Any
+    i: int
+    tensors: dict[str, torch.Tensor]
+    latents: torch.Tensor
+
+
+def _steps(
     latents: torch.Tensor,
     scheduler: Any,
     timesteps: Sequence[Any] | torch.Tensor | None,
@@ -92,7 +104,7 @@ def _loop(
     progress: Callable[[int, int], None] | None,
     num_inference_steps: int | None,
     intermediates: list[torch.Tensor] | None,
-) -> torch.Tensor:
+) -> Generator[StepRequest, Any, torch.Tensor]:
     timesteps = scheduler.timesteps if timesteps is None else timesteps
     tensors = dict(tensors or {})
     tensor_inputs = list(callback_on_step_end_tensor_inputs or ["latents"])
@@ -115,7 +127,7 @@ def _loop(
         if getattr(pipe, "interrupt", False):
             break
         t_host = t if on_host is None else on_host[i]
-        out = predict(scheduler.scale_model_input(latents, t_host), t, i, tensors)
+        out = yield StepRequest(scheduler.scale_model_input(latents, t_host), t, i, tensors, latents)
         if isinstance(out, tuple):
             out, latents = out
         latents = scheduler.step(out, t_host, latents, **(extra_step_kwargs or {}), return_dict=False)[0]
@@ -134,6 +146,48 @@ def _loop(
             if callback is not None and i % callback_steps == 0:
                 callback(i // order, t, latents)
     return latents
+
+
+def _loop(predict: Predictor, *args: Any) -> torch.Tensor:
+    steps = _steps(*args)
+    try:
+        request = next(steps)
+        while True:
+            request = steps.send(predict(*request[:4]))
+    except StopIteration as stop:
+        return stop.value
+
+
+def denoise_steps(
+    latents: torch.Tensor,
+    scheduler: Any,
+    *,
+    timesteps: Sequence[Any] | torch.Tensor | None = None,
+    tensors: dict[str, torch.Tensor] | None = None,
+    extra_step_kwargs: dict[str, Any] | None = None,
+    callback_on_step_end: StepEndCallback | None = None,
+    callback_on_step_end_tensor_inputs: Sequence[str] | None = None,
+    pipe: Any = None,
+    callback: Callable[[int, Any, torch.Tensor], None] | None = None,
+    callback_steps: int = 1,
+    progress: Callable[[int, int], None] | None = None,
+    num_inference_steps: int | None = None,
+    intermediates: list[torch.Tensor] | None = None,
+) -> Generator[StepRequest, Any, torch.Tensor]:
+    """`denoise` (or `invert`, with an inverse scheduler) as a coroutine, for samplers that run
+    several loops in step with one another (pix2pix-zero's reference and edit passes,
+    `pix2pix_zero.lockstep_passes`): each step yields a `StepRequest` and is sent the predictor's
+    output for it; the loop's return value (the final latents) is ``StopIteration.value``.
+
+    >>> steps = denoise_steps(latents, scheduler, tensors={"prompt_embeds": embeds})   # doctest: +SKIP
+    >>> request = next(steps)                                                           # doctest: +SKIP
+    >>> request = steps.send(predict(*request[:4]))   # ... until StopIteration         # doctest: +SKIP
+    """
+    return _steps(
+        latents, scheduler, timesteps, tensors, extra_step_kwargs, callback_on_step_end,
+        callback_on_step_end_tensor_inputs, pipe, callback, callback_steps, progress, num_inference_steps,
+        intermediates,
+    )  # fmt: skip
 
 
 def denoise(

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from p2pz_directions.sampling.guidance import cfg
 from p2pz_directions.sampling.latents import epsilon_from_output
-from p2pz_directions.sampling.loop import Predictor, unet_forward
+from p2pz_directions.sampling.loop import Predictor, StepRequest, denoise_steps, unet_forward
 from p2pz_directions.sampling.runner import UNetRunner, compiled
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "attention_maps",
     "auto_corr_grad",
     "auto_corr_loss",
+    "cross_attention_guidance",
     "cross_attention_guided_step",
     "draw_roll_shifts",
     "guided_predictor",
@@ -46,6 +47,8 @@ __all__ = [
     "inversion_step",
     "kl_divergence",
     "kl_grad",
+    "lockstep_passes",
+    "paired_step",
     "reference_predictor",
     "reference_step",
     "regularize_noise_pred",
@@ -304,14 +307,17 @@ class AttentionMaps:
         self.step_index: torch.Tensor = torch.zeros((), dtype=torch.int64)
         self.loss: torch.Tensor | float = 0.0
         self._next = 0
+        self._skip = 0
 
     @contextlib.contextmanager
-    def recording(self, step_index: torch.Tensor) -> Iterator[AttentionMaps]:
-        self.mode, self.step_index, self._next = "record", step_index, 0
+    def recording(self, step_index: torch.Tensor, skip: int = 0) -> Iterator[AttentionMaps]:
+        """Record the maps of the UNet passes inside; ``skip``: leading rows of the UNet batch whose
+        maps are not kept (a pass that runs another trajectory's rows first, `paired_step`)."""
+        self.mode, self.step_index, self._next, self._skip = "record", step_index, 0, skip
         try:
             yield self
         finally:
-            self.mode = "off"
+            self.mode, self._skip = "off", 0
 
     @contextlib.contextmanager
     def guiding(self, step_index: torch.Tensor) -> Iterator[AttentionMaps]:
@@ -321,10 +327,13 @@ class AttentionMaps:
         finally:
             self.mode = "off"
 
-    def __call__(self, probs: torch.Tensor) -> None:
+    def __call__(self, probs: torch.Tensor, batch: int | None = None) -> None:
+        """Take one layer's probabilities (``[batch * heads, queries, keys]``, batch-major)."""
         i, self._next = self._next, self._next + 1
         host = self.store_device is not None and self.store_device != probs.device
         if self.mode == "record":
+            if self._skip:
+                probs = probs[probs.shape[0] // (batch or probs.shape[0]) * self._skip :]
             if i == len(self.buffers):  # first pass: allocate (in a runner's warm-up, never in a capture)
                 self.buffers.append(
                     torch.empty(
@@ -382,7 +391,7 @@ class _Processor:
             )
             probs = attn.get_attention_scores(q, k, mask)
             if self.cross and self.maps.mode != "off":
-                self.maps(probs)
+                self.maps(probs, batch)
             hidden_states = attn.batch_to_head_dim(torch.bmm(probs, v))
         else:
             mask = None
@@ -477,15 +486,45 @@ def cross_attention_guided_step(
     the moved input. Returns ``(noise_pred, latents)``, the latents being the moved input's
     unconditional half, as diffusers' pipeline continues from it."""
     guided = guidance_scale > 1.0
-    x_in = (torch.cat([x] * 2) if guided else x).detach().clone().requires_grad_(True)
-    with torch.enable_grad(), maps.guiding(step_index):
-        unet_forward(unet, x_in, t, embeds.detach())
-        (grad,) = torch.autograd.grad(maps.loss, x_in)
-    x_in = x_in.detach().add(grad, alpha=-amount)  # torch.optim.SGD's update, as diffusers takes it
+    x_in = cross_attention_guidance(
+        unet, maps, x, t, embeds, step_index, amount=amount, guidance_scale=guidance_scale
+    )
     out = unet_forward(unet, x_in, t, embeds)
     if guided:
         return cfg(out, guidance_scale), x_in.chunk(2)[0]
     return out, x_in
+
+
+def cross_attention_guidance(
+    unet: Any, maps: AttentionMaps, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, step_index: torch.Tensor,
+    *, amount: float, guidance_scale: float,
+) -> torch.Tensor:  # fmt: skip
+    """The gradient step of `cross_attention_guided_step` alone: the model input (``[x; x]`` under
+    classifier-free guidance) moved by ``-amount * grad ||M_edit - M_ref||^2``."""
+    x_in = (torch.cat([x] * 2) if guidance_scale > 1.0 else x).detach().clone().requires_grad_(True)
+    with torch.enable_grad(), maps.guiding(step_index):
+        unet_forward(unet, x_in, t, embeds.detach())
+        (grad,) = torch.autograd.grad(maps.loss, x_in)
+    return x_in.detach().add(grad, alpha=-amount)  # torch.optim.SGD's update, as diffusers takes it
+
+
+def paired_step(
+    unet: Any, maps: AttentionMaps, x_in: torch.Tensor, t_edit: torch.Tensor, edit_embeds: torch.Tensor,
+    x_ref: torch.Tensor, t_ref: torch.Tensor, embeds: torch.Tensor, step_index: torch.Tensor, *, guidance_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """One UNet pass for two trajectories: the edit's noise prediction at its moved model input
+    ``x_in`` (from `cross_attention_guidance`, timestep ``t_edit``) and the reference pass's next
+    step at ``x_ref`` (``t_ref``), whose cross-attention maps are recorded at ``step_index``.
+    Each row has its own timestep, so this is the two passes' forwards, batched. Returns the
+    (guided) noise predictions ``(edit, reference)``."""
+    guided = guidance_scale > 1.0
+    ref_in = torch.cat([x_ref] * 2) if guided else x_ref
+    n_edit, n_ref = x_in.shape[0], ref_in.shape[0]
+    t = torch.cat([t_edit.reshape(1).expand(n_edit), t_ref.reshape(1).expand(n_ref)])
+    with maps.recording(step_index, skip=n_edit):
+        out = unet_forward(unet, torch.cat([x_in, ref_in]), t, torch.cat([edit_embeds, embeds]))
+    edit, ref = out[:n_edit], out[n_edit:]
+    return (cfg(edit, guidance_scale), cfg(ref, guidance_scale)) if guided else (edit, ref)
 
 
 def _device_t(t: Any, device: torch.device) -> torch.Tensor:
@@ -579,3 +618,108 @@ def guided_predictor(
         return runner("edit", fn, x, _device_t(t, dev), tensors[embeds_key], idx, key=key)
 
     return predict
+
+
+def lockstep_passes(
+    unet: Any,
+    maps: AttentionMaps,
+    x_T: torch.Tensor,
+    reference: dict[str, Any],
+    edit: dict[str, Any],
+    *,
+    amount: float = 0.1,
+    guidance_scale: float = 7.5,
+    runner: UNetRunner | None = None,
+    phase: Any = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """pix2pix-zero's reference pass and cross-attention-guided edit from ``x_T``, run in step:
+    returns ``(reconstruction latents, edited latents)``, what the reference loop and then the edit
+    loop of diffusers' pipeline return.
+
+    Diffusers runs the whole reference pass first and keeps the maps of every step (~66 MB per
+    step of an SD-1.x 512x512 edit, 3.3 GB for 50); the edit at step ``i`` needs only step ``i``'s.
+    Here ``maps`` holds one step (``AttentionMaps(1)``) and each edit step is the gradient step
+    (`cross_attention_guidance`, forward + backward) and then *one* UNet pass, `paired_step`, that
+    predicts the edit's noise at the moved input together with the reference pass's next step
+    (recording the maps the next gradient step compares with): per step one backward and two UNet
+    passes, one of them at twice the batch, instead of three passes. Each row keeps its own timestep
+    and text, so the numbers are the sequential passes' (up to the kernels' rounding at another
+    batch size); a sampler that draws random numbers (`draws_random_numbers`) would draw them in
+    another order, so the caller runs the passes one after the other then.
+
+    ``reference`` / ``edit``: the keyword arguments of `denoise_steps` for each pass (``scheduler``
+    - two separate objects with the same timesteps -, ``tensors={"prompt_embeds": ...}``,
+    callbacks, ``progress``); both get the same ``pipe``, so an interrupt stops both.
+    ``phase(name)`` is called with ``"reference"`` or ``"edit"`` before each pass's step work
+    (its scheduler step and callbacks).
+    """
+    runner = runner or UNetRunner("eager")
+    guided = guidance_scale > 1.0
+    dev = x_T.device
+    idx = torch.zeros((), dtype=torch.int64, device=dev)
+    key = (id(unet), id(maps), amount, guidance_scale)
+
+    def guide(x, t, embeds, step_index):
+        return cross_attention_guidance(
+            unet, maps, x, t, embeds, step_index, amount=amount, guidance_scale=guidance_scale
+        )
+
+    def pair(x_in, t_edit, edit_embeds, x_ref, t_ref, embeds, step_index):
+        return paired_step(
+            unet,
+            maps,
+            x_in,
+            t_edit,
+            edit_embeds,
+            x_ref,
+            t_ref,
+            embeds,
+            step_index,
+            guidance_scale=guidance_scale,
+        )
+
+    def advance(steps, value, name) -> tuple[StepRequest | None, torch.Tensor | None]:
+        if phase is not None:
+            phase(name)
+        try:
+            return (next(steps) if value is None else steps.send(value)), None
+        except StopIteration as stop:
+            return None, stop.value
+
+    def both_in(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x] * 2) if guided else x
+
+    ref_steps, edit_steps = denoise_steps(x_T, **reference), denoise_steps(x_T, **edit)
+    r, x_rec = advance(ref_steps, None, "reference")
+    e, x_edit = advance(edit_steps, None, "edit")
+    ref_embeds = reference.get("tensors", {}).get("prompt_embeds")
+    out_ref = None
+    if r is not None:  # the maps of the reference's first step (the edit rows of this pass are not used)
+        t_r, ref_embeds = _device_t(r.t, dev), r.tensors["prompt_embeds"]
+        _, out_ref = runner("pair", pair, both_in(r.x), t_r, ref_embeds, r.x, t_r, ref_embeds, idx, key=key)
+    pipe = reference.get("pipe")
+    while r is not None or e is not None:
+        if r is not None and getattr(pipe, "interrupt", False):  # an edit callback stopped both passes
+            r, x_rec = None, r.latents
+        if r is not None:
+            r, x_rec = advance(
+                ref_steps, out_ref, "reference"
+            )  # step i of the reference: scheduler, callbacks
+        if e is None:  # the edit was stopped first: the reference goes on alone
+            if r is not None:
+                t_r, ref_embeds = _device_t(r.t, dev), r.tensors["prompt_embeds"]
+                _, out_ref = runner(
+                    "pair", pair, both_in(r.x), t_r, ref_embeds, r.x, t_r, ref_embeds, idx, key=key
+                )
+            continue
+        t_e, edit_embeds = _device_t(e.t, dev), e.tensors["prompt_embeds"]
+        x_in = runner("guide", guide, e.x, t_e, edit_embeds, idx, key=key)  # against the maps of step i
+        if r is not None:  # the edit's prediction at step i and the reference's at step i + 1, in one pass
+            ref_embeds = r.tensors["prompt_embeds"]
+            eps, out_ref = runner(
+                "pair", pair, x_in, t_e, edit_embeds, r.x, _device_t(r.t, dev), ref_embeds, idx, key=key
+            )
+        else:  # the reference is done: its rows repeat the edit's input (their maps are not read again)
+            eps, _ = runner("pair", pair, x_in, t_e, edit_embeds, e.x, t_e, ref_embeds, idx, key=key)
+        e, x_edit = advance(edit_steps, (eps, x_in.chunk(2)[0] if guided else x_in), "edit")
+    return x_rec, x_edit

@@ -30,6 +30,7 @@ __all__ = [
     "check_scheduler",
     "copy_scheduler",
     "custom_strength_timesteps",
+    "draws_random_numbers",
     "extra_step_kwargs",
     "scheduler_class",
     "is_inverse_scheduler",
@@ -131,6 +132,39 @@ def extra_step_kwargs(scheduler: Any, generator: Any = None, eta: float = 0.0) -
     if "generator" in params:
         out["generator"] = generator
     return out
+
+
+def draws_random_numbers(
+    scheduler: Any,
+    shape: tuple[int, ...],
+    extra_step_kwargs: dict[str, Any] | None = None,
+    timesteps: Any = None,
+) -> bool:
+    """Whether stepping ``scheduler`` along ``timesteps`` (default: its own) on latents of ``shape``
+    draws random numbers: DDIM with ``eta > 0``, ancestral and SDE samplers, DDPM. Found by a dry
+    run of a copy on zeros on the CPU with a probe generator (the caller's generator and the global
+    random state are left as they were), so it holds for any scheduler, not a list of names.
+    A sampler that runs two loops in step (`pix2pix_zero.lockstep_passes`) is only the same as
+    running them one after the other when neither draws."""
+    import copy
+
+    sched = copy.deepcopy(scheduler)
+    steps = sched.timesteps if timesteps is None else timesteps
+    kw = dict(extra_step_kwargs or {})
+    probe = torch.Generator().manual_seed(0)
+    if "generator" in kw:
+        kw["generator"] = probe
+    before, probe_before = torch.get_rng_state(), probe.get_state()
+    x = torch.zeros(shape)
+    try:
+        for t in steps:
+            t = t.cpu() if isinstance(t, torch.Tensor) else t
+            model_in = sched.scale_model_input(x, t)
+            x = sched.step(torch.zeros_like(model_in), t, x, **kw, return_dict=False)[0]
+    finally:
+        drew_global = not torch.equal(before, torch.get_rng_state())
+        torch.set_rng_state(before)
+    return drew_global or not torch.equal(probe_before, probe.get_state())
 
 
 def strength_timesteps(
