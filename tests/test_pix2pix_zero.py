@@ -641,7 +641,6 @@ def test_lockstep_graph_loops_equal_eager_and_sequential_on_gpu(tiny_sd2, no_tf3
     eager = ed.edit(test_image(6), d, loops="eager", **kw)
     eager2 = ed.edit(test_image(6), d, loops="eager", **kw)
     sequential = ed.edit(test_image(6), d, loops="eager", passes="sequential", **kw)
-    ed.runners["graphs"].clear()
     graphs = ed.edit(test_image(6), d, loops="graphs", **kw)
     names = sorted(k[0] for k in ed.runners["graphs"].graphs)
     assert eager.extra["passes"] == graphs.extra["passes"] == "lockstep"
