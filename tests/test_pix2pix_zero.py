@@ -652,3 +652,28 @@ def test_lockstep_graph_loops_equal_eager_and_sequential_on_gpu(tiny_sd2, no_tf3
             f"{other.extra['loops']}/{other.extra['passes']} vs eager lockstep {diff:.2e} (tol {tol:.2e})"
         )
     assert float(np.abs(eager.image - 0.5).max()) > 0.05
+
+
+def test_lockstep_equals_sequential_for_a_multistep_scheduler_and_a_batch(tiny_sd1):
+    """LMS keeps a history of derivatives: in step, the reference and the edit each step their own
+    copy. A batch of two images (one prompt each) runs in step as it does in sequence."""
+    from diffusers import LMSDiscreteScheduler
+
+    from p2pz_directions import sampling as S
+
+    base = editors.get("pix2pix-zero", model=str(tiny_sd1), device="cpu", dtype=torch.float32)
+    lms = S.copy_scheduler(base.schedulers()[0], LMSDiscreteScheduler)
+    ed = editors.get("pix2pix-zero", model=str(tiny_sd1), device="cpu", dtype=torch.float32, scheduler=lms)
+    d = publish_pair(tiny_sd1)
+    kw = dict(
+        prompt=["a cat", "a cat on grass"], num_inference_steps=3, seed=0, output_type="np",
+        attention="fused", **REG,
+    )  # fmt: skip
+    imgs = [test_image(9), test_image(10)]
+    step = ed.edit(imgs, d, **kw)
+    seq = ed.edit(imgs, d, passes="sequential", **kw)
+    assert step.extra["passes"] == "lockstep" and step.extra["scheduler"] == "LMSDiscreteScheduler"
+    assert seq.extra["passes"] == "sequential"
+    assert step.image.shape == seq.image.shape == (2, SIZE, SIZE, 3)
+    assert np.abs(step.image - seq.image).max() < TOL
+    assert np.abs(np.asarray(step.reconstruction) - np.asarray(seq.reconstruction)).max() < TOL

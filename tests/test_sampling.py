@@ -581,3 +581,33 @@ def test_randn_draws_as_diffusers_randn_tensor():
     want = randn_tensor(shape, generator=None, device=torch.device("cpu"), dtype=torch.float32)
     torch.manual_seed(3)
     assert torch.equal(randn(shape, None, "cpu", torch.float32), want)
+
+
+def test_denoise_steps_is_denoise_as_a_coroutine():
+    from diffusers import DDIMScheduler
+
+    from p2pz_directions import sampling as S
+
+    def predict(x, t, i, tensors):
+        return 0.1 * x + tensors["c"] * (i + 1)
+
+    sched = DDIMScheduler()
+    sched.set_timesteps(5)
+    x0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    seen = []
+    kw = dict(tensors={"c": torch.tensor(0.01)}, progress=lambda i, k: seen.append((i, k)))
+    expected = S.denoise(predict, x0, sched, **kw)
+    sched.set_timesteps(5)
+    steps, got, requests = S.denoise_steps(x0, sched, **kw), None, []
+    try:
+        req = next(steps)
+        while True:
+            requests.append(req)
+            req = steps.send(predict(*req[:4]))
+    except StopIteration as stop:
+        got = stop.value
+    assert torch.equal(got, expected)
+    assert [r.i for r in requests] == [0, 1, 2, 3, 4] and torch.equal(requests[0].latents, x0)
+    assert seen == [(i, 5) for i in range(1, 6)] * 2
+    with pytest.raises(TypeError, match="unexpected arguments callbak"):
+        S.denoise_steps(x0, sched, callbak=print)

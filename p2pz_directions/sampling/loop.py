@@ -148,6 +148,14 @@ def _steps(
     return latents
 
 
+#: `denoise`'s keyword arguments in `_steps`' order, with their defaults
+_LOOP_DEFAULTS: dict[str, Any] = dict(
+    timesteps=None, tensors=None, extra_step_kwargs=None, callback_on_step_end=None,
+    callback_on_step_end_tensor_inputs=None, pipe=None, callback=None, callback_steps=1, progress=None,
+    num_inference_steps=None, intermediates=None,
+)  # fmt: skip
+
+
 def _loop(predict: Predictor, *args: Any) -> torch.Tensor:
     steps = _steps(*args)
     try:
@@ -159,35 +167,24 @@ def _loop(predict: Predictor, *args: Any) -> torch.Tensor:
 
 
 def denoise_steps(
-    latents: torch.Tensor,
-    scheduler: Any,
-    *,
-    timesteps: Sequence[Any] | torch.Tensor | None = None,
-    tensors: dict[str, torch.Tensor] | None = None,
-    extra_step_kwargs: dict[str, Any] | None = None,
-    callback_on_step_end: StepEndCallback | None = None,
-    callback_on_step_end_tensor_inputs: Sequence[str] | None = None,
-    pipe: Any = None,
-    callback: Callable[[int, Any, torch.Tensor], None] | None = None,
-    callback_steps: int = 1,
-    progress: Callable[[int, int], None] | None = None,
-    num_inference_steps: int | None = None,
-    intermediates: list[torch.Tensor] | None = None,
+    latents: torch.Tensor, scheduler: Any, **loop: Any
 ) -> Generator[StepRequest, Any, torch.Tensor]:
     """`denoise` (or `invert`, with an inverse scheduler) as a coroutine, for samplers that run
     several loops in step with one another (pix2pix-zero's reference and edit passes,
     `pix2pix_zero.lockstep_passes`): each step yields a `StepRequest` and is sent the predictor's
     output for it; the loop's return value (the final latents) is ``StopIteration.value``.
+    ``loop``: `denoise`'s keyword arguments (``timesteps``, ``tensors``, ``extra_step_kwargs``, the
+    callbacks, ``pipe``, ``progress``, ...).
 
     >>> steps = denoise_steps(latents, scheduler, tensors={"prompt_embeds": embeds})   # doctest: +SKIP
     >>> request = next(steps)                                                           # doctest: +SKIP
     >>> request = steps.send(predict(*request[:4]))   # ... until StopIteration         # doctest: +SKIP
     """
-    return _steps(
-        latents, scheduler, timesteps, tensors, extra_step_kwargs, callback_on_step_end,
-        callback_on_step_end_tensor_inputs, pipe, callback, callback_steps, progress, num_inference_steps,
-        intermediates,
-    )  # fmt: skip
+    unknown = set(loop) - set(_LOOP_DEFAULTS)
+    if unknown:
+        raise TypeError(f"denoise_steps got unexpected arguments {', '.join(sorted(unknown))}")
+    kw = {**_LOOP_DEFAULTS, **loop}
+    return _steps(latents, scheduler, *(kw[k] for k in _LOOP_DEFAULTS))
 
 
 def denoise(
