@@ -207,8 +207,9 @@ class Pix2PixZeroEditor(Editor):
     phases = ("caption", "invert", "reference", "edit")
     options = Pix2PixZeroOptions
     memory_advice = (
-        "use dtype float16 (--dtype float16), run the passes in step (passes='lockstep': one step's "
-        "attention maps kept), edit a smaller image, or edit fewer images at once"
+        "use dtype float16 (--dtype float16), keep the passes in step (passes='lockstep', the default "
+        "unless attention is exact or the sampler draws noise: one step's attention maps kept), edit a "
+        "smaller image, or edit fewer images at once"
     )
 
     def __init__(
