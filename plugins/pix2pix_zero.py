@@ -519,12 +519,7 @@ class Pix2PixZeroEditor(Editor):
         numbers (its draws would interleave; `S.draws_random_numbers`)."""
         if o.passes == "sequential":
             return False
-        if o.attention_maps_device is not None:
-            if o.passes == "lockstep":
-                raise EditorOptionError(
-                    "attention_maps_device keeps every step's maps, which passes='lockstep' does not need: "
-                    "drop attention_maps_device, or use passes='sequential'"
-                )
+        if o.attention_maps_device is not None:  # (with passes="lockstep": refused in _check_options)
             return False
         if o.passes == "lockstep":
             return True
@@ -579,6 +574,11 @@ def _check_options(images: list[Any] | None, o: Pix2PixZeroOptions) -> None:
         raise EditorOptionError(f"attention must be 'auto', 'exact' or 'fused', not {o.attention!r}")
     if o.passes not in ("auto", "lockstep", "sequential"):
         raise EditorOptionError(f"passes must be 'auto', 'lockstep' or 'sequential', not {o.passes!r}")
+    if o.passes == "lockstep" and o.attention_maps_device is not None:
+        raise EditorOptionError(
+            "attention_maps_device keeps every step's maps, which passes='lockstep' does not need: "
+            "drop attention_maps_device, or use passes='sequential'"
+        )
 
 
 def _check_finite(latents: torch.Tensor, phase: str) -> None:
