@@ -677,3 +677,19 @@ def test_lockstep_equals_sequential_for_a_multistep_scheduler_and_a_batch(tiny_s
     assert step.image.shape == seq.image.shape == (2, SIZE, SIZE, 3)
     assert np.abs(step.image - seq.image).max() < TOL
     assert np.abs(np.asarray(step.reconstruction) - np.asarray(seq.reconstruction)).max() < TOL
+
+
+def test_a_scheduler_whose_dry_run_fails_is_taken_to_draw():
+    from diffusers import DDIMScheduler
+
+    from p2pz_directions import sampling as S
+
+    class Odd(DDIMScheduler):
+        def step(self, *a, **kw):
+            raise RuntimeError("needs a GPU")
+
+    s = Odd()
+    s.set_timesteps(3)
+    before = torch.get_rng_state()
+    assert S.draws_random_numbers(s, (1, 4, 8, 8), {}) is True
+    assert torch.equal(before, torch.get_rng_state())

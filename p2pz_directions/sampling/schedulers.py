@@ -143,7 +143,8 @@ def draws_random_numbers(
     """Whether stepping ``scheduler`` along ``timesteps`` (default: its own) on latents of ``shape``
     draws random numbers: DDIM with ``eta > 0``, ancestral and SDE samplers, DDPM. Found by a dry
     run of a copy on zeros on the CPU with a probe generator (the caller's generator and the global
-    random state are left as they were), so it holds for any scheduler, not a list of names.
+    random state are left as they were), so it holds for any scheduler, not a list of names; a
+    scheduler whose dry run fails is taken to draw.
     A sampler that runs two loops in step (`pix2pix_zero.lockstep_passes`) is only the same as
     running them one after the other when neither draws."""
     import copy
@@ -161,6 +162,8 @@ def draws_random_numbers(
             t = t.cpu() if isinstance(t, torch.Tensor) else t
             model_in = sched.scale_model_input(x, t)
             x = sched.step(torch.zeros_like(model_in), t, x, **kw, return_dict=False)[0]
+    except Exception:  # noqa: BLE001 - a scheduler that cannot step on zeros: assume it draws (the safe answer)
+        return True
     finally:
         drew_global = not torch.equal(before, torch.get_rng_state())
         torch.set_rng_state(before)
