@@ -332,8 +332,10 @@ class AttentionMaps:
         i, self._next = self._next, self._next + 1
         host = self.store_device is not None and self.store_device != probs.device
         if self.mode == "record":
-            if self._skip:
-                probs = probs[probs.shape[0] // (batch or probs.shape[0]) * self._skip :]
+            if self._skip:  # rows are batch-major: image b's heads are rows b * heads ... (b + 1) * heads - 1
+                if batch is None:
+                    raise ValueError("recording(skip=...) needs the UNet batch size: call maps(probs, batch)")
+                probs = probs[probs.shape[0] // batch * self._skip :]
             if i == len(self.buffers):  # first pass: allocate (in a runner's warm-up, never in a capture)
                 self.buffers.append(
                     torch.empty(
@@ -666,17 +668,8 @@ def lockstep_passes(
 
     def pair(x_in, t_edit, edit_embeds, x_ref, t_ref, embeds, step_index):
         return paired_step(
-            unet,
-            maps,
-            x_in,
-            t_edit,
-            edit_embeds,
-            x_ref,
-            t_ref,
-            embeds,
-            step_index,
-            guidance_scale=guidance_scale,
-        )
+            unet, maps, x_in, t_edit, edit_embeds, x_ref, t_ref, embeds, step_index, guidance_scale=guidance_scale
+        )  # fmt: skip
 
     def advance(steps, value, name) -> tuple[StepRequest | None, torch.Tensor | None]:
         if phase is not None:
@@ -686,31 +679,29 @@ def lockstep_passes(
         except StopIteration as stop:
             return None, stop.value
 
-    def both_in(x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([x] * 2) if guided else x
+    def reference_alone(r: StepRequest) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference's prediction at ``r`` (its maps recorded), with the reference's own input
+        in the edit rows of the pass (not used): the same graph as the paired steps."""
+        t_r, embeds = _device_t(r.t, dev), r.tensors["prompt_embeds"]
+        both = torch.cat([r.x] * 2) if guided else r.x
+        return embeds, runner("pair", pair, both, t_r, embeds, r.x, t_r, embeds, idx, key=key)[1]
 
     ref_steps, edit_steps = denoise_steps(x_T, **reference), denoise_steps(x_T, **edit)
     r, x_rec = advance(ref_steps, None, "reference")
     e, x_edit = advance(edit_steps, None, "edit")
     ref_embeds = reference.get("tensors", {}).get("prompt_embeds")
     out_ref = None
-    if r is not None:  # the maps of the reference's first step (the edit rows of this pass are not used)
-        t_r, ref_embeds = _device_t(r.t, dev), r.tensors["prompt_embeds"]
-        _, out_ref = runner("pair", pair, both_in(r.x), t_r, ref_embeds, r.x, t_r, ref_embeds, idx, key=key)
+    if r is not None:  # the maps of the reference's first step
+        ref_embeds, out_ref = reference_alone(r)
     pipe = reference.get("pipe")
     while r is not None or e is not None:
         if r is not None and getattr(pipe, "interrupt", False):  # an edit callback stopped both passes
             r, x_rec = None, r.latents
-        if r is not None:
-            r, x_rec = advance(
-                ref_steps, out_ref, "reference"
-            )  # step i of the reference: scheduler, callbacks
+        if r is not None:  # step i of the reference: its scheduler step, its callbacks
+            r, x_rec = advance(ref_steps, out_ref, "reference")
         if e is None:  # the edit was stopped first: the reference goes on alone
             if r is not None:
-                t_r, ref_embeds = _device_t(r.t, dev), r.tensors["prompt_embeds"]
-                _, out_ref = runner(
-                    "pair", pair, both_in(r.x), t_r, ref_embeds, r.x, t_r, ref_embeds, idx, key=key
-                )
+                ref_embeds, out_ref = reference_alone(r)
             continue
         t_e, edit_embeds = _device_t(e.t, dev), e.tensors["prompt_embeds"]
         x_in = runner("guide", guide, e.x, t_e, edit_embeds, idx, key=key)  # against the maps of step i
