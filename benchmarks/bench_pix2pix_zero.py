@@ -243,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         help="comma list of ours: graphs (CUDA graphs), eager, compile (torch.compile per step), eager-exact "
         "(explicit attention everywhere, as diffusers); '+creg' compiles the inversion regularizer; '+seq' runs "
         "the reference and edit passes one after the other (passes='sequential'; default: in step where "
-        "the editor's auto says so); '+fast' turns on channels_last and cudnn.benchmark from that variant on; "
+        "the editor's auto says so); '+fast' turns on channels_last and cudnn.benchmark from that variant on, "
+        "'+bench' cudnn.benchmark alone; "
         "':N' sets its repeats",
     )
     ap.add_argument(
@@ -313,11 +314,12 @@ def main(argv: list[str] | None = None) -> int:
     phase_times: dict[str, float] = {}
 
     def phases(phase: str, step: int, total: int) -> None:
-        # at the end of each phase: wait for the GPU, note the time (3 syncs per edit)
-        if step == total:
+        # after the first step and at the end of each phase: wait for the GPU, note the time (6 syncs
+        # per edit), so that each phase splits into its set-up + first step and its other steps
+        if step in (1, total):
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            phase_times[phase] = time.perf_counter()
+            phase_times[phase if step == total else phase + "@1"] = time.perf_counter()
 
     for spec in variants:
         # "graphs", "eager-exact", "graphs+fast" (channels_last + cudnn.benchmark from here on), ":N" repeats
@@ -329,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
             pipe.unet.to(memory_format=torch.channels_last)
             pipe.vae.to(memory_format=torch.channels_last)
             ed = Pix2PixZeroEditor(pipe=pipe, encoder=enc)  # fresh graph cache
+        elif "bench" in flags:
+            torch.backends.cudnn.benchmark = True
+            ed = Pix2PixZeroEditor(pipe=pipe, encoder=enc)  # graphs captured with the benchmarked plans
         loops, attention = (base.split("-") + ["auto"])[:2]
         creg = "creg" in flags
         passes = "sequential" if "seq" in flags else "auto"
@@ -346,6 +351,12 @@ def main(argv: list[str] | None = None) -> int:
             marks, last = {"passes": res.extra["passes"]}, t0
             for ph in ("invert", "reference", "edit"):
                 if ph in phase_times:
+                    if ph + "@1" in phase_times:  # set-up + first step; the other steps' median-free mean
+                        first = phase_times[ph + "@1"]
+                        marks[ph + "_to_first_step_s"] = first - last
+                        marks[ph + "_ms_per_later_step"] = (
+                            1000 * (phase_times[ph] - first) / max(1, steps - 1)
+                        )
                     marks[ph + "_s"], last = phase_times[ph] - last, phase_times[ph]
             marks["decode_s"] = time.perf_counter() - last
             return img, marks

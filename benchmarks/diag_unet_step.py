@@ -6,11 +6,16 @@ images) runs three steps through `UNetRunner`, each in several variants:
 - ``cfg``: a classifier-free-guided noise prediction at batch 2 (SDEdit's and DiffEdit's step, the
   reference pass of pix2pix-zero without the maps);
 - ``reference``: pix2pix-zero's reference step (batch 2, cross-attention maps recorded);
-- ``guided``: pix2pix-zero's cross-attention-guided step (forward + backward + forward at batch 2).
+- ``guided``: pix2pix-zero's cross-attention-guided step (forward + backward + forward at batch 2);
+- ``unet``: one plain UNet pass at the image count (no CFG: the inversion's pass);
+- ``regularizer``: the inversion's noise regularizer alone (25 auto-correlation and 5 KL gradient
+  steps on one noise prediction, closed form);
+- ``invert``: pix2pix-zero's inversion step (``unet`` followed by ``regularizer``).
 
 Variants: ``graphs`` (CUDA graphs of the eager step, the default), ``compile`` (the step compiled
 with ``torch.compile`` and then captured as a CUDA graph), each with ``+cl`` (UNet in
-channels_last memory format, no cudnn.benchmark). Reported per variant: the first call (compile +
+channels_last memory format, no cudnn.benchmark) and ``+bench`` (``torch.backends.cudnn.benchmark``
+on from that variant on). Reported per variant: the first call (compile +
 capture) in seconds, the median step in milliseconds over ``--reps`` replays, the max abs
 difference of the step's output from the ``graphs`` variant's, and the step's achieved TFLOP/s
 (FLOPs counted once by ``torch.utils.flop_counter``). ``--batch 1,2,4`` runs each step for that
@@ -96,7 +101,33 @@ def main(argv: list[str] | None = None) -> int:
                 0
             ]
 
-        steps = {"cfg": cfg_step, "reference": reference, "guided": guided}
+        reg = P.Regularizer()
+        alpha = torch.tensor(0.5, device=device)
+        shifts = P.draw_roll_shifts(tuple(x.shape), g, reg.num_draws).to(device)
+
+        def unet_pass(x, t, emb, n=n):
+            return S.unet_forward(unet, x, t, emb[n:])
+
+        def regularizer(x, t, emb, alpha=alpha, shifts=shifts):
+            return P.regularize_noise_pred(x, x, alpha, "epsilon", shifts=shifts)
+
+        def invert(x, t, emb, n=n, alpha=alpha, shifts=shifts, reg=reg):
+            return P.inversion_step(
+                unet,
+                x,
+                t,
+                emb[n:],
+                alpha,
+                shifts,
+                guidance_scale=1.0,
+                regularizer=reg,
+                prediction_type="epsilon",
+            )
+
+        steps = {
+            "cfg": cfg_step, "reference": reference, "guided": guided, "unet": unet_pass,
+            "regularizer": regularizer, "invert": invert,
+        }  # fmt: skip
         flops: dict[str, int | None] = {}
         for name in args.steps.split(","):
             try:
@@ -112,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
             mode, *flags = spec.split("+")
             if device.type != "cuda" and mode == "graphs":
                 mode = "eager"
+            if "bench" in flags:
+                torch.backends.cudnn.benchmark = True
             fmt = torch.channels_last if "cl" in flags else torch.contiguous_format
             unet.to(memory_format=fmt)
             for name in args.steps.split(","):

@@ -414,6 +414,54 @@ def _per_call_auto_corr_grad(eps, shifts):
     return g.reshape(b, c, h, w)
 
 
+def _per_call_roll_shifts(shape, generator, rolls):
+    """The reference implementation's draws: one ``randint(height // 2, (1,))`` per roll, image,
+    channel and pyramid level."""
+    b, c, h, _ = shape
+    heights = [h]
+    while heights[-1] > 8:
+        heights.append(heights[-1] // 2)
+    out = torch.empty(rolls, len(heights), b * c, dtype=torch.int64)
+    for r in range(rolls):
+        for n in range(b * c):
+            g = generator[n // c] if isinstance(generator, list) else generator
+            for lvl, lh in enumerate(heights):
+                out[r, lvl, n] = int(torch.randint(lh // 2, (1,), generator=g).item())
+    return out
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 64, 64), (2, 4, 30, 22), (1, 4, 17, 9), (3, 4, 118, 96), (1, 4, 4, 4)])
+@pytest.mark.parametrize("per_image", [False, True])
+def test_roll_shifts_in_one_draw_are_the_per_call_draws(shape, per_image):
+    """Issue 10: a step's 400 roll amounts come from one randint, not 400 (host time per inversion
+    step ~5 ms -> ~0.05 ms on this machine): the same numbers, and the generators end in the same
+    state, so what is drawn after them (DDIM noise, the next step) is unchanged too."""
+
+    def gens():
+        if per_image:
+            return [torch.Generator().manual_seed(7 + k) for k in range(shape[0])]
+        return torch.Generator().manual_seed(7)
+
+    def states(g):
+        return [x.get_state() for x in (g if per_image else [g])]
+
+    a, b = gens(), gens()
+    expected = _per_call_roll_shifts(shape, a, 25)
+    got = S.draw_roll_shifts(shape, b, 25)
+    assert got.dtype == torch.int64 and torch.equal(got, expected)
+    assert all(torch.equal(x, y) for x, y in zip(states(a), states(b), strict=True))
+    assert got.max() > 0  # drawn, not zeros
+
+
+def test_roll_shifts_without_a_generator_draw_from_the_global_one():
+    torch.manual_seed(11)
+    expected = _per_call_roll_shifts((1, 4, 32, 32), None, 5)
+    torch.manual_seed(11)
+    assert torch.equal(S.draw_roll_shifts((1, 4, 32, 32), None, 5), expected)
+    with pytest.raises(IndexError):  # fewer generators than images: as the per-call draws
+        S.draw_roll_shifts((2, 4, 16, 16), [torch.Generator()], 1)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_shared_gather_indices_change_no_bit_of_the_regularizer(dtype):
     """Issue 10: one gather for both rolls of a level, indices made once per step for all rolls,
