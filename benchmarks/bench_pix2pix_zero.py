@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
             marks, last = {"passes": res.extra["passes"]}, t0
             for ph in ("invert", "reference", "edit"):
                 if ph in phase_times:
-                    if ph + "@1" in phase_times:  # set-up + first step; the other steps' median-free mean
+                    if ph + "@1" in phase_times:  # set-up + first step, then the mean of the later steps
                         first = phase_times[ph + "@1"]
                         marks[ph + "_to_first_step_s"] = first - last
                         marks[ph + "_ms_per_later_step"] = (
