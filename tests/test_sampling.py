@@ -430,7 +430,9 @@ def _per_call_roll_shifts(shape, generator, rolls):
     return out
 
 
-@pytest.mark.parametrize("shape", [(1, 4, 64, 64), (2, 4, 30, 22), (1, 4, 17, 9), (3, 4, 118, 96), (1, 4, 4, 4)])
+@pytest.mark.parametrize(
+    "shape", [(1, 4, 64, 64), (2, 4, 30, 22), (1, 4, 17, 9), (3, 4, 118, 96), (1, 4, 4, 4)]
+)
 @pytest.mark.parametrize("per_image", [False, True])
 def test_roll_shifts_in_one_draw_are_the_per_call_draws(shape, per_image):
     """Issue 10: a step's 400 roll amounts come from one randint, not 400 (host time per inversion
