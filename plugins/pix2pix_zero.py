@@ -317,7 +317,11 @@ class Pix2PixZeroEditor(Editor):
             latents = self._invert(c, self.schedulers()[1], pixels, prompts, gen, runner, exact, o)
         finally:
             self._progress = None
-        decoded = S.decode_latents(c["vae"], latents, o.output_type) if o.return_inversion_images else None
+        decoded = (
+            S.decode_latents(c["vae"], latents, o.output_type, runner=runner)
+            if o.return_inversion_images
+            else None
+        )
         return InversionResult(latents=latents, images=decoded)
 
     # -- the steps ------------------------------------------------------------------------------
@@ -443,7 +447,7 @@ class Pix2PixZeroEditor(Editor):
         if isinstance(gen, list) and len(gen) not in (n, n * o.num_images_per_prompt):
             raise EditorOptionError(f"{len(gen)} generators for {n} images; give one, or one per image")
         enc_gen = gen[:: len(gen) // n] if isinstance(gen, list) else gen
-        x0 = S.encode_image(c["vae"], pixels.to(c["vae"].dtype), enc_gen).to(unet.dtype)
+        x0 = S.encode_image(c["vae"], pixels.to(c["vae"].dtype), enc_gen, runner=runner).to(unet.dtype)
         if pos.shape[0] != n:
             x0 = torch.cat([x0] * (pos.shape[0] // n))  # diffusers: images repeated for more prompts
         inverse.set_timesteps(o.num_inference_steps, device="cpu")
@@ -534,15 +538,17 @@ class Pix2PixZeroEditor(Editor):
         def one(x):
             return x[0] if ot == "pil" and isinstance(x, list) and len(x) == 1 else x
 
-        out = S.decode_latents(vae, x_edit, ot)
-        rec = S.decode_latents(vae, x_rec, ot) if (o.return_reconstruction or not real) else None
+        out = S.decode_latents(vae, x_edit, ot, runner=runner)
+        rec = (
+            S.decode_latents(vae, x_rec, ot, runner=runner) if (o.return_reconstruction or not real) else None
+        )
         extra: dict[str, Any] = {
             "negative_prompt": "" if negative is None else negative, "num_inference_steps": o.num_inference_steps, "guidance_scale": o.guidance_scale,
             "cross_attention_guidance_amount": o.cross_attention_guidance_amount, "seed": o.seed,
             "mode": "real" if real else "synthetic", "loops": runner.mode, "passes": self._passes, "scheduler": type(self.schedulers()[0]).__name__,
         }  # fmt: skip
         if o.return_inversion_images and inverted is not None:
-            extra["inversion_images"] = S.decode_latents(vae, inverted, ot)
+            extra["inversion_images"] = S.decode_latents(vae, inverted, ot, runner=runner)
         return EditResult(
             image=one(out), original=one(images) if real else one(rec), caption=prompts if isinstance(prompts, (str, list)) else None,
             inverted_latents=inverted, reconstruction=one(rec) if real else None, extra=extra,

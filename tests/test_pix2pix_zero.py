@@ -297,6 +297,27 @@ def test_graph_loops_equal_eager_loops_on_gpu(tiny_sd2, no_tf32):
     assert float(np.abs(eager.image - 0.5).max()) > 0.05  # not a blank image
 
 
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compile_loops_compile_the_vae_too_and_equal_eager_on_gpu(tiny_sd2, no_tf32, monkeypatch, tmp_path):
+    """loops='compile' compiles the steps and, since issue 10's last saving, the VAE's encoder and
+    decoder: all replayed as CUDA graphs, the edit within the eager loops' own spread."""
+    monkeypatch.setenv("P2PZ_HOME", str(tmp_path / "home"))
+    ed = editors.get("pix2pix-zero", model=str(tiny_sd2), device="cuda", dtype=torch.float32)
+    d = publish_pair(tiny_sd2)
+    kw = dict(prompt="a cat", num_inference_steps=2, seed=0, output_type="np", attention="fused")
+    kw.update(REG, cross_attention_guidance_amount=0.01)
+    eager, eager2 = (ed.edit(test_image(6), d, loops="eager", **kw) for _ in range(2))
+    compiled = ed.edit(test_image(6), d, loops="compile", **kw)
+    names = {k[0] for k, g in ed.runners["compile"].graphs.items() if g is not None}
+    assert {"vae-encode", "vae-decode"} <= names, names
+    spread = float(np.abs(eager.image - eager2.image).max())
+    diff = float(np.abs(compiled.image - eager.image).max())
+    assert diff < max(2e-3, 4 * spread), f"compile vs eager {diff:.2e}; eager vs eager {spread:.2e}"
+    assert (compiled.inverted_latents - eager.inverted_latents).abs().max().item() < 1e-3
+
+
 def test_pipe_components_are_reused_and_restored(ref_pipes):
     folder, pipe = ref_pipes["sd1"]
     d = publish_pair(folder)

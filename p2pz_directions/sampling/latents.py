@@ -104,14 +104,49 @@ def retrieve_latents(encoder_output: Any, generator: Any = None, sample_mode: st
     raise AttributeError("could not access the latents of the VAE's encode output")
 
 
+#: the VAEs whose ``encode`` output is a diagonal Gaussian (``latent_dist.parameters``) and whose
+#: encoder and decoder `loops="compile"` compiles (diffusers' ``AutoencoderKL`` and p2pz's lean one)
+_COMPILED_VAES = frozenset({"AutoencoderKL", "LeanVAE"})
+
+
+def _compiles_vae(runner: Any, vae: Any) -> bool:
+    """Whether ``runner`` runs ``vae`` compiled: mode ``"compile"`` and a KL autoencoder. (Under
+    ``"graphs"`` the VAE stays eager: it runs once or twice per edit, where a capture costs more than it
+    saves in a fresh process.)"""
+    return (
+        runner is not None
+        and getattr(runner, "mode", None) == "compile"
+        and type(vae).__name__ in _COMPILED_VAES
+    )
+
+
+def _posterior(vae: Any, image: torch.Tensor, runner: Any) -> Any:
+    """The diagonal Gaussian of ``vae.encode(image)``, its parameters computed by ``runner`` (compiled)."""
+    from p2pz_directions.lean.vae import DiagonalGaussian
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        return vae.encode(x).latent_dist.parameters
+
+    # same chunk / clamp / exp and the same noise as diffusers' DiagonalGaussianDistribution
+    return DiagonalGaussian(runner("vae-encode", fn, image, key=(id(vae),)))
+
+
 @torch.no_grad()
 def encode_image(
-    vae: Any, image: Any, generator: Any = None, *, sample_mode: str = "sample", sample: bool | None = None
+    vae: Any,
+    image: Any,
+    generator: Any = None,
+    *,
+    sample_mode: str = "sample",
+    sample: bool | None = None,
+    runner: Any = None,
 ) -> torch.Tensor:
     """Scaled VAE latents ``scaling_factor * z`` of ``image`` (anything `preprocess_images` takes, or a
     ``[B, 3, H, W]`` tensor in [-1, 1]). A list of generators encodes one image with each, as
     diffusers' pipelines do. A tensor that already has ``latent_channels`` channels is returned as is.
-    ``sample=False`` is ``sample_mode="argmax"``.
+    ``sample=False`` is ``sample_mode="argmax"``. ``runner``: a `UNetRunner`; in mode ``"compile"`` the
+    encoder runs compiled (on CUDA replayed as a CUDA graph), the noise still drawn from ``generator``
+    outside it.
     """
     if sample is not None:
         sample_mode = "sample" if sample else "argmax"
@@ -121,29 +156,39 @@ def encode_image(
     if image.shape[1] == latent_channels:
         return image
     image = image.to(device=vae.device, dtype=vae.dtype)
+    if _compiles_vae(runner, vae) and sample_mode in ("sample", "argmax"):
+
+        def one(x: torch.Tensor, gen: Any) -> torch.Tensor:
+            dist = _posterior(vae, x, runner)
+            return dist.sample(gen) if sample_mode == "sample" else dist.mode()
+    else:
+
+        def one(x: torch.Tensor, gen: Any) -> torch.Tensor:
+            return retrieve_latents(vae.encode(x), gen, sample_mode)
+
     if isinstance(generator, list):
         if len(generator) != image.shape[0]:
             raise ValueError(
                 f"{len(generator)} generators for {image.shape[0]} images; pass one generator or one per image"
             )
-        z = torch.cat(
-            [
-                retrieve_latents(vae.encode(image[i : i + 1]), generator[i], sample_mode)
-                for i in range(len(image))
-            ]
-        )
+        z = torch.cat([one(image[i : i + 1], generator[i]) for i in range(len(image))])
     else:
-        z = retrieve_latents(vae.encode(image), generator, sample_mode)
+        z = one(image, generator)
     return vae.config.scaling_factor * z
 
 
 @torch.no_grad()
-def decode_latents(vae: Any, latents: torch.Tensor, output_type: str = "pil") -> Any:
+def decode_latents(vae: Any, latents: torch.Tensor, output_type: str = "pil", *, runner: Any = None) -> Any:
     """Decode latents and post-process with ``VaeImageProcessor.postprocess``: ``"pil"`` (a list of
-    images), ``"np"``, ``"pt"`` (0..1), or ``"latent"`` (the latents themselves)."""
+    images), ``"np"``, ``"pt"`` (0..1), or ``"latent"`` (the latents themselves). ``runner``: a
+    `UNetRunner`; in mode ``"compile"`` the decoder runs compiled (on CUDA replayed as a CUDA graph)."""
     if output_type == "latent":
         return latents
-    image = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+    z = latents.to(vae.dtype) / vae.config.scaling_factor
+    if _compiles_vae(runner, vae):
+        image = runner("vae-decode", lambda x: vae.decode(x, return_dict=False)[0], z, key=(id(vae),))
+    else:
+        image = vae.decode(z, return_dict=False)[0]
     return image_processor(vae).postprocess(image, output_type=output_type)
 
 
