@@ -244,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         "(explicit attention everywhere, as diffusers); '+creg' compiles the inversion regularizer; '+seq' runs "
         "the reference and edit passes one after the other (passes='sequential'; default: in step where "
         "the editor's auto says so); '+fast' turns on channels_last and cudnn.benchmark from that variant on, "
-        "'+bench' cudnn.benchmark alone; "
+        "'+bench' cudnn.benchmark alone; '+norec' leaves the reconstruction undecoded "
+        "(return_reconstruction=False: the work diffusers' pipeline does, which decodes the edit only); "
         "':N' sets its repeats",
     )
     ap.add_argument(
@@ -337,14 +338,15 @@ def main(argv: list[str] | None = None) -> int:
         loops, attention = (base.split("-") + ["auto"])[:2]
         creg = "creg" in flags
         passes = "sequential" if "seq" in flags else "auto"
+        rec = "norec" not in flags
 
-        def ours(loops=loops, attention=attention, ed=ed, creg=creg, images=image, passes=passes):
+        def ours(loops=loops, attention=attention, ed=ed, creg=creg, images=image, passes=passes, rec=rec):
             t0 = time.perf_counter()
             phase_times.clear()
             res = ed.edit(
                 images, d, prompt=caption, num_inference_steps=steps, cross_attention_guidance_amount=args.xa,
                 generator=torch.Generator().manual_seed(0), output_type="np", loops=loops, attention=attention,
-                progress=phases, compile_regularizer=creg, passes=passes,
+                progress=phases, compile_regularizer=creg, passes=passes, return_reconstruction=rec,
             )  # fmt: skip
             img = res.image
             # in step, the reference and the edit end together: "reference_s" is then both passes

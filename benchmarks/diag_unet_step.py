@@ -15,7 +15,10 @@ images) runs three steps through `UNetRunner`, each in several variants:
 Variants: ``graphs`` (CUDA graphs of the eager step, the default), ``compile`` (the step compiled
 with ``torch.compile`` and then captured as a CUDA graph), each with ``+cl`` (UNet in
 channels_last memory format, no cudnn.benchmark) and ``+bench`` (``torch.backends.cudnn.benchmark``
-on from that variant on). Reported per variant: the first call (compile +
+on from that variant on); ``+cudnn`` / ``+mea`` (scaled-dot-product attention through cuDNN's or the
+memory-efficient kernel only, for that variant; the default picks flash attention); ``compile``
+also takes inductor options: ``+c1x1`` (``conv_1x1_as_mm``), ``+cdt`` (``coordinate_descent_tuning``) and
+``+noepi`` (``epilogue_fusion=False``). Reported per variant: the first call (compile +
 capture) in seconds, the median step in milliseconds over ``--reps`` replays, the max abs
 difference of the step's output from the ``graphs`` variant's, and the step's achieved TFLOP/s
 (FLOPs counted once by ``torch.utils.flop_counter``). ``--batch 1,2,4`` runs each step for that
@@ -31,6 +34,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -53,6 +57,25 @@ from p2pz_directions.sampling import pix2pix_zero as P  # noqa: E402
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+_INDUCTOR_FLAGS = {
+    "c1x1": ("conv_1x1_as_mm", True),
+    "cdt": ("coordinate_descent_tuning", True),
+    "noepi": ("epilogue_fusion", False),
+}
+
+
+def _sdpa_backends(flags: list[str]):
+    """A context that restricts scaled-dot-product attention to one kernel (``+cudnn`` / ``+mea``), or
+    does nothing. No fallback: a case the kernel does not take fails the variant."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    chosen = {"cudnn": SDPBackend.CUDNN_ATTENTION, "mea": SDPBackend.EFFICIENT_ATTENTION}
+    picked = [chosen[f] for f in flags if f in chosen]
+    if not picked:
+        return contextlib.nullcontext
+    return lambda: sdpa_kernel(picked, set_priority=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,12 +170,14 @@ def main(argv: list[str] | None = None) -> int:
                 torch.backends.cudnn.benchmark = True
             fmt = torch.channels_last if "cl" in flags else torch.contiguous_format
             unet.to(memory_format=fmt)
+            options = {k: v for f, (k, v) in _INDUCTOR_FLAGS.items() if f in flags}
+            sdpa = _sdpa_backends(flags)
             for name in args.steps.split(","):
-                runner = S.UNetRunner(mode)
+                runner = S.UNetRunner(mode, compile_kwargs={"options": options} if options else {})
                 fn = steps[name]
                 label = f"{spec}/{name}/b{n}"
                 try:
-                    with P.attention_maps(unet, maps if name == "guided" else ref_maps):
+                    with P.attention_maps(unet, maps if name == "guided" else ref_maps), sdpa():
                         sync(device)
                         t0 = time.perf_counter()
                         out = runner(name, fn, x, t, emb)
