@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     vae.encode = timers.wrap("vae.encode", vae.encode)
     vae.decode = timers.wrap("vae.decode", vae.decode)
     te.forward = timers.wrap("text_encoder", te.forward)
-    for name in ("preprocess_images", "encode_image", "decode_latents", "encode_text"):
+    for name in ("preprocess_images", "encode_image", "decode_latents"):
         setattr(S, name, timers.wrap(f"S.{name}", getattr(S, name)))
     marks: dict[str, float] = {}
 

@@ -16,7 +16,8 @@ Variants: ``graphs`` (CUDA graphs of the eager step, the default), ``compile`` (
 with ``torch.compile`` and then captured as a CUDA graph), each with ``+cl`` (UNet in
 channels_last memory format, no cudnn.benchmark) and ``+bench`` (``torch.backends.cudnn.benchmark``
 on from that variant on); ``+cudnn`` / ``+mea`` (scaled-dot-product attention through cuDNN's or the
-memory-efficient kernel only, for that variant; the default picks flash attention); ``compile``
+memory-efficient kernel only, for that variant; the default takes the kernel PyTorch ranks first,
+which on an H200 gave the cuDNN-only variant's output bit for bit); ``compile``
 also takes inductor options: ``+c1x1`` (``conv_1x1_as_mm``), ``+cdt`` (``coordinate_descent_tuning``) and
 ``+noepi`` (``epilogue_fusion=False``). Reported per variant: the first call (compile +
 capture) in seconds, the median step in milliseconds over ``--reps`` replays, the max abs

@@ -130,7 +130,7 @@ def draw_roll_shifts(shape: tuple[int, ...], generator: Any, rolls: int = 1) -> 
     out = torch.empty(rolls, len(sizes), b * c, dtype=torch.int64)
     for r in range(rolls):
         for n in range(b * c):
-            g = generator[n // c] if isinstance(generator, list) else generator
+            g = gens[n // c] if gens is not None else generator
             for lvl, high in enumerate(highs):
                 out[r, lvl, n] = _randint(high, g)
     return out
