@@ -701,3 +701,19 @@ def test_the_vae_under_a_compile_runner_gives_the_eager_latents_and_images(parts
         S.decode_latents(vae, z, "pt", runner=other)
         S.encode_image(vae, px, None, sample_mode="argmax", runner=other)
         assert other.calls == [], mode
+
+    class AutoencoderTiny:  # another VAE class (its encode gives .latents, no posterior): left eager
+        config, dtype, device = vae.config, vae.dtype, vae.device
+
+        def encode(self, x):
+            return type("Out", (), {"latents": vae.encode(x).latent_dist.mode()})()
+
+        def decode(self, z, return_dict=False):
+            return vae.decode(z, return_dict=False)
+
+    tiny, third = AutoencoderTiny(), _RecordingRunner()
+    assert torch.equal(
+        S.encode_image(tiny, px, None, runner=third), S.encode_image(vae, px, None, sample_mode="argmax")
+    )
+    assert (S.decode_latents(tiny, z, "pt", runner=third) == S.decode_latents(vae, z, "pt")).all()
+    assert third.calls == []
