@@ -19,7 +19,9 @@ on from that variant on); ``+cudnn`` / ``+mea`` (scaled-dot-product attention th
 memory-efficient kernel only, for that variant; the default takes the kernel PyTorch ranks first,
 which on an H200 gave the cuDNN-only variant's output bit for bit); ``compile``
 also takes inductor options: ``+c1x1`` (``conv_1x1_as_mm``), ``+cdt`` (``coordinate_descent_tuning``) and
-``+noepi`` (``epilogue_fusion=False``). Reported per variant: the first call (compile +
+``+noepi`` (``epilogue_fusion=False``), ``+mat`` (``max_autotune``: Triton templates timed against
+cuBLAS / cuDNN per shape); ``+qkv`` (each attention layer's input projections as one
+matrix product, `FusedProjections`). Reported per variant: the first call (compile +
 capture) in seconds, the median step in milliseconds over ``--reps`` replays, the max abs
 difference of the step's output from the ``graphs`` variant's, and the step's achieved TFLOP/s
 (FLOPs counted once by ``torch.utils.flop_counter``). ``--batch 1,2,4`` runs each step for that
@@ -64,6 +66,7 @@ _INDUCTOR_FLAGS = {
     "c1x1": ("conv_1x1_as_mm", True),
     "cdt": ("coordinate_descent_tuning", True),
     "noepi": ("epilogue_fusion", False),
+    "mat": ("max_autotune", True),
 }
 
 
@@ -173,12 +176,13 @@ def main(argv: list[str] | None = None) -> int:
             unet.to(memory_format=fmt)
             options = {k: v for f, (k, v) in _INDUCTOR_FLAGS.items() if f in flags}
             sdpa = _sdpa_backends(flags)
+            fused = P.FusedProjections(unet) if "qkv" in flags else None
             for name in args.steps.split(","):
                 runner = S.UNetRunner(mode, compile_kwargs={"options": options} if options else {})
                 fn = steps[name]
                 label = f"{spec}/{name}/b{n}"
                 try:
-                    with P.attention_maps(unet, maps if name == "guided" else ref_maps), sdpa():
+                    with P.attention_maps(unet, maps if name == "guided" else ref_maps, fused), sdpa():
                         sync(device)
                         t0 = time.perf_counter()
                         out = runner(name, fn, x, t, emb)

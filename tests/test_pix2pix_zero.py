@@ -179,6 +179,44 @@ def test_fused_attention_is_close_to_exact(our_editors, tiny_sd1):
         ed.edit(test_image(2), d, attention="fast", **kw)
 
 
+def test_graph_and_compile_loops_fuse_projections_and_encode_the_caption_once(tiny_sd1, monkeypatch):
+    """Issue 10: under a graphs or compile runner the edit runs each attention layer's projections as
+    one matrix product (kept with the runner, the same object edit after edit) and the caption -
+    prompt, negative prompt, the inversion's prompt - goes through the text encoder once. Here the
+    runner runs each step eagerly on the CPU, so the edit must equal the eager loops' edit (both with
+    PyTorch's fused attention: on the CPU ``attention="auto"`` is exact, which never fuses)."""
+    from p2pz_directions import sampling as S
+
+    class EagerCompile(S.UNetRunner):  # a 'compile' runner that runs each step as it is
+        def __call__(self, name, fn, *inputs, key=()):
+            return fn(*inputs)
+
+    ed = editors.get("pix2pix-zero", model=str(tiny_sd1), device="cpu", dtype=torch.float32)
+    d = publish_pair(tiny_sd1)
+    kw = dict(prompt="a cat", num_inference_steps=STEPS, seed=0, output_type="np", attention="fused", **REG)
+    te = ed.load_components()["text_encoder"]
+    runs = []
+    handle = te.register_forward_hook(lambda *a: runs.append(1))
+    try:
+        want = ed.edit(test_image(3), d, **kw)
+        assert len(runs) == 1  # was 3 before the cache
+    finally:
+        handle.remove()
+    runner = EagerCompile("compile")
+    monkeypatch.setattr(ed, "unet_runner", lambda mode: runner)
+    got = ed.edit(test_image(3), d, loops="compile", **kw)
+    fused = [v for k, v in runner._resources.items() if k[0] == "fused-projections"]
+    assert len(fused) == 1 and isinstance(fused[0], S.FusedProjections) and fused[0].weights
+    np.testing.assert_allclose(got.image, want.image, atol=TOL)
+    np.testing.assert_allclose(got.reconstruction, want.reconstruction, atol=TOL)
+    again = ed.edit(test_image(3), d, loops="compile", **kw)
+    assert [v for k, v in runner._resources.items() if k[0] == "fused-projections"] == fused
+    np.testing.assert_allclose(again.image, got.image, atol=1e-6)
+    unet = ed.load_components()["unet"]
+    assert type(ed)._fused(S.UNetRunner("eager"), unet, False) is None
+    assert type(ed)._fused(runner, unet, True) is None  # exact attention: diffusers' three projections
+
+
 def test_graph_loops_need_cuda(our_editors, tiny_sd2):
     d = publish_pair(tiny_sd2)
     with pytest.raises(EditorOptionError, match="needs a CUDA device"):

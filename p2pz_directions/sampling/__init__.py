@@ -60,6 +60,7 @@ from p2pz_directions.sampling.loop import (
 )
 from p2pz_directions.sampling.pix2pix_zero import (
     AttentionMaps,
+    FusedProjections,
     Regularizer,
     attention_maps,
     auto_corr_grad,
@@ -96,6 +97,7 @@ from p2pz_directions.sampling.text import encode_prompt, encode_text
 __all__ = [
     "RUNNER_MODES",
     "AttentionMaps",
+    "FusedProjections",
     "LoopState",
     "Predictor",
     "Regularizer",

@@ -27,11 +27,29 @@ def encode_text(
     prompts: str | list[str],
     device: torch.device | str,
     clip_skip: int | None = None,
+    cache: dict | None = None,
 ) -> torch.Tensor:
     """``[len(prompts), 77, D]`` hidden states of the text encoder (the last layer, or ``clip_skip``
-    layers before it through the final layer norm), padded to the tokenizer's maximum length."""
+    layers before it through the final layer norm), padded to the tokenizer's maximum length.
+
+    ``cache``: a dict the caller keeps for one piece of work (an edit encodes its caption up to three
+    times: for the inversion, as the prompt and as the negative prompt); the same prompts, layer and
+    encoder come back from it instead of running the encoder again. The returned tensor is shared
+    with later hits: do not change it in place."""
     if isinstance(prompts, str):
         prompts = [prompts]
+    key = (tuple(prompts), clip_skip, id(text_encoder), str(device))
+    if cache is not None and key in cache:
+        return cache[key]
+    out = _encode(tokenizer, text_encoder, prompts, device, clip_skip)
+    if cache is not None:
+        cache[key] = out
+    return out
+
+
+def _encode(
+    tokenizer: Any, text_encoder: Any, prompts: list[str], device: Any, clip_skip: int | None
+) -> torch.Tensor:
     inputs = tokenizer(
         prompts,
         padding="max_length",
@@ -64,14 +82,15 @@ def encode_prompt(
     negative_prompt_embeds: torch.Tensor | None = None,
     clip_skip: int | None = None,
     dtype: torch.dtype | None = None,
+    cache: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(prompt_embeds, negative_prompt_embeds)``, each ``[B * num_images_per_prompt, 77, D]``
     (rows of a prompt adjacent), with diffusers' rules: a missing negative prompt is ``""``, a list of
     negative prompts must match the prompts, ``clip_skip`` applies to the prompt only, and the
-    negative embeddings are None without classifier-free guidance."""
+    negative embeddings are None without classifier-free guidance. ``cache``: see `encode_text`."""
     batch_size = _batch_size(prompt, prompt_embeds)
     if prompt_embeds is None:
-        prompt_embeds = encode_text(tokenizer, text_encoder, prompt, device, clip_skip)
+        prompt_embeds = encode_text(tokenizer, text_encoder, prompt, device, clip_skip, cache)
     dtype = dtype or (text_encoder.dtype if text_encoder is not None else prompt_embeds.dtype)
     prompt_embeds = prompt_embeds.to(dtype=dtype, device=device)
     prompt_embeds = prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
@@ -93,7 +112,7 @@ def encode_prompt(
             )
         else:
             uncond = negative_prompt
-        negative_prompt_embeds = encode_text(tokenizer, text_encoder, uncond, device)
+        negative_prompt_embeds = encode_text(tokenizer, text_encoder, uncond, device, cache=cache)
     negative_prompt_embeds = negative_prompt_embeds.to(dtype=dtype, device=device)
     negative_prompt_embeds = negative_prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
     return prompt_embeds, negative_prompt_embeds
