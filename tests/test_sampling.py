@@ -819,36 +819,18 @@ def test_encode_prompt_cache_runs_the_encoder_once_per_text(parts):
     tok, te = parts["tokenizer"], parts["text_encoder"]
     runs = []
     handle = te.register_forward_hook(lambda *a: runs.append(1))
+    guided = dict(do_classifier_free_guidance=True, negative_prompt=["a cat"])
     try:
-        want_pos, want_neg = S.encode_prompt(
-            tok, te, ["a cat"], "cpu", do_classifier_free_guidance=True, negative_prompt=["a cat"]
-        )
+        want_pos, want_neg = S.encode_prompt(tok, te, ["a cat"], "cpu", **guided)
         want_inv, _ = S.encode_prompt(tok, te, ["a cat"], "cpu")
         assert len(runs) == 3
         cache: dict = {}
-        pos, neg = S.encode_prompt(
-            tok,
-            te,
-            ["a cat"],
-            "cpu",
-            do_classifier_free_guidance=True,
-            negative_prompt=["a cat"],
-            cache=cache,
-        )
+        pos, neg = S.encode_prompt(tok, te, ["a cat"], "cpu", **guided, cache=cache)
         inv, _ = S.encode_prompt(tok, te, ["a cat"], "cpu", cache=cache)
         assert len(runs) == 4  # once for the three
         for a, b in ((pos, want_pos), (neg, want_neg), (inv, want_inv)):
             assert torch.equal(a, b)
-        S.encode_prompt(
-            tok,
-            te,
-            ["a cat"],
-            "cpu",
-            do_classifier_free_guidance=True,
-            negative_prompt=["a cat"],
-            clip_skip=1,
-            cache=cache,
-        )
+        S.encode_prompt(tok, te, ["a cat"], "cpu", **guided, clip_skip=1, cache=cache)
         assert len(runs) == 5  # the prompt at another layer; the negative prompt from the cache
         S.encode_prompt(tok, te, ["a dog"], "cpu", cache=cache)
         assert len(runs) == 6
