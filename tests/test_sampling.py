@@ -805,6 +805,14 @@ def test_fused_projections_give_the_three_projections_numbers(parts, model):
     finally:
         attn1.to_q = original
     assert fused.sync() == 1 and name1 in fused.weights
+    kept = fused.weights[name1][0]
+    attn1.to(torch.float64)  # another dtype: a new copy, the old one kept alive (a graph may read it)
+    try:
+        assert fused.sync() == 1 and fused.weights[name1][0].dtype == torch.float64
+        assert any(old[0] is kept for old in fused._retired)
+    finally:
+        attn1.to(torch.float32)
+    assert fused.sync() == 1 and fused.weights[name1][0].dtype == torch.float32
     with (
         pytest.raises(ValueError, match="exact"),
         S.attention_maps(unet, S.AttentionMaps(1, exact=True), fused),

@@ -434,25 +434,37 @@ class FusedProjections:
                     continue
                 self._stamps[name] = stamp
                 old = self.weights.pop(name, None)
-                if old is not None:
-                    self._retired.append(old)  # a captured graph may still read it: never free it under one
-                if not all(type(lin) is torch.nn.Linear for lin in linears):
-                    continue
-                w = torch.cat([lin.weight for lin in linears])
-                b = None if linears[0].bias is None else torch.cat([lin.bias for lin in linears])
-                same = old is not None and old[0].shape == w.shape and old[0].dtype == w.dtype
-                if same and old[0].device == w.device and (b is None) == (old[1] is None):
-                    old[0].copy_(w)  # in place: a captured graph keeps reading this memory
-                    if b is not None:
-                        old[1].copy_(b)
-                    self._retired.pop()
-                    w, b = old
-                self.weights[name] = (w, b)
+                plain = all(type(lin) is torch.nn.Linear for lin in linears)
+                weights = [lin.weight for lin in linears]
+                biases = None if linears[0].bias is None else [lin.bias for lin in linears]
+                if plain and old is not None and _fits(old, weights, biases):
+                    torch.cat(weights, out=old[0])  # in place: a captured graph keeps reading this memory
+                    if biases is not None:
+                        torch.cat(biases, out=old[1])
+                    self.weights[name] = old
+                else:
+                    if old is not None:
+                        self._retired.append(old)  # a captured graph may still read it: never free it
+                    if not plain:
+                        continue
+                    self.weights[name] = (torch.cat(weights), None if biases is None else torch.cat(biases))
                 copied += 1
         return copied
 
     def get(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         return self.weights.get(name)
+
+
+def _fits(old: tuple[torch.Tensor, torch.Tensor | None], weights: list, biases: list | None) -> bool:
+    """Whether the fused copy ``old`` can take ``weights`` / ``biases`` in place (same rows, dtype, device)."""
+    w = old[0]
+    rows = sum(x.shape[0] for x in weights)
+    same = (
+        w.shape == (rows, *weights[0].shape[1:])
+        and w.dtype == weights[0].dtype
+        and w.device == weights[0].device
+    )
+    return same and (biases is None) == (old[1] is None)
 
 
 def _is_cross(module: Any) -> bool:
@@ -465,16 +477,15 @@ def _is_cross(module: Any) -> bool:
 class _Processor:
     """Attention processor: explicit softmax probabilities where maps are recorded or compared (or
     everywhere with ``exact``), PyTorch's fused attention otherwise. ``fused``: this layer's
-    concatenated projection weights (`FusedProjections`), or None for the three projections."""
+    concatenated projection weight and bias (from `FusedProjections`), or None for the three projections."""
 
-    def __init__(self, maps: AttentionMaps, cross: bool, fused: Any = None, name: str = "") -> None:
+    def __init__(self, maps: AttentionMaps, cross: bool, fused: tuple | None = None) -> None:
         self.maps = maps
         self.cross = cross
         self.fused = fused
-        self.name = name
 
     def _project(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: Any):
-        wb = None if self.fused is None else self.fused.get(self.name)
+        wb = self.fused
         parts = 0 if wb is None else wb[0].shape[0] // attn.to_q.out_features  # 3: [q; k; v], 2: [k; v]
         if parts == 3 and encoder_hidden_states is None:  # self-attention: one matrix product
             return F.linear(hidden_states, *wb).chunk(3, dim=-1)
@@ -553,7 +564,11 @@ def attention_maps(
     old = unet.attn_processors
     unet.set_attn_processor(
         {
-            name: _Processor(maps, cross="attn2" in name, fused=fused, name=name.removesuffix(".processor"))
+            name: _Processor(
+                maps,
+                cross="attn2" in name,
+                fused=None if fused is None else fused.get(name.removesuffix(".processor")),
+            )
             for name in old
         }
     )
